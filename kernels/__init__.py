@@ -1,0 +1,1 @@
+"""Triton kernels with pure-PyTorch references (Triton is an optional extra)."""

@@ -1,0 +1,141 @@
+"""Multi-head attention with diffusers' weight names and the slots passes plug into.
+
+Extension points (DESIGN.md §3):
+- ``Attention.backend``: a callable ``(q, k, v, mask) -> out`` on ``(batch, heads, tokens,
+  head_dim)`` tensors. Default ``sdpa_backend`` (PyTorch SDPA). Set per module, or for a whole
+  model with ``ModelMixin.set_attention_backend``.
+- ``Attention.output_hook``: ``None`` or a callable ``(module, compute) -> out`` where
+  ``compute()`` runs the attention; a pass (TGATE) may return a cached output instead.
+- ``fuse_projections`` / ``unfuse_projections``: one matmul for q/k/v (self-attention) or k/v
+  (cross-attention); the separate projections stay, so unfusing is exact.
+"""
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
+
+
+def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+    """PyTorch's scaled-dot-product attention; the default backend everywhere."""
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+class Attention(nn.Module):
+    """Attention over token sequences (or a 4-D feature map when ``norm_num_groups`` is set).
+
+    Weight names follow diffusers: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``group_norm``.
+    """
+
+    def __init__(
+        self,
+        query_dim: int,
+        cross_attention_dim: int | None = None,
+        heads: int = 8,
+        dim_head: int = 64,
+        bias: bool = False,
+        out_bias: bool = True,
+        upcast_attention: bool = False,
+        norm_num_groups: int | None = None,
+        eps: float = 1e-5,
+        residual_connection: bool = False,
+        rescale_output_factor: float = 1.0,
+    ):
+        super().__init__()
+        inner = heads * dim_head
+        self.heads = heads
+        self.dim_head = dim_head
+        self.is_cross_attention = cross_attention_dim is not None
+        kv_dim = cross_attention_dim if cross_attention_dim is not None else query_dim
+        self.upcast_attention = upcast_attention
+        self.residual_connection = residual_connection
+        self.rescale_output_factor = rescale_output_factor
+        self.group_norm = (
+            nn.GroupNorm(norm_num_groups, query_dim, eps=eps, affine=True) if norm_num_groups is not None else None
+        )
+        self.to_q = nn.Linear(query_dim, inner, bias=bias)
+        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
+        self.backend: AttentionBackend = sdpa_backend
+        self.output_hook = None
+        self.fused: str | None = None  # None, "qkv" or "kv"
+
+    # ---- fused projections ---------------------------------------------------------------
+    @torch.no_grad()
+    def fuse_projections(self) -> None:
+        """Concatenate q/k/v (self-attention) or k/v (cross-attention) weights into one Linear."""
+        if self.fused is not None:
+            return
+        parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
+        weight = torch.cat([p.weight for p in parts], dim=0)
+        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                          device=weight.device, dtype=weight.dtype)
+        fused.weight.copy_(weight)
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
+        fused.requires_grad_(False)
+        self.fused = "kv" if self.is_cross_attention else "qkv"
+        setattr(self, f"to_{self.fused}", fused)
+
+    def unfuse_projections(self) -> None:
+        """Drop the fused Linear; the untouched separate projections compute again."""
+        if self.fused is not None:
+            delattr(self, f"to_{self.fused}")
+            self.fused = None
+
+    # ---- forward ---------------------------------------------------------------------------
+    def _project(self, x: torch.Tensor, context: torch.Tensor):
+        if self.fused == "qkv" and context is x:
+            return self.to_qkv(x).chunk(3, dim=-1)
+        q = self.to_q(x)
+        if self.fused == "kv":
+            k, v = self.to_kv(context).chunk(2, dim=-1)
+        else:
+            k, v = self.to_k(context), self.to_v(context)
+        return q, k, v
+
+    def _attend(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:
+        batch, tokens, _ = x.shape
+        context = x if context is None else context
+        q, k, v = self._project(x, context)
+        # (B, T, H*D) -> (B, H, T, D)
+        q = q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
+        k = k.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
+        v = v.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
+        out = self.backend(q, k, v, mask)
+        # (B, H, T, D) -> (B, T, H*D)
+        out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
+        return self.to_out[1](self.to_out[0](out))
+
+    def _compute(self, hidden_states, encoder_hidden_states, attention_mask):
+        residual = hidden_states
+        spatial = hidden_states.ndim == 4
+        if spatial:
+            b, c, h, w = hidden_states.shape
+        if self.group_norm is not None:
+            hidden_states = self.group_norm(hidden_states)
+        if spatial:
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)  # (B, HW, C)
+        out = self._attend(hidden_states, encoder_hidden_states, attention_mask)
+        if spatial:
+            out = out.transpose(1, 2).reshape(b, c, h, w)
+        if self.residual_connection:
+            out = out + residual
+        if self.rescale_output_factor != 1.0:
+            out = out / self.rescale_output_factor
+        return out
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        if self.output_hook is not None:
+            return self.output_hook(self, lambda: self._compute(hidden_states, encoder_hidden_states, attention_mask))
+        return self._compute(hidden_states, encoder_hidden_states, attention_mask)

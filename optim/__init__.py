@@ -1,0 +1,1 @@
+"""The optimization layer: one pass per file, levels, parity metrics."""

@@ -1,0 +1,12 @@
+"""Public error classes; defined in ``models.errors`` so every layer can raise them."""
+from models.errors import (  # noqa: F401
+    CheckpointError,
+    CheckpointNotFoundError,
+    ConfigError,
+    InputError,
+    MissingWeightsError,
+    OptimizationError,
+    RuntimeErrorBase,
+    ShapeMismatchError,
+    UnsafeCheckpointError,
+)

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Set-up on a fresh machine: the CPU build of torch first (pinned, from local disk here), then
+# the package with its test extra. The torch pin comes first so nothing pulls a CUDA build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m pip install -q "torch==2.13.0"
+python3 -m pip install -q -e ".[test]" "torch==2.13.0"
