@@ -9,6 +9,7 @@ from torch import nn
 
 from .attention import Attention, AttentionBackend, sdpa_backend
 from .config import ConfigMixin
+from .step_context import StepAnnouncer, StepContext
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -17,7 +18,41 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     # ---- extension points shared by every model -----------------------------------------
     def attention_modules(self):
-        return [m for m in self.modules() if isinstance(m, Attention)]
+        """Every submodule with an attention ``backend`` slot (ours and the CLIP encoder's)."""
+        return [m for m in self.modules() if isinstance(m, Attention) or hasattr(m, "backend")]
+
+    def announce_step(self, index: int, count: int, timestep: float) -> None:
+        """Called by pipelines before each denoising step (per thread; see step_context.py)."""
+        self._step_announcer().set(StepContext(int(index), int(count), float(timestep)))
+
+    def clear_step(self) -> None:
+        self._step_announcer().set(None)
+
+    @property
+    def step_context(self) -> StepContext | None:
+        return self._step_announcer().get()
+
+    def _step_announcer(self) -> StepAnnouncer:
+        announcer = self.__dict__.get("_announcer")
+        if announcer is None:
+            announcer = StepAnnouncer()
+            self.__dict__["_announcer"] = announcer
+        return announcer
+
+    def enable_gradient_checkpointing(self) -> None:
+        """Recompute block activations in backward (training only); see checkpointing.py."""
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = True
+
+    def disable_gradient_checkpointing(self) -> None:
+        for m in self.modules():
+            if hasattr(m, "gradient_checkpointing"):
+                m.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return any(getattr(m, "gradient_checkpointing", False) for m in self.modules())
 
     def set_attention_backend(self, backend: AttentionBackend | None = None) -> None:
         """Route every Attention module through ``backend`` (``None``: PyTorch SDPA)."""
@@ -26,11 +61,13 @@ class ModelMixin(nn.Module, ConfigMixin):
 
     def fuse_qkv_projections(self) -> None:
         for m in self.attention_modules():
-            m.fuse_projections()
+            if hasattr(m, "fuse_projections"):
+                m.fuse_projections()
 
     def unfuse_qkv_projections(self) -> None:
         for m in self.attention_modules():
-            m.unfuse_projections()
+            if hasattr(m, "unfuse_projections"):
+                m.unfuse_projections()
 
     @property
     def dtype(self) -> torch.dtype:
