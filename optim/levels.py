@@ -7,13 +7,18 @@ from models.errors import OptimizationError
 
 from .attention import AttentionPass
 from .base import Pass
+from .compile import CompilePass
+from .deepcache import DeepCachePass
 from .fused_qkv import FusedQKVPass
+from .memory_format import MemoryFormatPass
 from .precision import PrecisionPass
+from .tgate import TGatePass
+from .tome import ToMePass
 
 # Every pass, in the order they are applied (compile last: it traces what the others set up).
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (AttentionPass, FusedQKVPass, PrecisionPass)
+    for cls in (AttentionPass, FusedQKVPass, MemoryFormatPass, PrecisionPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.

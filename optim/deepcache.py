@@ -1,0 +1,81 @@
+"""DeepCache (Ma et al. 2023, "DeepCache: Accelerating Diffusion Models for Free").
+
+High-level UNet features change slowly between adjacent denoising steps. Every ``interval``
+steps the whole UNet runs and stores the hidden state that enters its shallow up block; in the
+steps between, only the shallow branch runs (down block ``branch`` and above, then the last up
+blocks) and resumes from the stored deep features. ``interval=1`` runs the whole UNet every step
+and changes nothing.
+
+Plugs into ``UNet2DConditionModel.feature_cache`` (DESIGN.md §3). The cache is per thread and the
+mode per step comes from the step context the pipeline announces, so concurrent calls on one
+pipeline each keep their own features. Any scheduler works: the decision is by loop index.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from models.errors import OptimizationError
+
+from .base import Pass
+from .components import denoiser
+
+
+class DeepCacheSlot:
+    """What the UNet reads from ``feature_cache``: ``branch``, ``mode`` and ``features``."""
+
+    def __init__(self, model, branch: int, interval: int):
+        self.model, self.branch, self.interval = model, branch, interval
+        self._local = threading.local()
+
+    @property
+    def mode(self) -> str | None:
+        """"store" on full steps, "reuse" between them, None outside a denoising loop."""
+        ctx = self.model.step_context
+        if ctx is None or self.interval <= 1:
+            return None
+        if ctx.index % self.interval == 0 or getattr(self._local, "features", None) is None:
+            return "store"
+        return "reuse"
+
+    @property
+    def features(self):
+        return getattr(self._local, "features", None)
+
+    @features.setter
+    def features(self, value) -> None:
+        self._local.features = value
+
+
+@dataclass(frozen=True)
+class DeepCachePass(Pass):
+    name = "deepcache"
+    exact = False
+    interval: int = 3
+    branch: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.interval, int) or self.interval < 1:
+            raise OptimizationError(f"deepcache: interval must be an integer >= 1, got {self.interval!r}")
+        if not isinstance(self.branch, int) or self.branch < 0:
+            raise OptimizationError(f"deepcache: branch must be an integer >= 0, got {self.branch!r}")
+
+    def supports(self, pipe) -> str | None:
+        model = denoiser(pipe)
+        if model is None or not hasattr(model, "feature_cache"):
+            return "the denoiser has no feature_cache slot (DeepCache needs a staged UNet)"
+        blocks = len(model.config.get("down_block_types", ()))
+        if self.branch >= blocks:
+            return f"branch {self.branch} is out of range for a UNet with {blocks} down blocks"
+        return None
+
+    def apply(self, pipe) -> None:
+        model = denoiser(pipe)
+        self._state()["previous"] = (model, model.feature_cache)
+        model.feature_cache = DeepCacheSlot(model, self.branch, self.interval)
+
+    def revert(self, pipe) -> None:
+        previous = self._state().pop("previous", None)
+        if previous is not None:
+            model, slot = previous
+            model.feature_cache = slot

@@ -1,0 +1,93 @@
+"""TGATE: temporal gating of cross-attention (Liu et al. 2024, "Cross-Attention Makes Inference
+Cumbersome in Text-to-Image Diffusion Models").
+
+Cross-attention output converges early in the denoising loop. From ``gate_step`` on, each
+cross-attention module returns the output it computed at the step before the gate instead of
+recomputing it (its q/k/v projections, attention and output projection are all skipped).
+``gate_step`` is an absolute step, or a fraction of the call's step count when a float in (0, 1].
+The neutral setting (``gate_step`` at or past the last step) changes nothing.
+
+Caches are per thread and per call (reset at step 0), so concurrent calls stay correct. Plugs into
+``Attention.output_hook`` (DESIGN.md §3); it never copies a forward.
+"""
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+from models.errors import OptimizationError
+
+from .base import Pass
+from .components import denoiser
+
+
+def resolve_gate(gate_step: int | float, count: int) -> int:
+    """The first step index that reuses the cache, for a call of ``count`` steps."""
+    if isinstance(gate_step, float):
+        return max(1, round(gate_step * count))
+    return gate_step
+
+
+class _GateHook:
+    """The ``output_hook`` of one cross-attention module."""
+
+    def __init__(self, model, gate_step, local: threading.local):
+        self.model, self.gate_step, self.local = model, gate_step, local
+
+    def __call__(self, module, compute):
+        ctx = self.model.step_context
+        if ctx is None:  # called outside a pipeline's denoising loop: plain attention
+            return compute()
+        cache = getattr(self.local, "cache", None)
+        if cache is None or ctx.index == 0:
+            cache = self.local.cache = {}
+        gate = resolve_gate(self.gate_step, ctx.count)
+        key = id(module)
+        if ctx.index >= gate and key in cache:
+            return cache[key]
+        out = compute()
+        if ctx.index == gate - 1:
+            cache[key] = out
+        return out
+
+
+@dataclass(frozen=True)
+class TGatePass(Pass):
+    name = "tgate"
+    exact = False
+    gate_step: int | float = 0.5
+
+    def __post_init__(self):
+        g = self.gate_step
+        if isinstance(g, bool) or not isinstance(g, (int, float)):
+            raise OptimizationError(f"tgate: gate_step must be an int step or a float fraction, got {g!r}")
+        if isinstance(g, float) and not 0.0 < g <= 1.0:
+            raise OptimizationError(f"tgate: a fractional gate_step must be in (0, 1], got {g!r}")
+        if isinstance(g, int) and g < 1:
+            raise OptimizationError(f"tgate: gate_step must be >= 1, got {g!r}")
+
+    def _cross_attentions(self, pipe):
+        model = denoiser(pipe)
+        if model is None:
+            return None, []
+        return model, [m for m in model.attention_modules() if getattr(m, "is_cross_attention", False)]
+
+    def supports(self, pipe) -> str | None:
+        model, modules = self._cross_attentions(pipe)
+        if model is None:
+            return "no denoiser (unet) in this pipeline"
+        if not modules:
+            return "the denoiser has no cross-attention (unconditional model)"
+        return None
+
+    def apply(self, pipe) -> None:
+        model, modules = self._cross_attentions(pipe)
+        local = threading.local()
+        saved = self._state().setdefault("previous", [])
+        for m in modules:
+            saved.append((m, m.output_hook))
+            m.output_hook = _GateHook(model, self.gate_step, local)
+
+    def revert(self, pipe) -> None:
+        for m, hook in reversed(self._state().pop("previous", [])):
+            m.output_hook = hook
