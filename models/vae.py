@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .block_table import block_class
 from .config import register_to_config
 from .errors import ConfigError
 from .modeling import ModelMixin
@@ -20,11 +21,7 @@ SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
 def _lookup_block(name: str, allowed: tuple[type, ...], key: str) -> type:
     """Map a block-type string from the config to its class; only VAE-style blocks fit here."""
-    try:  # TEMP until models/block_table.py lands
-        from .block_table import block_class
-        cls = block_class(name)
-    except ImportError:
-        cls = {c.__name__: c for c in allowed}.get(name)
+    cls = block_class(name, f"AutoencoderKL config {key} entry")
     if cls not in allowed:
         raise ConfigError(f"AutoencoderKL config {key}: {name!r} is not supported (expected one of "
                           f"{', '.join(c.__name__ for c in allowed)})")
@@ -85,11 +82,12 @@ class Encoder(nn.Module):
         for i, name in enumerate(down_block_types):
             cls = _lookup_block(name, (DownEncoderBlock2D,), "down_block_types")
             self.down_blocks.append(cls(
-                channels, block_out_channels[i], num_layers=layers_per_block, eps=1e-6, groups=norm_num_groups,
+                channels, block_out_channels[i], num_layers=layers_per_block, resnet_eps=1e-6,
+                resnet_groups=norm_num_groups,
                 add_downsample=i < len(block_out_channels) - 1, downsample_padding=0,
             ))
             channels = block_out_channels[i]
-        self.mid_block = UNetMidBlock2D(channels, None, eps=1e-6, groups=norm_num_groups,
+        self.mid_block = UNetMidBlock2D(channels, None, resnet_eps=1e-6, resnet_groups=norm_num_groups,
                                         add_attention=mid_block_add_attention, attention_head_dim=channels)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_act = nn.SiLU()
@@ -112,14 +110,14 @@ class Decoder(nn.Module):
         reversed_channels = list(reversed(block_out_channels))
         channels = reversed_channels[0]
         self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
-        self.mid_block = UNetMidBlock2D(channels, None, eps=1e-6, groups=norm_num_groups,
+        self.mid_block = UNetMidBlock2D(channels, None, resnet_eps=1e-6, resnet_groups=norm_num_groups,
                                         add_attention=mid_block_add_attention, attention_head_dim=channels)
         self.up_blocks = nn.ModuleList()
         for i, name in enumerate(up_block_types):
             cls = _lookup_block(name, (UpDecoderBlock2D,), "up_block_types")
             self.up_blocks.append(cls(
-                channels, reversed_channels[i], num_layers=layers_per_block + 1, eps=1e-6,
-                groups=norm_num_groups, add_upsample=i < len(block_out_channels) - 1,
+                channels, reversed_channels[i], num_layers=layers_per_block + 1, resnet_eps=1e-6,
+                resnet_groups=norm_num_groups, add_upsample=i < len(block_out_channels) - 1,
             ))
             channels = reversed_channels[i]
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)

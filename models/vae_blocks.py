@@ -36,29 +36,29 @@ class UNetMidBlock2D(nn.Module):
         in_channels: int,
         temb_channels: int | None = None,
         num_layers: int = 1,
-        eps: float = 1e-6,
-        groups: int = 32,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
         attn_groups: int | None = None,
         add_attention: bool = True,
         attention_head_dim: int | None = None,
         output_scale_factor: float = 1.0,
-        time_embedding_norm: str = "default",
+        resnet_time_scale_shift: str = "default",
         dropout: float = 0.0,
     ):
         super().__init__()
-        if attn_groups is None and time_embedding_norm == "default":
-            attn_groups = groups
+        if attn_groups is None and resnet_time_scale_shift == "default":
+            attn_groups = resnet_groups  # why: diffusers drops the attention's norm with scale_shift resnets
 
         def resnet():
             return ResnetBlock2D(
-                in_channels, in_channels, temb_channels, groups=groups, eps=eps, dropout=dropout,
-                time_embedding_norm=time_embedding_norm, output_scale_factor=output_scale_factor,
+                in_channels, in_channels, temb_channels, groups=resnet_groups, eps=resnet_eps, dropout=dropout,
+                time_embedding_norm=resnet_time_scale_shift, output_scale_factor=output_scale_factor,
             )
 
         self.add_attention = add_attention
         self.resnets = nn.ModuleList([resnet() for _ in range(num_layers + 1)])
         self.attentions = nn.ModuleList(
-            [spatial_attention(in_channels, attention_head_dim, attn_groups, eps, output_scale_factor)
+            [spatial_attention(in_channels, attention_head_dim, attn_groups, resnet_eps, output_scale_factor)
              for _ in range(num_layers)] if add_attention else []
         )
         self.gradient_checkpointing = False
@@ -80,8 +80,8 @@ class DownEncoderBlock2D(nn.Module):
         in_channels: int,
         out_channels: int,
         num_layers: int = 1,
-        eps: float = 1e-6,
-        groups: int = 32,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
         add_downsample: bool = True,
         downsample_padding: int = 1,
         dropout: float = 0.0,
@@ -89,8 +89,8 @@ class DownEncoderBlock2D(nn.Module):
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=groups, eps=eps,
-                          dropout=dropout, output_scale_factor=output_scale_factor)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, None, groups=resnet_groups,
+                          eps=resnet_eps, dropout=dropout, output_scale_factor=output_scale_factor)
             for i in range(num_layers)
         )
         self.downsamplers = (
@@ -115,8 +115,8 @@ class UpDecoderBlock2D(nn.Module):
         in_channels: int,
         out_channels: int,
         num_layers: int = 1,
-        eps: float = 1e-6,
-        groups: int = 32,
+        resnet_eps: float = 1e-6,
+        resnet_groups: int = 32,
         add_upsample: bool = True,
         temb_channels: int | None = None,
         dropout: float = 0.0,
@@ -124,8 +124,8 @@ class UpDecoderBlock2D(nn.Module):
     ):
         super().__init__()
         self.resnets = nn.ModuleList(
-            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups=groups,
-                          eps=eps, dropout=dropout, output_scale_factor=output_scale_factor)
+            ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, temb_channels, groups=resnet_groups,
+                          eps=resnet_eps, dropout=dropout, output_scale_factor=output_scale_factor)
             for i in range(num_layers)
         )
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels, use_conv=True)]) if add_upsample else None

@@ -101,7 +101,8 @@ def to_batch(image, height=None, width=None, *, factor: int = 8, grayscale: bool
 def preprocess_image(image, height=None, width=None, *, factor: int = 8, latent_channels: int = 4) -> torch.Tensor:
     """An image for the VAE encoder: (B, 3, H, W) in [-1, 1], H and W multiples of ``factor``."""
     batch = to_batch(image, height, width, factor=factor, latent_channels=latent_channels)
-    if batch.shape[1] == latent_channels and isinstance(image, torch.Tensor):
+    first = image[0] if isinstance(image, (list, tuple)) else image
+    if isinstance(first, torch.Tensor) and batch.shape[1] == latent_channels:
         return batch
     if batch.min() < 0:  # already in [-1, 1] (diffusers accepts this, with a deprecation warning)
         return batch

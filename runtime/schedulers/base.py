@@ -1,43 +1,169 @@
-"""What every scheduler shares: config loading (``scheduler_config.json``) and beta schedules.
+"""What every scheduler shares: config loading (``scheduler_config.json``), beta schedules,
+the step-index machinery and the small math helpers (thresholding, noise, add_noise).
 
-Schedulers keep diffusers' interface and keep their state on the instance as diffusers does;
-pipelines take a private copy per call (``scheduler.fresh_copy()``), so concurrent calls never
-share step state. The math lives in plain functions beside each class.
+Schedulers keep diffusers' interface and keep the state of one denoising run on the instance,
+as diffusers does; pipelines take a private copy per call (``scheduler.fresh_copy()``), so
+concurrent calls never share step state. The math lives in plain functions beside each class.
+
+The step index: a run counts its steps (``_step_index``) from the first ``scale_model_input``
+or ``step`` call; the start comes from ``set_begin_index`` (img2img) or, once per run, from
+looking the first timestep up in the schedule. Steps must therefore come in schedule order,
+once per timestep, as every pipeline calls them; nothing searches the schedule per step.
 """
 from __future__ import annotations
 
 import copy
+import inspect
+import json
 import math
+import operator
 import os
+from pathlib import Path
+from dataclasses import dataclass, fields
 
+import numpy as np
 import torch
 
 from models.config import ConfigMixin
+from models.files import atomic_write_text
 from models.errors import ConfigError, InputError
+
+USE_DEFAULT_VALUES = "_use_default_values"
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+@dataclass
+class SchedulerOutput:
+    """What ``step`` returns: the next sample and, where the scheduler has it, its x0 estimate."""
+
+    prev_sample: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
+
+    def to_tuple(self) -> tuple:
+        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
+
+    def __getitem__(self, index):
+        if isinstance(index, str):
+            return getattr(self, index)
+        return self.to_tuple()[index]
 
 
 class SchedulerMixin(ConfigMixin):
     config_name = "scheduler_config.json"
     warn_unknown_config_keys = False  # configs are interchanged between schedulers
     order: int = 1
+    _step_index: int | None = None
+    _begin_index: int | None = None
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        # The keys given explicitly; the rest took defaults, which a switch of scheduler class
+        # must not carry over (diffusers' "_use_default_values").
+        names = list(inspect.signature(cls.__init__).parameters)[1:]
+        obj._explicit_keys = set(names[: len(args)]) | set(kwargs)
+        return obj
+
+    def register_config(self, config: dict, metadata: dict | None = None) -> None:
+        explicit = getattr(self, "_explicit_keys", set(config))
+        defaults = sorted(k for k in config if k not in explicit)
+        metadata = dict(metadata or {})
+        if defaults:
+            metadata[USE_DEFAULT_VALUES] = defaults
+        super().register_config(config, metadata)
+
+    @classmethod
+    def from_config(cls, config: dict | None = None, *, _source: str | None = None, **overrides):
+        """Build from a config mapping; keys the source only defaulted take this class's defaults."""
+        config = dict(config or {})
+        defaulted = set(config.pop(USE_DEFAULT_VALUES, None) or ())
+        config = {k: v for k, v in config.items() if k not in defaulted}
+        config.update(overrides)
+        init_kwargs, metadata = cls.extract_init_kwargs(config, source=_source)
+        obj = cls.__new__(cls, **init_kwargs)
+        object.__setattr__(obj, "_pending_metadata", metadata)
+        obj.__init__(**init_kwargs)
+        del obj._pending_metadata
+        return obj
 
     @classmethod
     def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs):
         config = cls.load_config(path_or_id, subfolder=subfolder, **hub_kwargs)
         return cls.from_config(config, _source=f"{path_or_id}/{subfolder or ''}/{cls.config_name}")
 
-    def save_pretrained(self, save_directory: str | os.PathLike) -> None:
-        self.save_config(save_directory)
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
+        """Write scheduler_config.json atomically (diffusers' layout, without in-memory-only keys)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        data = {k: v for k, v in self.config.items() if k not in (USE_DEFAULT_VALUES, "_name_or_path")}
+        data["_class_name"] = type(self).__name__
+        target = directory / self.config_name
+        atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
+        return target
+
+    save_config = save_pretrained
 
     def fresh_copy(self):
         """An independent copy for one pipeline call (its own timesteps and step state)."""
         return copy.deepcopy(self)
 
+    def __len__(self) -> int:
+        return self.config.num_train_timesteps
+
     @property
-    def compatibles(self) -> list[str]:
+    def compatibles(self) -> list:
         from . import SCHEDULER_CLASSES
 
-        return sorted(SCHEDULER_CLASSES)
+        return [SCHEDULER_CLASSES[name] for name in sorted(SCHEDULER_CLASSES)]
+
+    # ---- the step index of one run ---------------------------------------------------------
+    @property
+    def step_index(self) -> int | None:
+        return self._step_index
+
+    @property
+    def begin_index(self) -> int | None:
+        return self._begin_index
+
+    def set_begin_index(self, begin_index: int = 0) -> None:
+        """Start the run at ``timesteps[begin_index]`` (img2img pipelines call this)."""
+        self._begin_index = int(begin_index)
+
+    def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
+        """Position of ``timestep`` in the schedule; the second match where it occurs twice."""
+        schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
+        value = float(timestep)
+        matches = [i for i, t in enumerate(schedule.tolist()) if t == value]
+        if not matches:
+            if self._missing_timestep_is_last:
+                return len(schedule) - 1
+            raise InputError(f"{type(self).__name__}: timestep {value:g} is not in the schedule set by set_timesteps")
+        return matches[1] if len(matches) > 1 else matches[0]
+
+    _missing_timestep_is_last = False  # DPM-Solver and UniPC map unknown timesteps to the last step
+
+    def _init_step_index(self, timestep) -> None:
+        if self._begin_index is None:
+            self._step_index = self.index_for_timestep(timestep)  # once per run, not per step
+        else:
+            self._step_index = self._begin_index
+
+    def _require_timesteps(self) -> None:
+        if getattr(self, "num_inference_steps", None) is None:
+            raise InputError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
+
+    def _sigma_indices(self, timesteps: torch.Tensor) -> list[int]:
+        """Schedule positions for add_noise on the sigma-based schedulers (diffusers' rules)."""
+        if self._begin_index is None:
+            return [self.index_for_timestep(t) for t in timesteps.reshape(-1).tolist()]
+        index = self._step_index if self._step_index is not None else self._begin_index
+        return [index] * timesteps.reshape(-1).shape[0]
+
+
+def check_choice(scheduler: str, key: str, value, choices) -> None:
+    """ConfigError naming the key and value when a config string is not one we implement."""
+    if value not in choices:
+        raise ConfigError(f"{scheduler}: unsupported {key}={value!r}; expected one of {', '.join(map(repr, choices))}")
 
 
 def betas_for_alpha_bar(num_steps: int, alpha_transform_type: str = "cosine", max_beta: float = 0.999) -> torch.Tensor:
@@ -48,14 +174,22 @@ def betas_for_alpha_bar(num_steps: int, alpha_transform_type: str = "cosine", ma
     elif alpha_transform_type == "exp":
         def alpha_bar(t):
             return math.exp(t * -12.0)
+    elif alpha_transform_type == "laplace":
+        def alpha_bar(t):
+            lmb = -0.5 * math.copysign(1, 0.5 - t) * math.log(1 - 2 * math.fabs(0.5 - t) + 1e-6)
+            snr = math.exp(lmb)
+            return math.sqrt(snr / (1 + snr))
     else:
         raise ConfigError(f"unsupported alpha_transform_type: {alpha_transform_type!r}")
     betas = [min(1 - alpha_bar((i + 1) / num_steps) / alpha_bar(i / num_steps), max_beta) for i in range(num_steps)]
     return torch.tensor(betas, dtype=torch.float32)
 
 
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
+
+
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-               trained_betas=None) -> torch.Tensor:
+               trained_betas=None, scheduler: str = "scheduler") -> torch.Tensor:
     """The training noise schedule named by a scheduler config (diffusers' beta_schedule values)."""
     if trained_betas is not None:
         return torch.tensor(trained_betas, dtype=torch.float32)
@@ -65,8 +199,12 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return torch.linspace(beta_start**0.5, beta_end**0.5, num_train_timesteps, dtype=torch.float32) ** 2
     if beta_schedule == "squaredcos_cap_v2":
         return betas_for_alpha_bar(num_train_timesteps)
+    if beta_schedule in ("laplace", "exp"):
+        return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type=beta_schedule)
+    if beta_schedule == "sigmoid":
+        return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
     raise ConfigError(
-        f"unsupported beta_schedule {beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
+        f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
     )
 
 
@@ -74,17 +212,120 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
     """Rescale betas so the last step has zero SNR (Lin et al. 2023, Algorithm 1)."""
     alphas_bar_sqrt = torch.cumprod(1.0 - betas, dim=0).sqrt()
     first, last = alphas_bar_sqrt[0].clone(), alphas_bar_sqrt[-1].clone()
-    alphas_bar_sqrt = (alphas_bar_sqrt - last) * first / (first - last)
+    alphas_bar_sqrt = (alphas_bar_sqrt - last) * (first / (first - last))
     alphas_bar = alphas_bar_sqrt**2
     alphas = torch.cat([alphas_bar[0:1], alphas_bar[1:] / alphas_bar[:-1]])
     return 1 - alphas
 
 
-def check_num_inference_steps(num_inference_steps: int, num_train_timesteps: int, name: str) -> None:
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+def alphas_cumprod_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
+                       trained_betas=None, rescale_betas_zero_snr: bool = False, zero_snr_floor: bool = False,
+                       scheduler: str = "scheduler") -> torch.Tensor:
+    """alpha-bar(t) for a config: betas, the optional zero-terminal-SNR rescale, cumprod.
+
+    ``zero_snr_floor``: the sigma-based schedulers replace a zero terminal alpha-bar by 2**-24
+    so that sigma stays finite (diffusers does the same).
+    """
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, scheduler)
+    if rescale_betas_zero_snr:
+        betas = rescale_zero_terminal_snr(betas)
+    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    if rescale_betas_zero_snr and zero_snr_floor:
+        alphas_cumprod[-1] = 2**-24
+    return alphas_cumprod
+
+
+def check_num_inference_steps(num_inference_steps, num_train_timesteps: int, name: str) -> int:
+    """The step count as an int; InputError naming the value when it is not a usable count."""
+    try:
+        if isinstance(num_inference_steps, bool):
+            raise TypeError
+        steps = operator.index(num_inference_steps)
+    except TypeError:
+        raise InputError(f"{name}: num_inference_steps must be a positive integer, got {num_inference_steps!r}") from None
+    if steps < 1:
         raise InputError(f"{name}: num_inference_steps must be a positive integer, got {num_inference_steps!r}")
-    if num_inference_steps > num_train_timesteps:
+    if steps > num_train_timesteps:
         raise InputError(
-            f"{name}: num_inference_steps={num_inference_steps} is more than the "
+            f"{name}: num_inference_steps={steps} is more than the "
             f"{num_train_timesteps} training timesteps (num_train_timesteps)"
         )
+    return steps
+
+
+def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, steps_offset: int = 0, *,
+                     round_linspace: bool = True, solver_grid: bool = False, last_timestep: int | None = None,
+                     scheduler: str = "scheduler") -> np.ndarray:
+    """Descending float64 timesteps for ``timestep_spacing`` (Lin et al. 2023, Table 2).
+
+    ``solver_grid``: the multistep solvers' variant that spaces ``num_steps + 1`` points up to
+    ``last_timestep`` and drops the final one.
+    """
+    last = num_train_timesteps if last_timestep is None else last_timestep
+    if spacing == "linspace":
+        if solver_grid:
+            return np.linspace(0, last - 1, num_steps + 1).round()[::-1][:-1].copy()
+        grid = np.linspace(0, num_train_timesteps - 1, num_steps)
+        return (grid.round() if round_linspace else grid)[::-1].copy()
+    if spacing == "leading":
+        points = num_steps + 1 if solver_grid else num_steps
+        ratio = (last if solver_grid else num_train_timesteps) // points
+        grid = (np.arange(0, points) * ratio).round()[::-1]
+        return (grid[:-1] if solver_grid else grid).copy() + steps_offset
+    if spacing == "trailing":
+        return np.round(np.arange(last, 0, -num_train_timesteps / num_steps)) - 1
+    raise ConfigError(f"{scheduler}: unsupported timestep_spacing={spacing!r}; expected linspace, leading or trailing")
+
+
+def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
+    """Dynamic thresholding of an x0 estimate (Saharia et al. 2022, Imagen section 3.3)."""
+    dtype = sample.dtype
+    batch, channels = sample.shape[:2]
+    flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
+    flat = flat.reshape(batch, -1)  # (B, C*H*W)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
+
+
+def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
+    """Gaussian noise drawn the way diffusers draws it, so a seed gives the same numbers.
+
+    A CPU generator with a CUDA target draws on the CPU and moves; a list of generators draws
+    one batch item each.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    draw_device = device
+    if generator is not None:
+        gen_device = (generator[0] if isinstance(generator, list) else generator).device
+        if gen_device.type != device.type:
+            if gen_device.type != "cpu":
+                raise InputError(f"cannot draw a {device} tensor from a generator on {gen_device}")
+            draw_device = torch.device("cpu")
+    if isinstance(generator, list) and len(generator) == 1:
+        generator = generator[0]
+    if isinstance(generator, list):
+        if len(generator) != shape[0]:
+            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
+        one = (1, *shape[1:])
+        parts = [torch.randn(one, generator=g, device=draw_device, dtype=dtype) for g in generator]
+        return torch.cat(parts).to(device)
+    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    values = values.flatten()
+    return values.reshape(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
+
+
+def add_noise_vp(alphas_cumprod: torch.Tensor, original: torch.Tensor, noise: torch.Tensor,
+                 timesteps: torch.Tensor) -> torch.Tensor:
+    """Forward diffusion q(x_t | x_0) = sqrt(abar) x_0 + sqrt(1 - abar) eps, abar at integer t."""
+    abar = alphas_cumprod.to(device=original.device, dtype=original.dtype)[timesteps.to(original.device)]
+    return _broadcast(abar**0.5, original) * original + _broadcast((1 - abar) ** 0.5, original) * noise
+
+
+def velocity_vp(alphas_cumprod: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor,
+                timesteps: torch.Tensor) -> torch.Tensor:
+    """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), the v-prediction target."""
+    abar = alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[timesteps.to(sample.device)]
+    return _broadcast(abar**0.5, sample) * noise - _broadcast((1 - abar) ** 0.5, sample) * sample

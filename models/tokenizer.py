@@ -1,0 +1,246 @@
+"""CLIP's byte-level BPE tokenizer on the ``tokenizers`` library, reading SD ``tokenizer/`` folders.
+
+Gives the same ids as transformers 5.x's ``CLIPTokenizer`` (what diffusers' pipelines call):
+NFC, whitespace runs to one space, lowercase; CLIP's split regex; byte-level BPE with the ``</w>``
+end-of-word suffix; ``<|startoftext|>`` ... ``<|endoftext|>`` around each sequence. Every special
+token of the folder is an added token matched before BPE, as in transformers: with SDXL's
+``tokenizer_2`` (pad token ``"!"``) a ``!`` in the prompt becomes the pad id.
+
+Thread safety: the Rust tokenizer is configured once in ``__init__`` and never mutated after;
+truncation, special tokens and padding happen here in Python, so concurrent calls on one object
+never touch shared settings (the Rust padding state raises "Already borrowed" across threads).
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Iterable
+
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
+from tokenizers.models import BPE
+
+from .config import read_json
+from .errors import CheckpointNotFoundError, ConfigError, InputError
+from .files import atomic_write_text
+
+SPLIT_PATTERN = r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+END_OF_WORD = "</w>"
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+DEFAULT_SPECIALS = {"bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>",
+                    "unk_token": "<|endoftext|>", "pad_token": "<|endoftext|>"}
+# CLIP's context length: the default when tokenizer_config.json has no model_max_length
+# (transformers would then use 1e30, which no CLIP text encoder accepts).
+CLIP_CONTEXT_LENGTH = 77
+TOKEN_FLAGS = ("single_word", "lstrip", "rstrip", "normalized", "special")
+
+
+class BatchEncoding(dict):
+    """The tokenizer's result: a dict (``out["input_ids"]``) with attribute access (``out.input_ids``)."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+def _token_spec(value: Any) -> tuple[str, dict]:
+    """A special token from a config: a plain string, or transformers' AddedToken dict with flags."""
+    if isinstance(value, dict):
+        return value["content"], {k: value[k] for k in TOKEN_FLAGS if k in value}
+    return str(value), {}
+
+
+class CLIPTokenizer:
+    """Byte-level BPE tokenizer of CLIP; ``__call__`` follows transformers' arguments and defaults."""
+
+    model_input_names = ["input_ids", "attention_mask"]
+
+    def __init__(
+        self,
+        vocab: dict[str, int],
+        merges: list[tuple[str, str]],
+        *,
+        bos_token: Any = DEFAULT_SPECIALS["bos_token"],
+        eos_token: Any = DEFAULT_SPECIALS["eos_token"],
+        unk_token: Any = DEFAULT_SPECIALS["unk_token"],
+        pad_token: Any = DEFAULT_SPECIALS["pad_token"],
+        model_max_length: int = CLIP_CONTEXT_LENGTH,
+        added_tokens: Iterable[dict] = (),
+        name_or_path: str = "",
+    ):
+        specs = dict(zip(SPECIAL_KEYS, map(_token_spec, (bos_token, eos_token, unk_token, pad_token))))
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = (specs[k][0] for k in SPECIAL_KEYS)
+        self.model_max_length = int(model_max_length)
+        self.name_or_path = name_or_path
+        self._vocab, self._merges = dict(vocab), list(merges)
+        backend = Tokenizer(BPE(vocab=self._vocab, merges=self._merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=self.unk_token))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        # Flags from the folder's added-token table win over the special-token entries, as in transformers.
+        ordered = sorted(added_tokens, key=lambda t: t.get("id", 0))  # new tokens get ids in this order
+        flags = {t["content"]: {k: t[k] for k in TOKEN_FLAGS if k in t} for t in ordered}
+        contents = list(dict.fromkeys([c for c, _ in specs.values()] + list(flags)))
+        extra = []
+        for content in contents:
+            spec_flags = next((f for c, f in specs.values() if c == content and f), {})
+            f = {"special": True, "normalized": False, **spec_flags, **flags.get(content, {})}
+            extra.append(AddedToken(content, **{k: f[k] for k in TOKEN_FLAGS if k in f}))
+        backend.add_tokens(extra)  # a special token missing from vocab.json gets the next id, as in transformers
+        self._added = [{"content": t.content, **{k: getattr(t, k) for k in TOKEN_FLAGS}} for t in extra]
+        self._backend = backend  # never mutated after this point (thread safety, see module docstring)
+        self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = (
+            backend.token_to_id(getattr(self, k)) for k in SPECIAL_KEYS)
+        self.all_special_ids = sorted({backend.token_to_id(t["content"]) for t in self._added if t["special"]})
+
+    # ---- loading and saving ----------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs):
+        """Read vocab.json + merges.txt (or tokenizer.json) and the token settings of a folder or hub id."""
+        from .hub import HUB_KWARGS, resolve_folder
+
+        kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
+        folder = resolve_folder(path_or_id, subfolder, allow_patterns=["*.json", "*.txt"], **kwargs)
+        config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
+        settings = {k: config[k] for k in SPECIAL_KEYS if config.get(k) is not None}
+        if (folder / "special_tokens_map.json").is_file():  # overrides tokenizer_config.json, as in transformers
+            stm = read_json(folder / "special_tokens_map.json")
+            settings.update({k: stm[k] for k in SPECIAL_KEYS if stm.get(k) is not None})
+        added = [dict(v, id=int(k)) for k, v in config.get("added_tokens_decoder", {}).items()]
+        if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+            vocab = read_json(folder / "vocab.json")
+            merges = _read_merges(folder / "merges.txt")
+        elif (folder / "tokenizer.json").is_file():
+            data = read_json(folder / "tokenizer.json")
+            model = data.get("model", {})
+            if model.get("type") != "BPE":
+                raise ConfigError(f"{folder / 'tokenizer.json'}: model type {model.get('type')!r} is not CLIP's BPE")
+            vocab = model["vocab"]
+            merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            added = list(data.get("added_tokens", [])) + added
+        else:
+            raise CheckpointNotFoundError(f"{folder}: no vocab.json + merges.txt nor tokenizer.json")
+        return cls(vocab, merges, **settings, added_tokens=added, name_or_path=str(path_or_id),
+                   model_max_length=config.get("model_max_length", CLIP_CONTEXT_LENGTH))
+
+    def save_pretrained(self, save_directory: str | os.PathLike) -> tuple[str, ...]:
+        """Write the SD layout (vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json)."""
+        directory = Path(save_directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        specials = {k: getattr(self, k) for k in SPECIAL_KEYS}
+        decoder = {str(self._backend.token_to_id(t["content"])): t for t in self._added}
+        config = {"tokenizer_class": "CLIPTokenizer", "model_max_length": self.model_max_length,
+                  "added_tokens_decoder": decoder, **specials}
+        files = {
+            "vocab.json": json.dumps(self._vocab, ensure_ascii=False),
+            "merges.txt": "#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self._merges),
+            "tokenizer_config.json": json.dumps(config, indent=2, ensure_ascii=False) + "\n",
+            "special_tokens_map.json": json.dumps(specials, indent=2, ensure_ascii=False) + "\n",
+        }
+        for name, text in files.items():
+            atomic_write_text(directory / name, text)
+        return tuple(str(directory / name) for name in files)
+
+    # ---- encoding ----------------------------------------------------------------------------
+    def tokenize(self, text: str) -> list[str]:
+        """BPE token strings of ``text`` without bos/eos (``"photo</w>"``)."""
+        return self._backend.encode(text, add_special_tokens=False).tokens
+
+    def __call__(self, text: str | list[str], padding: bool | str = False, truncation: bool | str | None = None,
+                 max_length: int | None = None, return_tensors: str | None = None,
+                 add_special_tokens: bool = True, return_attention_mask: bool = True) -> BatchEncoding:
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise InputError(f"CLIPTokenizer: text must be a string or a list of strings, got {type(text).__name__}")
+        pad_mode = {True: "longest", "longest": "longest", "max_length": "max_length",
+                    False: None, "do_not_pad": None}.get(padding, "invalid")
+        if pad_mode == "invalid":
+            raise InputError(f"CLIPTokenizer: padding={padding!r}; expected True, False, 'longest' or 'max_length'")
+        truncate = truncation not in (None, False, "do_not_truncate")
+        if truncation is None and max_length is not None and pad_mode is None:
+            truncate = True  # transformers: a max_length alone (no padding) turns truncation on
+        limit = self.model_max_length if max_length is None else int(max_length)
+        specials = 2 if add_special_tokens else 0
+        if truncate and limit < specials:
+            raise InputError(f"CLIPTokenizer: max_length={limit} leaves no room for the bos and eos tokens")
+        rows = []
+        for enc in self._backend.encode_batch(texts, add_special_tokens=False):
+            ids = enc.ids[: limit - specials] if truncate else enc.ids
+            rows.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else list(ids))
+        masks = [[1] * len(r) for r in rows]
+        target = max(map(len, rows), default=0) if pad_mode == "longest" else limit if pad_mode else None
+        if target is not None:
+            for row, mask in zip(rows, masks):
+                extra = max(0, target - len(row))
+                row.extend([self.pad_token_id] * extra)
+                mask.extend([0] * extra)
+        out = BatchEncoding(input_ids=rows)
+        if return_attention_mask:
+            out["attention_mask"] = masks
+        if return_tensors is None:
+            return BatchEncoding({k: v[0] for k, v in out.items()}) if single else out
+        if return_tensors != "pt":
+            raise InputError(f"CLIPTokenizer: return_tensors={return_tensors!r}; only 'pt' or None")
+        if len({len(r) for r in rows}) > 1:
+            raise InputError(f"CLIPTokenizer: sequences of lengths {sorted({len(r) for r in rows})} cannot form one "
+                             f"tensor; pass padding='longest' or padding='max_length'")
+        import torch
+
+        return BatchEncoding({k: torch.tensor(v, dtype=torch.long) for k, v in out.items()})
+
+    # ---- decoding and lookups ----------------------------------------------------------------
+    def decode(self, ids: Any, skip_special_tokens: bool = False) -> str:
+        """Text of ``ids``; the ``</w>`` suffixes become spaces, as in transformers."""
+        ids = ids.tolist() if hasattr(ids, "tolist") else list(ids)
+        text = self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return text.replace(END_OF_WORD, " ").strip()
+
+    def batch_decode(self, sequences: Any, skip_special_tokens: bool = False) -> list[str]:
+        sequences = sequences.tolist() if hasattr(sequences, "tolist") else sequences
+        return [self.decode(s, skip_special_tokens=skip_special_tokens) for s in sequences]
+
+    def convert_tokens_to_ids(self, tokens: str | list[str]):
+        if isinstance(tokens, str):
+            found = self._backend.token_to_id(tokens)
+            return self.unk_token_id if found is None else found
+        return [self.convert_tokens_to_ids(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids: int | list[int]):
+        if isinstance(ids, int):
+            return self._backend.id_to_token(ids)
+        return [self._backend.id_to_token(i) for i in ids]
+
+    def get_vocab(self) -> dict[str, int]:
+        return self._backend.get_vocab(with_added_tokens=True)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._vocab)
+
+    def __len__(self) -> int:
+        return self._backend.get_vocab_size(with_added_tokens=True)
+
+    def __repr__(self) -> str:
+        return (f"CLIPTokenizer(name_or_path={self.name_or_path!r}, vocab_size={self.vocab_size}, "
+                f"model_max_length={self.model_max_length}, pad_token={self.pad_token!r})")
+
+
+def _read_merges(path: Path) -> list[tuple[str, str]]:
+    """merges.txt: an optional ``#version`` header, then one ``left right`` pair per line."""
+    merges = []
+    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip() or (number == 1 and line.startswith("#version")):
+            continue
+        parts = line.split(" ")
+        if len(parts) != 2:
+            raise ConfigError(f"{path}:{number}: expected two tokens separated by a space, found {line!r}")
+        merges.append((parts[0], parts[1]))
+    return merges

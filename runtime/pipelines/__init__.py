@@ -1,0 +1,28 @@
+"""Pipelines with diffusers' names and call arguments, over our models and schedulers."""
+from .auto import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
+from .base import DiffusionPipeline
+from .img2img import StableDiffusionImg2ImgPipeline
+from .inpaint import StableDiffusionInpaintPipeline
+from .noise import seeded_randn
+from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
+from .stable_diffusion import StableDiffusionPipeline
+
+# _class_name in model_index.json -> class (DiffusionPipeline.from_pretrained picks from here)
+PIPELINE_CLASSES: dict[str, type] = {
+    cls.__name__: cls
+    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+}
+
+__all__ = [
+    "AutoPipelineForImage2Image",
+    "AutoPipelineForInpainting",
+    "AutoPipelineForText2Image",
+    "DiffusionPipeline",
+    "ImagePipelineOutput",
+    "PIPELINE_CLASSES",
+    "StableDiffusionImg2ImgPipeline",
+    "StableDiffusionInpaintPipeline",
+    "StableDiffusionPipeline",
+    "StableDiffusionPipelineOutput",
+    "seeded_randn",
+]

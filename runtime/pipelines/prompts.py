@@ -1,0 +1,74 @@
+"""Prompt encoding with CLIP: tokenize (warning on truncation), encode, repeat per image."""
+from __future__ import annotations
+
+import logging
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+
+def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: bool = True) -> torch.Tensor:
+    """(B, max_length) token ids, padded; a prompt longer than the limit is cut, with a warning."""
+    limit = max_length or tokenizer.model_max_length
+    ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
+    if warn:
+        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
+        if full.shape[-1] > ids.shape[-1] or (full.shape[-1] == ids.shape[-1] and not torch.equal(full, ids)):
+            dropped = tokenizer.batch_decode(full[:, limit - 1 : -1])  # the tokens between the cut and <eos>
+            logger.warning(
+                "The following part of your input was truncated because CLIP can only handle sequences up to "
+                "%d tokens: %s",
+                limit,
+                dropped,
+            )
+    return ids
+
+
+def repeat_per_image(embeds: torch.Tensor, num_images_per_prompt: int) -> torch.Tensor:
+    """(B, ...) -> (B * n, ...), each prompt's rows kept together as diffusers orders them."""
+    return embeds.repeat_interleave(num_images_per_prompt, dim=0)
+
+
+def as_list(text: str | list[str], batch_size: int) -> list[str]:
+    return [text] * batch_size if isinstance(text, str) else list(text)
+
+
+def encode_clip(text_encoder, ids: torch.Tensor, clip_skip: int | None = None) -> torch.Tensor:
+    """Last hidden state (SD 1.x/2.x), or ``clip_skip`` layers earlier through the final norm."""
+    device = text_encoder.device
+    if clip_skip is None:
+        return text_encoder(ids.to(device))[0]
+    out = text_encoder(ids.to(device), output_hidden_states=True)
+    hidden = out.hidden_states[-(clip_skip + 1)]
+    return text_encoder.text_model.final_layer_norm(hidden)
+
+
+def encode_sd_prompt(
+    tokenizer,
+    text_encoder,
+    prompt,
+    negative_prompt,
+    batch_size: int,
+    *,
+    device,
+    dtype,
+    num_images_per_prompt: int,
+    do_cfg: bool,
+    prompt_embeds: torch.Tensor | None = None,
+    negative_prompt_embeds: torch.Tensor | None = None,
+    clip_skip: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(positive, negative) embeddings, each (B * n, T, C); negative is None without guidance."""
+    if prompt_embeds is None:
+        ids = tokenize(tokenizer, as_list(prompt, batch_size))
+        prompt_embeds = encode_clip(text_encoder, ids, clip_skip)
+    prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+    if not do_cfg:
+        return prompt_embeds, None
+    if negative_prompt_embeds is None:
+        negative = as_list(negative_prompt if negative_prompt is not None else "", batch_size)
+        ids = tokenize(tokenizer, negative, max_length=prompt_embeds.shape[1], warn=False)
+        negative_prompt_embeds = text_encoder(ids.to(text_encoder.device))[0]
+    negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
+    return prompt_embeds, negative_prompt_embeds

@@ -1,0 +1,223 @@
+"""What the Stable Diffusion pipelines share: components, one call's flow, guidance, decoding.
+
+``_generate`` is the whole call; a task (text-to-image, image-to-image, inpainting, SDXL)
+changes it only through the hooks ``_task_size``, ``_prepare_latents``, ``_encode_prompts``
+and ``_unet_kwargs``, and through ``call.model_input`` / ``call.after_step`` for the loop.
+Everything a call computes lives on its ``GenerationCall``, never on the pipeline, so
+concurrent calls share nothing mutable.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from models.errors import InputError
+from runtime.image_io import OUTPUT_TYPES, postprocess
+
+from .base import DiffusionPipeline
+from .checks import (
+    check_generators,
+    check_negative_prompt,
+    check_size,
+    check_steps,
+    prompt_batch_size,
+)
+from .denoise import denoise, step_kwargs
+from .noise import seeded_randn
+from .output import StableDiffusionPipelineOutput
+from .prompts import encode_sd_prompt
+from .vae_codec import decode_latents, vae_scale_factor
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class GenerationCall:
+    """One call's private state: its scheduler copy, tensors, and the loop hooks it needs."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int  # prompts
+    num_images_per_prompt: int
+    generator: Any
+    scheduler: Any
+    do_cfg: bool
+    height: int | None
+    width: int | None
+    num_inference_steps: int
+    args: dict  # the task's own arguments (image, mask_image, strength, ...)
+    state: dict = field(default_factory=dict)  # named tensors, visible to callbacks
+    model_input: Callable | None = None
+    after_step: Callable | None = None
+
+    @property
+    def total(self) -> int:
+        return self.batch_size * self.num_images_per_prompt
+
+
+def guidance_scale_embedding(w: torch.Tensor, dim: int, dtype=torch.float32) -> torch.Tensor:
+    """Sinusoidal embedding of (guidance_scale - 1) for guidance-distilled UNets (time_cond_proj_dim)."""
+    w = w * 1000.0
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=dtype) * -(math.log(10000.0) / (half - 1)))
+    emb = w.to(dtype)[:, None] * freqs[None, :]  # (B, half)
+    emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb
+
+
+def fresh_scheduler(scheduler):
+    """A private copy for one call (diffusers' schedulers, lacking fresh_copy, are deep-copied)."""
+    return scheduler.fresh_copy() if hasattr(scheduler, "fresh_copy") else copy.deepcopy(scheduler)
+
+
+class StableDiffusionBase(DiffusionPipeline):
+    """Components and call flow of SD 1.x/2.x pipelines (the SDXL class overrides the text side)."""
+
+    component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
+                       "safety_checker", "feature_extractor", "image_encoder")
+    optional_components = ("safety_checker", "feature_extractor", "image_encoder")
+    config_defaults = {"requires_safety_checker": True}
+    callback_tensor_names = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    fix_legacy_scheduler = True  # SD 1.x folders with steps_offset=0 / clip_sample=True, as diffusers fixes them
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        config = getattr(self.scheduler, "config", None) or {}
+        fixes = {}
+        if self.fix_legacy_scheduler and config.get("steps_offset", 1) != 1:
+            fixes["steps_offset"] = 1
+        if self.fix_legacy_scheduler and config.get("clip_sample") is True:
+            fixes["clip_sample"] = False
+        if fixes:
+            logger.warning("%s: outdated scheduler config, using %s as diffusers does", type(self).__name__, fixes)
+            self.scheduler = type(self.scheduler).from_config({**config, **fixes})
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return vae_scale_factor(self.vae)
+
+    @property
+    def _execution_device(self) -> torch.device:
+        return self.unet.device
+
+    def default_size(self) -> tuple[int, int]:
+        size = self.unet.config.sample_size
+        h, w = (size, size) if isinstance(size, int) else tuple(size)
+        return h * self.vae_scale_factor, w * self.vae_scale_factor
+
+    # ---- hooks a task overrides --------------------------------------------------------
+    def _task_size(self, height, width, args) -> tuple[int, int]:
+        default_h, default_w = self.default_size()
+        return height or default_h, width or default_w
+
+    def _check_task(self, args) -> None:
+        pass
+
+    def _prepare_latents(self, call: GenerationCall, latents: torch.Tensor | None, timesteps: torch.Tensor):
+        """Text-to-image: scaled noise (or the caller's latents). Returns (timesteps, steps)."""
+        channels = self.unet.config.in_channels
+        shape = (call.total, channels, call.height // self.vae_scale_factor, call.width // self.vae_scale_factor)
+        if latents is None:
+            latents = seeded_randn(shape, call.generator, device=call.device, dtype=call.dtype)
+        else:
+            if tuple(latents.shape) != shape:
+                raise InputError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
+            latents = latents.to(call.device)
+        call.state["latents"] = latents * call.scheduler.init_noise_sigma
+        return timesteps, call.num_inference_steps
+
+    def _encode_prompts(self, call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra) -> None:
+        """Fill call.state with prompt_embeds (guidance-ordered [negative, positive]) and negatives."""
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        positive, negative = encode_sd_prompt(
+            self.tokenizer, self.text_encoder, prompt, negative_prompt, call.batch_size,
+            device=call.device, dtype=dtype, num_images_per_prompt=call.num_images_per_prompt,
+            do_cfg=call.do_cfg, prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+            clip_skip=extra.get("clip_skip"),
+        )
+        call.state["negative_prompt_embeds"] = negative
+        call.state["prompt_embeds"] = torch.cat([negative, positive]) if call.do_cfg else positive
+
+    def _unet_kwargs(self, call: GenerationCall) -> Callable[[dict], dict]:
+        timestep_cond = call.state.get("timestep_cond")
+        return lambda state: {"encoder_hidden_states": state["prompt_embeds"], "timestep_cond": timestep_cond} \
+            if timestep_cond is not None else {"encoder_hidden_states": state["prompt_embeds"]}
+
+    # ---- the call ---------------------------------------------------------------------
+    @torch.no_grad()
+    def _generate(
+        self, *, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, height, width,
+        num_inference_steps, guidance_scale, num_images_per_prompt, eta, generator, latents, output_type,
+        return_dict, callback_on_step_end, callback_on_step_end_tensor_inputs, guidance_rescale=0.0,
+        timesteps=None, sigmas=None, args=None, extra=None,
+    ):
+        args, extra = args or {}, extra or {}
+        check_steps(num_inference_steps)
+        if output_type not in OUTPUT_TYPES:
+            raise InputError(f"output_type must be one of {', '.join(OUTPUT_TYPES)}, got {output_type!r}")
+        names = tuple(callback_on_step_end_tensor_inputs or ())
+        unknown = [n for n in names if n not in self.callback_tensor_names]
+        if unknown:
+            raise InputError(f"callback_on_step_end_tensor_inputs {unknown} are not in {list(self.callback_tensor_names)}")
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        self._check_task(args)
+        height, width = self._task_size(height, width, args)
+        if height is not None:
+            check_size(height, width, self.vae_scale_factor)
+        batch_size = prompt_batch_size(prompt, prompt_embeds)
+        check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds, prompt_embeds)
+        check_generators(generator, batch_size * num_images_per_prompt)
+
+        do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
+        call = GenerationCall(
+            device=self._execution_device, dtype=torch.float32, batch_size=batch_size,
+            num_images_per_prompt=num_images_per_prompt, generator=generator,
+            scheduler=fresh_scheduler(self.scheduler), do_cfg=do_cfg, height=height, width=width,
+            num_inference_steps=num_inference_steps, args=args,
+        )
+        self._encode_prompts(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra)
+        call.dtype = call.state["prompt_embeds"].dtype
+        if self.unet.config.get("time_cond_proj_dim") is not None:
+            w = torch.tensor(guidance_scale - 1).repeat(call.total)
+            call.state["timestep_cond"] = guidance_scale_embedding(
+                w, self.unet.config.time_cond_proj_dim).to(device=call.device, dtype=call.dtype)
+
+        schedule = self._set_timesteps(call.scheduler, num_inference_steps, call.device, timesteps, sigmas)
+        call.num_inference_steps = num_inference_steps if timesteps is None and sigmas is None else len(schedule)
+        schedule, steps = self._prepare_latents(call, latents, schedule)
+
+        denoise(
+            self, call.scheduler, call.state, schedule, steps, do_cfg=do_cfg, guidance_scale=guidance_scale,
+            guidance_rescale=guidance_rescale, extra_step_kwargs=step_kwargs(call.scheduler, generator, eta),
+            unet_kwargs=self._unet_kwargs(call), model_input=call.model_input, after_step=call.after_step,
+            callback_on_step_end=callback_on_step_end, callback_tensor_inputs=names,
+        )
+        latents = call.state["latents"]
+        if output_type == "latent":
+            images = latents
+        else:
+            decoded = decode_latents(self, self.vae, latents, where=type(self).__name__)
+            images = postprocess(decoded, output_type)
+        if not return_dict:
+            return (images, None)
+        return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
+
+    @staticmethod
+    def _set_timesteps(scheduler, num_inference_steps, device, timesteps=None, sigmas=None) -> torch.Tensor:
+        if timesteps is not None and sigmas is not None:
+            raise InputError("pass custom timesteps or custom sigmas, not both")
+        if timesteps is not None:
+            scheduler.set_timesteps(timesteps=timesteps, device=device)
+        elif sigmas is not None:
+            scheduler.set_timesteps(sigmas=sigmas, device=device)
+        else:
+            scheduler.set_timesteps(num_inference_steps, device=device)
+        return scheduler.timesteps

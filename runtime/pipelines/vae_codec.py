@@ -1,0 +1,71 @@
+"""Images to latents and back through the VAE, with fp32 upcasting for fp16 VAEs that need it."""
+from __future__ import annotations
+
+import copy
+import threading
+
+import torch
+
+from .checks import check_finite
+from .noise import seeded_randn
+
+_UPCAST_LOCK = threading.Lock()
+
+
+def vae_scale_factor(vae) -> int:
+    """Pixels per latent along one side: 2 ** (number of VAE down blocks - 1)."""
+    return 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 8
+
+
+def needs_upcast(vae) -> bool:
+    """fp16 VAEs whose config says ``force_upcast`` overflow in the decoder: run those in fp32."""
+    return vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
+
+
+def working_vae(pipe, vae):
+    """The VAE to run: ``vae`` itself, or an fp32 copy kept on the pipeline (the shared one is untouched)."""
+    if not needs_upcast(vae):
+        return vae
+    with _UPCAST_LOCK:  # why: concurrent calls must not cast the shared module in place
+        cached = pipe.__dict__.get("_fp32_vae")
+        if cached is None or cached[0] is not vae:
+            cached = (vae, copy.deepcopy(vae).to(torch.float32))
+            pipe.__dict__["_fp32_vae"] = cached
+    return cached[1]
+
+
+def _sample(dist, generator) -> torch.Tensor:
+    """mean + std * noise, the noise drawn as diffusers' DiagonalGaussianDistribution draws it."""
+    mean, std = getattr(dist, "mean", None), getattr(dist, "std", None)
+    if mean is None or std is None:
+        return dist.sample(generator)
+    return mean + std * seeded_randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
+
+
+def encode_image(pipe, vae, image: torch.Tensor, generator) -> torch.Tensor:
+    """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); sample i uses generator i."""
+    model = working_vae(pipe, vae)
+    image = image.to(device=model.device, dtype=model.dtype)
+    if isinstance(generator, (list, tuple)) and len(generator) > 1:
+        parts = [_sample(model.encode(image[i : i + 1]).latent_dist, generator[i]) for i in range(image.shape[0])]
+        latents = torch.cat(parts, dim=0)
+    else:
+        latents = _sample(model.encode(image).latent_dist, generator)
+    return (vae.config.scaling_factor * latents).to(vae.dtype)
+
+
+def decode_latents(pipe, vae, latents: torch.Tensor, where: str) -> torch.Tensor:
+    """Scaled latents -> images in [-1, 1]; NaN/inf latents raise instead of decoding to black."""
+    check_finite(latents, where)
+    model = working_vae(pipe, vae)
+    config = vae.config
+    mean, std = config.get("latents_mean"), config.get("latents_std")
+    if mean is not None and std is not None:  # SDXL-style VAEs with per-channel latent statistics
+        shape = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean, device=latents.device, dtype=latents.dtype).view(shape)
+        std_t = torch.tensor(std, device=latents.device, dtype=latents.dtype).view(shape)
+        latents = latents * std_t / config.scaling_factor + mean_t
+    else:
+        latents = latents / config.scaling_factor
+    latents = latents.to(device=model.device, dtype=model.dtype)
+    return model.decode(latents, return_dict=False)[0]
