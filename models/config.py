@@ -63,13 +63,15 @@ def _init_parameters(cls) -> dict[str, inspect.Parameter]:
 def register_to_config(init):
     """Decorator for ``__init__``: record the bound arguments (defaults filled) as the config."""
 
+    signature = inspect.signature(init)  # once per class, not per construction
+
     @functools.wraps(init)
     def wrapper(self, *args, **kwargs):
-        bound = inspect.signature(init).bind(self, *args, **kwargs)
+        bound = signature.bind(self, *args, **kwargs)
         bound.apply_defaults()
         config = {}
         for name, value in bound.arguments.items():
-            kind = inspect.signature(init).parameters[name].kind
+            kind = signature.parameters[name].kind
             if name == "self" or kind == inspect.Parameter.VAR_POSITIONAL:
                 continue
             if kind == inspect.Parameter.VAR_KEYWORD:

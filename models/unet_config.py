@@ -87,6 +87,8 @@ def resolve_layout(cfg: dict) -> UNetLayout:
         up_layers = layers[::-1]
     else:
         up_layers = _per_block(cfg, "reverse_transformer_layers_per_block", n)
+    head_dim = _per_block(cfg, "attention_head_dim", n)
+    heads = _per_block(cfg, "num_attention_heads" if cfg["num_attention_heads"] else "attention_head_dim", n, heads)
     cross_dim = _per_block(cfg, "cross_attention_dim", n)
     if hid_type == "text_proj" and len(set(cross_dim)) != 1:
         raise ConfigError(f"{_WHERE}: encoder_hid_dim needs one cross_attention_dim, got {cross_dim}")
@@ -95,8 +97,8 @@ def resolve_layout(cfg: dict) -> UNetLayout:
         layers_per_block=_per_block(cfg, "layers_per_block", n),
         transformer_layers=layers,
         up_transformer_layers=up_layers,
-        num_attention_heads=_per_block(cfg, "num_attention_heads", n, heads),
-        attention_head_dim=_per_block(cfg, "attention_head_dim", n),
+        num_attention_heads=heads,
+        attention_head_dim=head_dim,
         cross_attention_dim=cross_dim,
         only_cross_attention=_per_block(cfg, "only_cross_attention", n),
         encoder_hid_dim_type=hid_type,

@@ -5,3 +5,6 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 python3 -m pip install -q "torch==2.13.0"
 python3 -m pip install -q -e ".[test]" "torch==2.13.0"
+# open_clip_torch ships OpenAI's real CLIP BPE vocabulary, used by the tokenizer tests; its own
+# dependencies (torchvision, timm) would pull a CUDA torch, and nothing imports it: --no-deps.
+python3 -m pip install -q --no-deps "open-clip-torch==3.3.0"

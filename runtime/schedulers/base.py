@@ -148,6 +148,15 @@ class SchedulerMixin(ConfigMixin):
         else:
             self._step_index = self._begin_index
 
+    def _current_index(self, timestep) -> int:
+        """The step index of this ``step`` call (started on the first call of the run)."""
+        if self._step_index is None:
+            self._init_step_index(timestep)
+        if self._step_index >= len(self.timesteps):
+            raise InputError(f"{type(self).__name__}.step: all {len(self.timesteps)} steps of the schedule are done; "
+                             "call set_timesteps to start a new run")
+        return self._step_index
+
     def _require_timesteps(self) -> None:
         if getattr(self, "num_inference_steps", None) is None:
             raise InputError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")

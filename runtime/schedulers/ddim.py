@@ -99,9 +99,7 @@ class DDIMScheduler(SchedulerMixin):
              use_clipped_model_output: bool = False, generator=None, variance_noise=None,
              return_dict: bool = True):
         self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        t = self._schedule[self._step_index]
+        t = self._schedule[self._current_index(timestep)]
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._abar(prev_t)
         x0, eps = predict_x0_eps(self.config.prediction_type, model_output, sample, alpha_prod_t)

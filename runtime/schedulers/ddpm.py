@@ -113,9 +113,7 @@ class DDPMScheduler(SchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         t = self._schedule[i]
         prev_t = self._schedule[i + 1] if i + 1 < len(self._schedule) else -1
         predicted_variance = None

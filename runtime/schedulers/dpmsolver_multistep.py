@@ -211,9 +211,7 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True):
         self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        cfg, i, n = self.config, self._step_index, len(self.timesteps)
+        cfg, i, n = self.config, self._current_index(timestep), len(self.timesteps)
         short = cfg.lower_order_final and n < 15  # few steps: drop the order near the end for stability
         first_order_final = i == n - 1 and (cfg.euler_at_final or short or cfg.final_sigmas_type == "zero")
         second_order_final = i == n - 2 and short

@@ -107,9 +107,7 @@ class EulerDiscreteScheduler(SigmaSchedulerMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, s_churn: float = 0.0,
              s_tmin: float = 0.0, s_tmax: float = float("inf"), s_noise: float = 1.0, generator=None,
              return_dict: bool = True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         sample = sample.to(torch.float32)
         sigma = self.sigmas[i]
         gamma = 0.0
@@ -157,9 +155,7 @@ class EulerAncestralDiscreteScheduler(SigmaSchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         sigma = self.sigmas[i]
         sample = sample.to(torch.float32)
         x0 = x0_from_sigma_output(self.config.prediction_type, model_output, sample, sigma)

@@ -84,9 +84,7 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         self._begin_index = None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         first = self.state_in_first_order
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])
         sigma_input = sigma if first else sigma_next

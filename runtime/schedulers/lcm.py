@@ -133,9 +133,7 @@ class LCMScheduler(SchedulerMixin):
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
         self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         t = torch.tensor(self._schedule[i])  # the int64 timestep the pipeline passes, without a device sync
         prev_t = self._schedule[i + 1] if i + 1 < len(self._schedule) else self._schedule[i]
         alpha_prod_t = self.alphas_cumprod[self._schedule[i]]

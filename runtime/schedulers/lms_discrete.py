@@ -67,9 +67,7 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
              return_dict: bool = True):
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        i = self._step_index
+        i = self._current_index(timestep)
         sigma = self.sigmas[i]
         x0 = x0_from_sigma_output(self.config.prediction_type, model_output, sample, sigma)
         self.derivatives.append((sample - x0) / sigma)

@@ -99,9 +99,7 @@ class PNDMScheduler(SchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        t = self._schedule[self._step_index]
+        t = self._schedule[self._current_index(timestep)]
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
             prev_sample = self._step_prk(model_output, t, sample)
         else:

@@ -202,9 +202,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
         self._require_timesteps()
-        if self._step_index is None:
-            self._init_step_index(timestep)
-        cfg, i, s = self.config, self._step_index, self.sigmas
+        cfg, i, s = self.config, self._current_index(timestep), self.sigmas
         use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None
         converted = self.convert_model_output(model_output, sample=sample)
         if use_corrector:

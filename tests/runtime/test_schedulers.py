@@ -342,3 +342,15 @@ def test_switching_class_keeps_only_explicit_keys(tmp_path):
     assert "_use_default_values" not in (tmp_path / "scheduler_config.json").read_text()
     euler.save_pretrained(tmp_path / "euler")
     assert "_use_default_values" not in (tmp_path / "euler" / "scheduler_config.json").read_text()
+
+
+@pytest.mark.parametrize("name", sorted(ours_pkg.SCHEDULER_CLASSES))
+def test_step_past_the_end_is_an_input_error(name):
+    sched = getattr(ours_pkg, name)()
+    sched.set_timesteps(4)
+    x = torch.zeros(SHAPE)
+    gen = torch.Generator().manual_seed(0)
+    for t in sched.timesteps:
+        x = sched.step(0.1 * sched.scale_model_input(x, t), t, x, generator=gen).prev_sample
+    with pytest.raises(InputError, match="set_timesteps"):
+        sched.step(x, sched.timesteps[-1], x, generator=gen)
