@@ -99,7 +99,7 @@ if triton is not None:
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_S"])]
 
     if INTERPRET:
-        _CONFIGS = [triton.Config({"BLOCK_S": 32})]
+        _CONFIGS = [triton.Config({"BLOCK_S": 64})]
     else:
         _CONFIGS = [triton.Config({"BLOCK_S": s}, num_warps=w)
                     for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) for w in (4, 8)]
@@ -129,7 +129,7 @@ if triton is not None:
             ok = (offs_s < s_end)[:, None] & c_ok[None, :]
             x = tl.load(base + offs_s[:, None] * stride_xs + offs_c[None, :] * stride_xc,
                         mask=ok, other=0.0).to(tl.float32)  # (BLOCK_S, BLOCK_C)
-            n_tile = tl.sum(ok.to(tl.float32), axis=None)
+            n_tile = (tl.minimum(s_end - s0, BLOCK_S) * cpg).to(tl.float32)  # valid elements
             mean_tile = tl.sum(x, axis=None) / n_tile
             d = tl.where(ok, x - mean_tile, 0.0)
             m2_tile = tl.sum(d * d, axis=None)
@@ -167,7 +167,7 @@ if triton is not None:
         m2 = tl.load(parts + 2, mask=p_ok, other=0.0)
         total = tl.sum(cnt, axis=0)
         mean = tl.sum(cnt * mu, axis=0) / total
-        var = (tl.sum(m2, axis=0) + tl.sum(cnt * (mu - mean) * (mu - mean), axis=0)) / total
+        var = tl.sum(m2 + cnt * (mu - mean) * (mu - mean), axis=0) / total
         rstd = 1.0 / tl.sqrt(var + eps)
 
         offs_c = tl.arange(0, BLOCK_C)

@@ -26,7 +26,6 @@ from .safetensors_io import load_safetensors, prepare_for_save
 from .step_context import StepAnnouncer, StepContext
 from .weight_loading import load_weights
 
-logger = logging.getLogger(__name__)
 
 
 def _resolve_dtype(dtype, torch_dtype) -> torch.dtype | None:
@@ -172,6 +171,16 @@ class ModelMixin(nn.Module, ConfigMixin):
         names = cls.weight_names(variant)
         patterns = [cls.config_name] + names.hub_patterns(safetensors=use_safetensors is not False)
         folder = resolve_folder(path, subfolder, allow_patterns=patterns, **hub)
+        config_path = folder / cls.config_name
+        if not config_path.is_file():
+            raise CheckpointNotFoundError(f"{path}: no {cls.config_name} in {folder}")
+        config = read_json(config_path)
+        cls._check_class_name(config, config_path)
+        config["_name_or_path"] = path
+        bad = sorted(k for k in config_overrides if k not in cls._init_parameter_names())
+        if bad:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s): {', '.join(bad)}")
+        config.update(config_overrides)
         try:
             files = find_weight_files(folder, names, use_safetensors)
         except CheckpointNotFoundError:
@@ -180,18 +189,6 @@ class ModelMixin(nn.Module, ConfigMixin):
             # A hub checkpoint with only pickles: fetch those (still loaded weights_only).
             folder = resolve_folder(path, subfolder, allow_patterns=[cls.config_name] + names.hub_patterns(False), **hub)
             files = find_weight_files(folder, names, use_safetensors)
-
-        config_path = folder / cls.config_name
-        if not config_path.is_file():
-            raise CheckpointNotFoundError(f"{path}: no {cls.config_name} in {folder}")
-        config = read_json(config_path)
-        cls._check_class_name(config, config_path)
-        config["_name_or_path"] = path
-        params = cls._init_parameter_names()
-        bad = sorted(k for k in config_overrides if k not in params)
-        if bad:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected keyword argument(s): {', '.join(bad)}")
-        config.update(config_overrides)
 
         def build():
             return cls.from_config(config, _source=str(config_path))

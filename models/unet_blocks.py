@@ -29,10 +29,10 @@ def _per_layer(value: int | list[int] | tuple[int, ...], num_layers: int, block:
     """``transformer_layers_per_block`` for one block: an int for all its layers, or one per layer."""
     if isinstance(value, int):
         return [value] * num_layers
-    if len(value) != num_layers:
+    if len(value) < num_layers:  # longer lists are cut, as diffusers indexes them (the mid block)
         raise ConfigError(f"{block}: transformer_layers_per_block={list(value)} has {len(value)} entries, "
                           f"expected {num_layers} (one per layer)")
-    return list(value)
+    return list(value)[:num_layers]
 
 
 def _transformer(channels: int, heads: int, layers: int, groups: int, cross_attention_dim: int,

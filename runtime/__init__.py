@@ -13,12 +13,14 @@ from .pipelines import (  # noqa: F401
     AutoPipelineForImage2Image,
     AutoPipelineForInpainting,
     AutoPipelineForText2Image,
+    DDPMPipeline,
     DiffusionPipeline,
     ImagePipelineOutput,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
+    StableDiffusionXLPipeline,
 )
 from .schedulers import SCHEDULER_CLASSES, SchedulerMixin  # noqa: F401
 from .schedulers import *  # noqa: F401,F403  (every scheduler class by its diffusers name)

@@ -1,22 +1,31 @@
 """Pipelines with diffusers' names and call arguments, over our models and schedulers."""
 from .auto import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 from .base import DiffusionPipeline
+from .ddpm import DDPMPipeline
 from .img2img import StableDiffusionImg2ImgPipeline
 from .inpaint import StableDiffusionInpaintPipeline
 from .noise import seeded_randn
 from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
+from .sdxl import StableDiffusionXLPipeline
 from .stable_diffusion import StableDiffusionPipeline
 
 # _class_name in model_index.json -> class (DiffusionPipeline.from_pretrained picks from here)
 PIPELINE_CLASSES: dict[str, type] = {
     cls.__name__: cls
-    for cls in (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionInpaintPipeline)
+    for cls in (
+        StableDiffusionPipeline,
+        StableDiffusionImg2ImgPipeline,
+        StableDiffusionInpaintPipeline,
+        StableDiffusionXLPipeline,
+        DDPMPipeline,
+    )
 }
 
 __all__ = [
     "AutoPipelineForImage2Image",
     "AutoPipelineForInpainting",
     "AutoPipelineForText2Image",
+    "DDPMPipeline",
     "DiffusionPipeline",
     "ImagePipelineOutput",
     "PIPELINE_CLASSES",
@@ -24,5 +33,6 @@ __all__ = [
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLPipeline",
     "seeded_randn",
 ]

@@ -64,6 +64,7 @@ def denoise(
     count = len(values)
     warmup = count - num_inference_steps * scheduler.order
     announce = getattr(unet, "announce_step", None)
+    unet_dtype = unet.dtype
     try:
         with pipe.progress_bar(total=num_inference_steps) as bar:
             for i, t in enumerate(timesteps):
@@ -74,7 +75,8 @@ def denoise(
                     x = model_input(state, x)
                 if announce is not None:
                     announce(i, count, values[i])
-                noise_pred = unet(x, t, return_dict=False, **unet_kwargs(state))[0]
+                # dtype rule: the UNet runs in its own dtype; latents and scheduler math stay in theirs (fp32)
+                noise_pred = unet(x.to(unet_dtype), t, return_dict=False, **unet_kwargs(state))[0].to(latents.dtype)
                 if do_cfg:
                     noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
                 state["latents"] = scheduler.step(noise_pred, t, latents, return_dict=False, **extra_step_kwargs)[0]

@@ -85,6 +85,7 @@ class StableDiffusionBase(DiffusionPipeline):
     optional_components = ("safety_checker", "feature_extractor", "image_encoder")
     config_defaults = {"requires_safety_checker": True}
     callback_tensor_names = ("latents", "prompt_embeds", "negative_prompt_embeds")
+    conditioning_names = ("prompt_embeds", "negative_prompt_embeds")  # cast to unet.dtype before the loop
     fix_legacy_scheduler = True  # SD 1.x folders with steps_offset=0 / clip_sample=True, as diffusers fixes them
 
     def __init__(self, *args, **kwargs):
@@ -129,7 +130,7 @@ class StableDiffusionBase(DiffusionPipeline):
         else:
             if tuple(latents.shape) != shape:
                 raise InputError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")
-            latents = latents.to(call.device)
+            latents = latents.to(device=call.device, dtype=call.dtype)
         call.state["latents"] = latents * call.scheduler.init_noise_sigma
         return timesteps, call.num_inference_steps
 
@@ -184,11 +185,15 @@ class StableDiffusionBase(DiffusionPipeline):
             num_inference_steps=num_inference_steps, args=args,
         )
         self._encode_prompts(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra)
-        call.dtype = call.state["prompt_embeds"].dtype
+        # dtype rule: latents and scheduler math stay fp32; conditioning is cast to the UNet's dtype once
+        unet_dtype = self.unet.dtype
+        for key in self.conditioning_names:
+            if call.state.get(key) is not None:
+                call.state[key] = call.state[key].to(unet_dtype)
         if self.unet.config.get("time_cond_proj_dim") is not None:
             w = torch.tensor(guidance_scale - 1).repeat(call.total)
             call.state["timestep_cond"] = guidance_scale_embedding(
-                w, self.unet.config.time_cond_proj_dim).to(device=call.device, dtype=call.dtype)
+                w, self.unet.config.time_cond_proj_dim).to(device=call.device, dtype=unet_dtype)
 
         schedule = self._set_timesteps(call.scheduler, num_inference_steps, call.device, timesteps, sigmas)
         call.num_inference_steps = num_inference_steps if timesteps is None and sigmas is None else len(schedule)

@@ -42,6 +42,7 @@ def _sample(dist, generator) -> torch.Tensor:
     return mean + std * seeded_randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
 
 
+@torch.no_grad()
 def encode_image(pipe, vae, image: torch.Tensor, generator) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); sample i uses generator i."""
     model = working_vae(pipe, vae)
@@ -51,9 +52,10 @@ def encode_image(pipe, vae, image: torch.Tensor, generator) -> torch.Tensor:
         latents = torch.cat(parts, dim=0)
     else:
         latents = _sample(model.encode(image).latent_dist, generator)
-    return (vae.config.scaling_factor * latents).to(vae.dtype)
+    return (vae.config.scaling_factor * latents).float()  # latents live in fp32 (the loop's dtype rule)
 
 
+@torch.no_grad()
 def decode_latents(pipe, vae, latents: torch.Tensor, where: str) -> torch.Tensor:
     """Scaled latents -> images in [-1, 1]; NaN/inf latents raise instead of decoding to black."""
     check_finite(latents, where)

@@ -13,24 +13,30 @@ once per timestep, as every pipeline calls them; nothing searches the schedule p
 from __future__ import annotations
 
 import copy
+import functools
 import inspect
 import json
 import math
 import operator
 import os
-from pathlib import Path
 from dataclasses import dataclass, fields
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from models.config import ConfigMixin
-from models.files import atomic_write_text
 from models.errors import ConfigError, InputError
+from models.files import atomic_write_text
 
 USE_DEFAULT_VALUES = "_use_default_values"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
+
+
+@functools.lru_cache(maxsize=None)
+def _init_arg_names(cls) -> tuple[str, ...]:
+    return tuple(inspect.signature(cls.__init__).parameters)[1:]  # once per class, not per construction
 
 
 @dataclass
@@ -50,6 +56,8 @@ class SchedulerOutput:
 
 
 class SchedulerMixin(ConfigMixin):
+    """Config I/O with diffusers' scheduler semantics, plus the step index of one run."""
+
     config_name = "scheduler_config.json"
     warn_unknown_config_keys = False  # configs are interchanged between schedulers
     order: int = 1
@@ -60,8 +68,7 @@ class SchedulerMixin(ConfigMixin):
         obj = super().__new__(cls)
         # The keys given explicitly; the rest took defaults, which a switch of scheduler class
         # must not carry over (diffusers' "_use_default_values").
-        names = list(inspect.signature(cls.__init__).parameters)[1:]
-        obj._explicit_keys = set(names[: len(args)]) | set(kwargs)
+        obj._explicit_keys = set(_init_arg_names(cls)[: len(args)]) | set(kwargs)
         return obj
 
     def register_config(self, config: dict, metadata: dict | None = None) -> None:
@@ -212,9 +219,7 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
-    raise ConfigError(
-        f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; expected linear, scaled_linear or squaredcos_cap_v2"
-    )
+    raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -289,9 +294,8 @@ def spaced_timesteps(spacing: str, num_steps: int, num_train_timesteps: int, ste
 def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
     """Dynamic thresholding of an x0 estimate (Saharia et al. 2022, Imagen section 3.3)."""
     dtype = sample.dtype
-    batch, channels = sample.shape[:2]
     flat = sample.float() if dtype not in (torch.float32, torch.float64) else sample
-    flat = flat.reshape(batch, -1)  # (B, C*H*W)
+    flat = flat.reshape(sample.shape[0], -1)  # (B, C*H*W)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
 

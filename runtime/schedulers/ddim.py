@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from models.config import register_to_config
+from models.errors import InputError
 
 from .base import (
     PREDICTION_TYPES,
@@ -110,7 +111,7 @@ class DDIMScheduler(SchedulerMixin):
         prev_sample = ddim_step(x0, eps, alpha_prod_t_prev, std_dev_t)
         if eta > 0:
             if variance_noise is not None and generator is not None:
-                raise ValueError("DDIMScheduler.step: pass either generator or variance_noise, not both")
+                raise InputError("DDIMScheduler.step: pass either generator or variance_noise, not both")
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + std_dev_t * variance_noise

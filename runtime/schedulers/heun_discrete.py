@@ -83,7 +83,9 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         self._step_index = None
         self._begin_index = None
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator=None):
+        """The predictor or corrector half of a Heun step; ``generator`` is unused."""
         i = self._current_index(timestep)
         first = self.state_in_first_order
         sigma, sigma_next = (self.sigmas[i], self.sigmas[i + 1]) if first else (self.sigmas[i - 1], self.sigmas[i])

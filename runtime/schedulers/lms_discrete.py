@@ -66,7 +66,8 @@ class LMSDiscreteScheduler(SigmaSchedulerMixin):
         return lms_coefficient(self._sigma_values, order, t, current_order)
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, order: int = 4,
-             return_dict: bool = True):
+             return_dict: bool = True, generator=None):
+        """One LMS step of up to ``order``; deterministic (``generator`` is unused)."""
         i = self._current_index(timestep)
         sigma = self.sigmas[i]
         x0 = x0_from_sigma_output(self.config.prediction_type, model_output, sample, sigma)

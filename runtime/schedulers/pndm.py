@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from models.config import register_to_config
+from models.errors import InputError
 
 from .base import (
     TIMESTEP_SPACINGS,
@@ -97,7 +98,9 @@ class PNDMScheduler(SchedulerMixin):
         self._begin_index = None
         self._reset_run()
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator=None):
+        """One PRK stage or PLMS step (deterministic: ``generator`` is accepted and unused)."""
         self._require_timesteps()
         t = self._schedule[self._current_index(timestep)]
         if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
@@ -132,7 +135,7 @@ class PNDMScheduler(SchedulerMixin):
 
     def _step_plms(self, model_output, t: int, sample):
         if not self.config.skip_prk_steps and len(self.ets) < 3:
-            raise ValueError("PNDMScheduler: PLMS steps need the 12 PRK warm-up steps first; run the full schedule")
+            raise InputError("PNDMScheduler: PLMS steps need the 12 PRK warm-up steps first; run the full schedule")
         step = self.config.num_train_timesteps // self.num_inference_steps
         prev_t = t - step
         if self.counter != 1:

@@ -200,7 +200,9 @@ class UniPCMultistepScheduler(SchedulerMixin):
             return (sample - alpha_t * model_output) / sigma_t
         return alpha_t * model_output + sigma_t * sample
 
-    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+    def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
+             generator=None):
+        """Correct the current sample (UniC), then predict the next (UniP); ``generator`` is unused."""
         self._require_timesteps()
         cfg, i, s = self.config, self._current_index(timestep), self.sigmas
         use_corrector = i > 0 and (i - 1) not in self.disable_corrector and self.last_sample is not None

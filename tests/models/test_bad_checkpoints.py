@@ -228,3 +228,16 @@ def test_no_weights_and_no_folder(tmp_path):
         ToyModel.from_pretrained(tmp_path / "does-not-exist")
     with pytest.raises(CheckpointNotFoundError, match="nosuch"):
         ToyModel.from_pretrained(tmp_path / "empty", subfolder="nosuch")
+
+
+def test_header_shape_disagrees_with_offsets(folder):
+    """The reader's own validation (shape x dtype vs. byte span) surfaces as ours, naming the file."""
+    data = (folder / WEIGHTS).read_bytes()
+    (length,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + length])
+    header["proj.weight"]["shape"] = [3, 3]
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (length - len(raw))
+    (folder / WEIGHTS).write_bytes(data[:8] + raw + data[8 + length :])
+    with pytest.raises(CheckpointError, match=f"{WEIGHTS}.*unreadable"):
+        ToyModel.from_pretrained(folder)

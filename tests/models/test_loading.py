@@ -182,3 +182,29 @@ def test_diffusers_saved_unet_loads_through_ours_and_back(tmp_path, variant, sha
     back = diffusers.UNet2DConditionModel.from_pretrained(tmp_path / "ours", variant=variant).eval()
     assert_state_equal(theirs, back)
     assert sorted(p.name for p in (tmp_path / "ours").iterdir()) == sorted(p.name for p in (tmp_path / "theirs").iterdir())
+
+
+def test_parameters_on_meta_only_affects_its_own_thread():
+    import threading
+
+    from models.weight_loading import parameters_on_meta
+
+    inside, outside = threading.Event(), threading.Event()
+    devices = {}
+
+    def other_thread():
+        inside.wait()
+        devices["other"] = nn.Linear(2, 2).weight.device.type
+        outside.set()
+
+    thread = threading.Thread(target=other_thread)
+    thread.start()
+    with parameters_on_meta():
+        layer = nn.Linear(2, 2)
+        layer.register_buffer("b", torch.ones(2))
+        inside.set()
+        outside.wait(timeout=30)
+    thread.join()
+    assert layer.weight.is_meta and not layer.b.is_meta
+    assert devices["other"] == "cpu"
+    assert not nn.Linear(2, 2).weight.is_meta  # restored afterwards

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -206,3 +207,27 @@ def test_push_to_hub_uploads_the_saved_folder(monkeypatch):
     assert seen["upload"] == dict(repo_id="me/toy", files=["config.json", "diffusion_pytorch_model.fp16.safetensors"],
                                   message="add toy", create_pr=True, repo_type="model")
     assert_state_equal(model, seen["loaded"])
+
+
+def test_save_pretrained_push_to_hub_uploads_the_target(tmp_path, monkeypatch):
+    """Hub unreachable: HfApi methods replaced by recorders (see the test above)."""
+    import huggingface_hub
+
+    from types import SimpleNamespace
+
+    seen = {}
+
+    def create_repo(self, repo_id, **kwargs):
+        seen["repo"] = repo_id
+        return SimpleNamespace(repo_id=f"user/{repo_id}")  # the hub answers with the full id
+
+    def upload_folder(self, *, repo_id, folder_path, **kwargs):
+        seen["upload"] = (repo_id, folder_path, names(Path(folder_path)))
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    monkeypatch.setattr(huggingface_hub.HfApi, "upload_folder", upload_folder)
+    make_toy().save_pretrained(tmp_path / "toy-model", push_to_hub=True)
+    assert seen == {"repo": "toy-model",
+                    "upload": ("user/toy-model", str(tmp_path / "toy-model"), ["config.json", WEIGHTS])}
+    with pytest.raises(TypeError, match="bogus"):
+        make_toy().save_pretrained(tmp_path / "x", bogus=1)

@@ -137,6 +137,22 @@ def build_sdxl(root: Path, name: str = "sdxl") -> Path:
     return folder
 
 
+def build_ddpm(root: Path, name: str = "ddpm") -> Path:
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+
+    torch.manual_seed(8)
+    unet = UNet2DModel(block_out_channels=(32, 64), layers_per_block=2, sample_size=16, in_channels=3, out_channels=3,
+                       down_block_types=("DownBlock2D", "AttnDownBlock2D"), up_block_types=("AttnUpBlock2D", "UpBlock2D"))
+    folder = root / name
+    DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(str(folder))
+    return folder
+
+
+@pytest.fixture(scope="session")
+def ddpm_folder(tmp_path_factory) -> Path:
+    return build_ddpm(tmp_path_factory.mktemp("pipelines"))
+
+
 @pytest.fixture(scope="session")
 def sd_folder(tmp_path_factory) -> Path:
     return build_sd(tmp_path_factory.mktemp("pipelines"), "sd")

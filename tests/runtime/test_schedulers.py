@@ -203,11 +203,21 @@ def test_img2img_partial_schedule(name):
     x_ref = ref.add_noise(image, noise, ref.timesteps[start:start + 1])
     close(x_ours, x_ref, "add_noise at the start timestep")
     seed = 7 if needs_generator(name, {}, {}) else None
-    mine = run(ours, ours.timesteps[start:], x_ours, model_noise, {}, seed)
-    theirs = run(ref, ref.timesteps[start:], x_ref, model_noise, {}, seed)
-    assert len(mine) == len(theirs) == len(ref.timesteps) - start
-    for i, ((_, a), (_, b)) in enumerate(zip(mine, theirs)):
-        close(a, b, f"prev_sample at step {start + i}", TOL_FACTOR.get(name, 1.0))
+    gens = [torch.Generator().manual_seed(seed) if seed is not None else None for _ in range(2)]
+    count = 0
+    for i, (t_ours, t_ref) in enumerate(zip(ours.timesteps[start:], ref.timesteps[start:])):
+        kw = [{"generator": g} if g is not None else {} for g in gens]
+        x_ours = ours.step(fake_model(ours.scale_model_input(x_ours, t_ours), t_ours, model_noise), t_ours, x_ours,
+                           **kw[0]).prev_sample
+        x_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t_ref), t_ref, model_noise), t_ref, x_ref,
+                         **kw[1]).prev_sample
+        close(x_ours, x_ref, f"prev_sample at step {start + i}", TOL_FACTOR.get(name, 1.0))
+        following = slice(start + i + 1, start + i + 2)  # inpainting re-noises the kept image per step
+        if following.start < len(ref.timesteps):
+            close(ours.add_noise(image, noise, ours.timesteps[following]),
+                  ref.add_noise(image, noise, ref.timesteps[following]), f"add_noise after step {start + i}")
+        count += 1
+    assert count == len(ref.timesteps) - start
 
 
 @pytest.mark.parametrize("name", sorted(ours_pkg.SCHEDULER_CLASSES))
@@ -264,6 +274,14 @@ def test_fresh_copy_is_independent(name):
     b = run(second, second.timesteps, x, noise, {}, seed)
     assert torch.equal(a[-1][1], b[-1][1])
     assert base.step_index is None
+    # a copy taken mid-run carries the run's state and then diverges from it independently
+    mid = base.fresh_copy()
+    head = run(mid, mid.timesteps[:3], x, noise, {}, seed)
+    fork = mid.fresh_copy()
+    gen_state = None if seed is None else 5
+    tail_a = run(mid, mid.timesteps[3:], head[-1][1], noise, {}, gen_state)
+    tail_b = run(fork, fork.timesteps[3:], head[-1][1], noise, {}, gen_state)
+    assert torch.equal(tail_a[-1][1], tail_b[-1][1])
 
 
 @pytest.mark.parametrize("name", sorted(ours_pkg.SCHEDULER_CLASSES))

@@ -1,0 +1,165 @@
+"""Text-to-image with SDXL: two CLIP text encoders, pooled text embeddings and size conditioning.
+
+The UNet's extra conditioning (``addition_embed_type="text_time"``): the pooled output of the
+projection text encoder, and six "time ids" (original size, crop top-left, target size).
+"""
+from __future__ import annotations
+
+import torch
+
+from models.errors import ConfigError
+
+from .prompts import as_list, repeat_per_image, tokenize
+from .sd_base import GenerationCall, StableDiffusionBase
+
+
+def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int | None):
+    """(penultimate or clip_skip-earlier hidden state, pooled projection or None)."""
+    out = text_encoder(ids.to(text_encoder.device), output_hidden_states=True)
+    pooled = out[0] if out[0].ndim == 2 else None  # CLIPTextModelWithProjection: text_embeds (B, D)
+    return out.hidden_states[-(clip_skip + 2) if clip_skip else -2], pooled
+
+
+class StableDiffusionXLPipeline(StableDiffusionBase):
+    """prompt -> image with SDXL; arguments and defaults as diffusers' StableDiffusionXLPipeline."""
+
+    component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+                       "image_encoder", "feature_extractor")
+    optional_components = ("tokenizer", "text_encoder", "image_encoder", "feature_extractor")
+    config_defaults = {"force_zeros_for_empty_prompt": True}
+    callback_tensor_names = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
+    conditioning_names = ("prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids")
+    fix_legacy_scheduler = False
+
+    def _encoders(self):
+        if self.tokenizer is not None and self.text_encoder is not None:
+            return [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        return [(self.tokenizer_2, self.text_encoder_2)]
+
+    def _encode_prompts(self, call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra) -> None:
+        n, batch, clip_skip = call.num_images_per_prompt, call.batch_size, extra.get("clip_skip")
+        pooled, negative_pooled = extra.get("pooled_prompt_embeds"), extra.get("negative_pooled_prompt_embeds")
+        pairs = self._encoders()
+        if prompt_embeds is None:
+            texts = [as_list(prompt, batch), as_list(extra.get("prompt_2") or prompt, batch)][-len(pairs):]
+            parts = []
+            for text, (tokenizer, encoder) in zip(texts, pairs):
+                hidden, pool = _hidden(encoder, tokenize(tokenizer, text), clip_skip)
+                pooled = pool if pooled is None and pool is not None else pooled
+                parts.append(hidden)
+            prompt_embeds = torch.cat(parts, dim=-1)  # (B, T, C1 + C2)
+        if pooled is None:
+            raise ConfigError("SDXL needs pooled text embeddings: pass pooled_prompt_embeds with prompt_embeds")
+        zero_negative = negative_prompt is None and self.config.force_zeros_for_empty_prompt
+        if call.do_cfg and negative_prompt_embeds is None and zero_negative:
+            negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+            negative_pooled = torch.zeros_like(pooled)
+        elif call.do_cfg and negative_prompt_embeds is None:
+            negative = negative_prompt or ""
+            negatives = [as_list(negative, batch), as_list(extra.get("negative_prompt_2") or negative, batch)]
+            parts = []
+            for text, (tokenizer, encoder) in zip(negatives[-len(pairs):], pairs):
+                ids = tokenize(tokenizer, text, max_length=prompt_embeds.shape[1], warn=False)
+                hidden, pool = _hidden(encoder, ids, None)
+                negative_pooled = pool if negative_pooled is None and pool is not None else negative_pooled
+                parts.append(hidden)
+            negative_prompt_embeds = torch.cat(parts, dim=-1)
+
+        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+        device = call.device
+        prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), n)
+        pooled = repeat_per_image(pooled.to(device), n)
+        time_ids = self._time_ids(call, extra, pooled, "", prompt_embeds.dtype)
+        if call.do_cfg:
+            negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), n)
+            negative_pooled = repeat_per_image(negative_pooled.to(device), n)
+            negative_time_ids = time_ids
+            if extra.get("negative_original_size") is not None and extra.get("negative_target_size") is not None:
+                negative_time_ids = self._time_ids(call, extra, pooled, "negative_", prompt_embeds.dtype)
+            call.state["negative_prompt_embeds"] = negative_prompt_embeds
+            prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
+            pooled = torch.cat([negative_pooled, pooled])
+            time_ids = torch.cat([negative_time_ids, time_ids])
+        call.state["prompt_embeds"] = prompt_embeds
+        call.state["add_text_embeds"] = pooled
+        call.state["add_time_ids"] = time_ids.to(device).repeat(call.total, 1)  # (2B or B, 6)
+
+    def _time_ids(self, call: GenerationCall, extra: dict, pooled, prefix: str, dtype) -> torch.Tensor:
+        """(1, 6): original size, crop top-left and target size, checked against the UNet's config."""
+        size = (call.height, call.width)
+        original = tuple(extra.get(prefix + "original_size") or size)
+        crop = tuple(extra.get(prefix + "crops_coords_top_left") or (0, 0))
+        target = tuple(extra.get(prefix + "target_size") or size)
+        ids = list(original + crop + target)
+        projection = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else pooled.shape[-1]
+        given = self.unet.config.addition_time_embed_dim * len(ids) + projection
+        expected = self.unet.config.projection_class_embeddings_input_dim
+        if expected != given:
+            raise ConfigError(
+                f"the UNet expects added conditioning of size {expected} (projection_class_embeddings_input_dim) "
+                f"but {len(ids)} time ids x addition_time_embed_dim + text projection_dim {projection} = {given}"
+            )
+        return torch.tensor([ids], dtype=dtype)
+
+    def _unet_kwargs(self, call: GenerationCall):
+        timestep_cond = call.state.get("timestep_cond")
+
+        def kwargs(state: dict) -> dict:
+            out = {"encoder_hidden_states": state["prompt_embeds"],
+                   "added_cond_kwargs": {"text_embeds": state["add_text_embeds"], "time_ids": state["add_time_ids"]}}
+            if timestep_cond is not None:
+                out["timestep_cond"] = timestep_cond
+            return out
+
+        return kwargs
+
+    def __call__(
+        self,
+        prompt=None,
+        prompt_2=None,
+        height: int | None = None,
+        width: int | None = None,
+        num_inference_steps: int = 50,
+        timesteps=None,
+        sigmas=None,
+        guidance_scale: float = 5.0,
+        negative_prompt=None,
+        negative_prompt_2=None,
+        num_images_per_prompt: int = 1,
+        eta: float = 0.0,
+        generator=None,
+        latents=None,
+        prompt_embeds=None,
+        negative_prompt_embeds=None,
+        pooled_prompt_embeds=None,
+        negative_pooled_prompt_embeds=None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        guidance_rescale: float = 0.0,
+        original_size=None,
+        crops_coords_top_left=(0, 0),
+        target_size=None,
+        negative_original_size=None,
+        negative_crops_coords_top_left=(0, 0),
+        negative_target_size=None,
+        clip_skip: int | None = None,
+        callback_on_step_end=None,
+        callback_on_step_end_tensor_inputs=("latents",),
+    ):
+        extra = dict(
+            prompt_2=prompt_2, negative_prompt_2=negative_prompt_2, pooled_prompt_embeds=pooled_prompt_embeds,
+            negative_pooled_prompt_embeds=negative_pooled_prompt_embeds, original_size=original_size,
+            crops_coords_top_left=crops_coords_top_left, target_size=target_size,
+            negative_original_size=negative_original_size,
+            negative_crops_coords_top_left=negative_crops_coords_top_left,
+            negative_target_size=negative_target_size, clip_skip=clip_skip,
+        )
+        return self._generate(
+            prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
+            negative_prompt_embeds=negative_prompt_embeds, height=height, width=width,
+            num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+            num_images_per_prompt=num_images_per_prompt, eta=eta, generator=generator, latents=latents,
+            output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
+            callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
+            guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas, extra=extra,
+        )

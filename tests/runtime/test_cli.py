@@ -1,0 +1,69 @@
+"""The command line: generate writes a PNG and reports stage times; info lists components; errors are one line."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import PIL.Image
+import pytest
+
+from pipeline_fixtures import sd_folder  # noqa: F401
+
+import runtime
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""), "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "runtime", *args], capture_output=True, text=True, env=env,
+                          cwd=REPO, timeout=300)
+
+
+def test_generate_writes_the_pipeline_image_and_stage_times(sd_folder, tmp_path):  # noqa: F811
+    out = tmp_path / "x.png"
+    result = cli("generate", str(sd_folder), "--prompt", "a red circle", "--steps", "3", "--seed", "5",
+                 "--scheduler", "EulerDiscreteScheduler", "--output", str(out), "--quiet")
+    assert result.returncode == 0, result.stderr
+    assert f"wrote {out}" in result.stdout
+    for stage in ("load", "text encode", "denoise", "decode"):
+        assert stage in result.stdout
+    pipe = runtime.StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.scheduler = runtime.EulerDiscreteScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    import torch
+
+    want = pipe("a red circle", num_inference_steps=3, generator=torch.Generator().manual_seed(5)).images[0]
+    assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want))
+
+
+def test_info_lists_components(sd_folder):  # noqa: F811
+    result = cli("info", str(sd_folder))
+    assert result.returncode == 0, result.stderr
+    assert "StableDiffusionPipeline" in result.stdout
+    for name in ("unet", "vae", "text_encoder", "tokenizer", "scheduler", "UNet2DConditionModel", "F32", "parameters"):
+        assert name in result.stdout
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (("generate", "/no/such/folder", "--prompt", "x"), "/no/such/folder"),
+        (("info", "/no/such/folder"), "/no/such/folder"),
+        (("generate", "--prompt", "x"), "no model given"),
+        (("generate", "{sd}", "--prompt", "x", "--height", "15", "--steps", "1"), "height=15"),
+        (("generate", "{sd}", "--prompt", "x", "--scheduler", "Nope"), "unknown scheduler 'Nope'"),
+        (("generate", "{sd}", "--prompt", "x", "--steps", "0"), "num_inference_steps"),
+    ],
+    ids=["missing-folder", "info-missing-folder", "no-model", "bad-size", "bad-scheduler", "zero-steps"],
+)
+def test_user_mistakes_are_one_line_without_traceback(sd_folder, tmp_path, args, message):  # noqa: F811
+    args = [a.replace("{sd}", str(sd_folder)) for a in args] + (["--output", str(tmp_path / "o.png")] if args[0] == "generate" else [])
+    result = cli(*args)
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], result.stderr
