@@ -15,7 +15,7 @@ from torch import nn
 from .block_table import build_block
 from .config import register_to_config
 from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embedding
-from .errors import ConfigError, InputError
+from .errors import InputError
 from .modeling import ModelMixin
 from .outputs import ModelOutput
 from .unet_config import UNetLayout, resolve_layout

@@ -41,11 +41,11 @@ SCHEDULER_CONFIG = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0
                         steps_offset=1, prediction_type="epsilon", timestep_spacing="leading")
 VAE_CONFIG = dict(in_channels=3, out_channels=3, latent_channels=4, sample_size=64, layers_per_block=1,
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  block_out_channels=(32, 64, 64), norm_num_groups=16)  # 64 -> 16: two downsamples
+                  block_out_channels=(16, 32, 64), norm_num_groups=16)  # 64 -> 16: two downsamples
 TEXT_CONFIG = dict(hidden_size=128, intermediate_size=512, projection_dim=128, num_hidden_layers=3,
                    num_attention_heads=4, max_position_embeddings=MAX_TOKENS, hidden_act="quick_gelu")
 UNET_CONFIG = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                   block_out_channels=(64, 128, 192), cross_attention_dim=128, attention_head_dim=8,
+                   block_out_channels=(32, 64, 128), cross_attention_dim=128, attention_head_dim=4,
                    norm_num_groups=32,
                    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from models.config import ConfigMixin
+from models.noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
 from models.errors import ConfigError, InputError
 from models.files import atomic_write_text
 
@@ -298,31 +299,6 @@ def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> to
     flat = flat.reshape(sample.shape[0], -1)  # (B, C*H*W)
     s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
     return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
-
-
-def randn_tensor(shape, generator=None, device=None, dtype=None) -> torch.Tensor:
-    """Gaussian noise drawn the way diffusers draws it, so a seed gives the same numbers.
-
-    A CPU generator with a CUDA target draws on the CPU and moves; a list of generators draws
-    one batch item each.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    draw_device = device
-    if generator is not None:
-        gen_device = (generator[0] if isinstance(generator, list) else generator).device
-        if gen_device.type != device.type:
-            if gen_device.type != "cpu":
-                raise InputError(f"cannot draw a {device} tensor from a generator on {gen_device}")
-            draw_device = torch.device("cpu")
-    if isinstance(generator, list) and len(generator) == 1:
-        generator = generator[0]
-    if isinstance(generator, list):
-        if len(generator) != shape[0]:
-            raise InputError(f"got {len(generator)} generators for a batch of {shape[0]}")
-        one = (1, *shape[1:])
-        parts = [torch.randn(one, generator=g, device=draw_device, dtype=dtype) for g in generator]
-        return torch.cat(parts).to(device)
-    return torch.randn(tuple(shape), generator=generator, device=draw_device, dtype=dtype).to(device)
 
 
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
