@@ -129,13 +129,13 @@ if triton is not None:
                 and smem(c) <= SMEM_BUDGET]
         return kept or [min(configs, key=smem)]
 
-    if INTERPRET:  # one small config: the interpreter's cost grows with block size, not program count
-        _CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
-    else:
-        _CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
+    CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)
                     for bm, bn, w, s in [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 3),
                                          (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 4), (64, 128, 4, 2),
                                          (32, 32, 4, 2), (16, 32, 2, 1)]]
+    # Interpreter: one small config (no benchmarking; the interpreter's cost grows with block count).
+    INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_N": 32})]
+    _CONFIGS = INTERPRETER_CONFIGS if INTERPRET else CUDA_CONFIGS
 
     @triton.autotune(configs=_CONFIGS, key=["seq_q", "seq_k", "head_dim", "HAS_MASK"],
                      prune_configs_by={"early_config_prune": _prune_configs})

@@ -30,6 +30,9 @@ from .availability import (KERNEL_DTYPES, INTERPRET, device_reason, launcher, ne
 
 MAX_CHANNELS_PER_GROUP = 1024
 MAX_SPLIT = 64  # partials per group; the normalise kernel merges them in one vector
+# Elements one statistics program reduces at least. Interpreter: small, so that the tests' small
+# shapes exercise the merge of partials and no program loops long in Python.
+SLICE_ELEMENTS = 512 if INTERPRET else 8192
 
 
 def group_norm_ref(x: torch.Tensor, num_groups: int, weight: torch.Tensor | None = None,
@@ -98,11 +101,10 @@ if triton is not None:
                 if c.kwargs["BLOCK_S"] <= max_s and 1024 <= c.kwargs["BLOCK_S"] * block_c <= 8192]
         return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_S"])]
 
-    if INTERPRET:
-        _CONFIGS = [triton.Config({"BLOCK_S": 64})]
-    else:
-        _CONFIGS = [triton.Config({"BLOCK_S": s}, num_warps=w)
+    CUDA_CONFIGS = [triton.Config({"BLOCK_S": s}, num_warps=w)
                     for s in (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024) for w in (4, 8)]
+    INTERPRETER_CONFIGS = [triton.Config({"BLOCK_S": 64})]
+    _CONFIGS = INTERPRETER_CONFIGS if INTERPRET else CUDA_CONFIGS
 
     @triton.autotune(configs=_CONFIGS, key=["HW", "cpg", "chunk"],
                      prune_configs_by={"early_config_prune": _prune_configs})
@@ -198,8 +200,8 @@ if triton is not None:
         hw = x3.shape[2]
         cpg = c // num_groups
         # Split each group's reduction so the statistics launch has enough programs: slices of
-        # at least 8K elements, at most MAX_SPLIT of them (merged in one vector later).
-        split = max(1, min(MAX_SPLIT, triton.cdiv(hw * cpg, 8192)))
+        # at least SLICE_ELEMENTS, at most MAX_SPLIT of them (merged in one vector later).
+        split = max(1, min(MAX_SPLIT, triton.cdiv(hw * cpg, SLICE_ELEMENTS)))
         chunk = triton.cdiv(hw, split)
         partial = torch.empty((n * num_groups, split, 3), dtype=torch.float32, device=x.device)
         block_c = next_power_of_2(cpg)

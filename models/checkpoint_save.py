@@ -85,9 +85,12 @@ def save_folder(
         write_weights(tmp, tensors, names, max_shard_size, safe)
         _fsync_dir(tmp)
         if target.is_dir():
+            cwd = _cwd_inside(target)
             backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
             os.rename(target, backup)
             os.rename(tmp, target)
+            if cwd is not None:  # the process sat in the old folder: follow it to the new one
+                os.chdir(cwd if cwd.is_dir() else target)
             shutil.rmtree(backup, ignore_errors=True)
         else:
             os.rename(tmp, target)
@@ -95,6 +98,14 @@ def save_folder(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return target
+
+
+def _cwd_inside(target: Path) -> Path | None:
+    try:
+        cwd = Path.cwd()
+    except FileNotFoundError:
+        return None
+    return cwd if cwd == target or target in cwd.parents else None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -21,6 +21,7 @@ from .checkpoint_save import save_folder
 from .config import ConfigMixin, read_json
 from .errors import CheckpointNotFoundError, ConfigError, InputError
 from .hub import _local_dir, resolve_folder
+from .meta_build import skip_init_on_meta
 from .pickle_io import load_pickle
 from .safetensors_io import load_safetensors, prepare_for_save
 from .step_context import StepAnnouncer, StepContext
@@ -194,7 +195,7 @@ class ModelMixin(nn.Module, ConfigMixin):
             return cls.from_config(config, _source=str(config_path))
 
         if low_cpu_mem_usage:
-            with torch.device("meta"):
+            with torch.device("meta"), skip_init_on_meta():
                 model = build()
         else:
             model = build()

@@ -113,6 +113,9 @@ def shard_files(index_path: Path) -> list[Path]:
     """The shard files an index names, in order; a missing shard is an error naming it and the index."""
     weight_map = read_index(index_path)
     names = sorted(set(weight_map.values()))
+    outside = [n for n in names if Path(n).name != n or n in (".", "..")]
+    if outside:
+        raise CheckpointError(f"{index_path}: shard names must be plain file names beside the index: {', '.join(outside)}")
     missing = [n for n in names if not (index_path.parent / n).is_file()]
     if missing:
         raise CheckpointNotFoundError(

@@ -9,20 +9,21 @@ Order of events in ``load_weights``:
    return value (after any renaming), never from comparing key sets ourselves.
 3. Missing keys are a MissingWeightsError; unexpected keys a logged warning naming them.
 4. Non-persistent buffers (not in any checkpoint, e.g. ``position_ids``) are still on the meta
-   device. A module that owns such buffers may define ``_init_non_persistent_buffers()`` to
-   recompute them in place on the CPU; without it, one extra construction of the model with
-   only its parameters on meta (buffers real, nothing initialized) supplies the values.
+   device. A module that owns such buffers (or whose children do) may define
+   ``_init_non_persistent_buffers()`` to recompute them in place on the CPU (the fast path).
+   Without one, a second construction of the model with only its parameters on meta (buffers
+   real, no parameter memory) supplies the values; a buffer neither path produces is an error.
 """
 from __future__ import annotations
 
 import logging
-import threading
 from contextlib import contextmanager
 
 import torch
 from torch import nn
 
 from .errors import CheckpointError, MissingWeightsError, ShapeMismatchError
+from .meta_build import parameters_on_meta
 
 logger = logging.getLogger(__name__)
 SHOW_KEYS = 20  # keys listed by name in an error or warning; the rest are counted
@@ -121,7 +122,7 @@ def materialize_buffers(model: nn.Module, rebuild, source: str) -> None:
         return
     for module in model.modules():
         hook = getattr(module, "_init_non_persistent_buffers", None)
-        if callable(hook) and any(b is not None and b.is_meta for b in module._buffers.values()):
+        if callable(hook) and any(b.is_meta for b in module.buffers()):  # its own or its children's
             with torch.device("cpu"):
                 hook()
     remaining = _meta_buffers(model)
@@ -143,39 +144,3 @@ def materialize_buffers(model: nn.Module, rebuild, source: str) -> None:
     stray = [n for n, p in model.named_parameters() if p.is_meta]
     if stray:
         raise CheckpointError(f"{source}: parameters still on the meta device after loading: {list_keys(stray)}")
-
-
-_meta_params = threading.local()
-_patch_lock = threading.Lock()
-_patch_users = 0
-_original_register_parameter = None
-
-
-def _register_parameter_on_meta(self, name, param):
-    _original_register_parameter(self, name, param)
-    if getattr(_meta_params, "active", False) and param is not None and not param.is_meta:
-        self._parameters[name] = nn.Parameter(param.to("meta"), requires_grad=param.requires_grad)
-
-
-@contextmanager
-def parameters_on_meta():
-    """Build modules with parameters on meta but buffers real (no parameter memory, no init cost).
-
-    ``register_parameter`` is patched while any thread is inside this context, and the patch acts
-    only in threads that are: a module built concurrently elsewhere is unaffected.
-    """
-    global _patch_users, _original_register_parameter
-    with _patch_lock:
-        if _patch_users == 0:
-            _original_register_parameter = nn.Module.register_parameter
-            nn.Module.register_parameter = _register_parameter_on_meta
-        _patch_users += 1
-    _meta_params.active = True
-    try:
-        yield
-    finally:
-        _meta_params.active = False
-        with _patch_lock:
-            _patch_users -= 1
-            if _patch_users == 0:
-                nn.Module.register_parameter = _original_register_parameter

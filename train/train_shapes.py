@@ -88,14 +88,16 @@ def build_tokenizer() -> CLIPTokenizer:
                                   initial_alphabet=letters, end_of_word_suffix="</w>")
     bpe.train_from_iterator(caption_corpus(), trainer)
     data = json.loads(bpe.to_str())["model"]
-    vocab = dict(sorted(data["vocab"].items(), key=lambda kv: kv[1]))
-    for ch in letters:  # CLIP's base vocabulary: every character also as a word end
-        vocab.setdefault(ch + "</w>", len(vocab))
-    vocab.pop("<|endoftext|>", None)
-    vocab = {k: i for i, k in enumerate(vocab)}
+    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["merges"]]
+    # Ids in a fixed order (the trainer's ids for equal counts vary run to run): every character
+    # and character-at-word-end as in CLIP's base vocabulary, then merge results in merge order.
+    tokens = letters + [ch + "</w>" for ch in letters]
+    tokens += sorted(t for t in data["vocab"] if t not in tokens and t != "<|endoftext|>"
+                     and not any(a + b == t for a, b in merges))
+    tokens += [a + b for a, b in merges]
+    vocab = {t: i for i, t in enumerate(dict.fromkeys(tokens))}
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)  # eos is the largest id, as in CLIP (pooling by argmax also works)
-    merges = [tuple(m.split(" ", 1)) if isinstance(m, str) else tuple(m) for m in data["merges"]]
     tok = CLIPTokenizer(vocab, merges, model_max_length=MAX_TOKENS)
     for text in caption_corpus():
         for word in text.replace(",", " , ").split():
@@ -207,6 +209,16 @@ def encode_pool(vae: AutoencoderKL, images: torch.Tensor) -> tuple[torch.Tensor,
     return torch.cat(means), torch.cat(stds)  # 2 x (n, 4, 16, 16)
 
 
+@torch.no_grad()
+def vae_ceiling(vae: AutoencoderKL, n: int, seed: int) -> dict:
+    """Scorer adherence of VAE reconstructions of held-out images: what generation can reach at best."""
+    images, captions, _ = shapes.sample(n, seed=seed + 5, split="held_out")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (n, 3, 64, 64)
+    recon = torch.cat([vae.decode(vae.encode(c).latent_dist.mean).sample for c in x.split(64)])
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()  # (n, 64, 64, 3)
+    return adherence(list(recon), captions)
+
+
 # ---- stage 2: text encoder + UNet --------------------------------------------------------------
 def train_unet(unet, text_encoder, latents, ids_full, ids_short, ids_empty, args, budget: Budget, work: Path):
     params = list(unet.parameters()) + list(text_encoder.parameters())
@@ -316,6 +328,9 @@ def main(argv=None) -> None:
     vae.load_state_dict(trained)
     log(f"latents {tuple(mean.shape[1:])}, std {mean.std():.3f} -> scaling_factor {args.scaling_factor:.4f}")
     report["scaling_factor"] = args.scaling_factor
+    report["vae_reconstruction_adherence"] = vae_ceiling(vae, args.eval_prompts, args.seed)
+    log(f"VAE reconstructions, held-out images (the ceiling for generation): "
+        f"{json.dumps({k: round(v, 3) for k, v in report['vae_reconstruction_adherence'].items()})}")
     del images
 
     log("stage 2: text encoder + UNet")

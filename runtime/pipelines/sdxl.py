@@ -30,6 +30,7 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
     callback_tensor_names = ("latents", "prompt_embeds", "add_text_embeds", "add_time_ids")
     conditioning_names = ("prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids")
     fix_legacy_scheduler = False
+    time_ids_grouped = False  # how guidance orders the time ids (diffusers differs between its SDXL tasks)
 
     def _encoders(self):
         if self.tokenizer is not None and self.text_encoder is not None:
@@ -69,28 +70,39 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
         device = call.device
         prompt_embeds = repeat_per_image(prompt_embeds.to(device=device, dtype=dtype), n)
         pooled = repeat_per_image(pooled.to(device), n)
-        time_ids = self._time_ids(call, extra, pooled, "", prompt_embeds.dtype)
+        positive_ids, negative_ids = self._time_id_pair(call, extra, pooled, prompt_embeds.dtype)
         if call.do_cfg:
             negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), n)
             negative_pooled = repeat_per_image(negative_pooled.to(device), n)
-            negative_time_ids = time_ids
-            if extra.get("negative_original_size") is not None and extra.get("negative_target_size") is not None:
-                negative_time_ids = self._time_ids(call, extra, pooled, "negative_", prompt_embeds.dtype)
             call.state["negative_prompt_embeds"] = negative_prompt_embeds
             prompt_embeds = torch.cat([negative_prompt_embeds, prompt_embeds])
             pooled = torch.cat([negative_pooled, pooled])
-            time_ids = torch.cat([negative_time_ids, time_ids])
         call.state["prompt_embeds"] = prompt_embeds
         call.state["add_text_embeds"] = pooled
-        call.state["add_time_ids"] = time_ids.to(device).repeat(call.total, 1)  # (2B or B, 6)
+        total = call.total
+        if not call.do_cfg:
+            time_ids = positive_ids.repeat(total, 1)
+        elif self.time_ids_grouped:  # (2B, 6) as [negatives..., positives...]
+            time_ids = torch.cat([negative_ids.repeat(total, 1), positive_ids.repeat(total, 1)])
+        else:  # (2B, 6) as [negative, positive] pairs
+            time_ids = torch.cat([negative_ids, positive_ids]).repeat(total, 1)
+        call.state["add_time_ids"] = time_ids.to(device)
 
-    def _time_ids(self, call: GenerationCall, extra: dict, pooled, prefix: str, dtype) -> torch.Tensor:
-        """(1, 6): original size, crop top-left and target size, checked against the UNet's config."""
+    def _time_id_pair(self, call: GenerationCall, extra: dict, pooled, dtype):
+        """(positive, negative) time ids, each (1, 6): original size, crop top-left, target size."""
         size = (call.height, call.width)
-        original = tuple(extra.get(prefix + "original_size") or size)
-        crop = tuple(extra.get(prefix + "crops_coords_top_left") or (0, 0))
-        target = tuple(extra.get(prefix + "target_size") or size)
-        ids = list(original + crop + target)
+        original = tuple(extra.get("original_size") or size)
+        target = tuple(extra.get("target_size") or size)
+        positive = list(original + tuple(extra.get("crops_coords_top_left") or (0, 0)) + target)
+        negative = positive
+        if extra.get("negative_original_size") is not None and extra.get("negative_target_size") is not None:
+            negative = list(tuple(extra["negative_original_size"])
+                            + tuple(extra.get("negative_crops_coords_top_left") or (0, 0))
+                            + tuple(extra["negative_target_size"]))
+        return self._check_time_ids(positive, pooled, dtype), self._check_time_ids(negative, pooled, dtype)
+
+    def _check_time_ids(self, ids: list, pooled, dtype) -> torch.Tensor:
+        """The ids as a (1, n) tensor, their embedded size checked against the UNet's config."""
         projection = self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else pooled.shape[-1]
         given = self.unet.config.addition_time_embed_dim * len(ids) + projection
         expected = self.unet.config.projection_class_embeddings_input_dim
@@ -98,6 +110,7 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
             raise ConfigError(
                 f"the UNet expects added conditioning of size {expected} (projection_class_embeddings_input_dim) "
                 f"but {len(ids)} time ids x addition_time_embed_dim + text projection_dim {projection} = {given}"
+                + ("; check requires_aesthetics_score" if "requires_aesthetics_score" in self.config else "")
             )
         return torch.tensor([ids], dtype=dtype)
 

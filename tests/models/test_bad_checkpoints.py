@@ -241,3 +241,13 @@ def test_header_shape_disagrees_with_offsets(folder):
     (folder / WEIGHTS).write_bytes(data[:8] + raw + data[8 + length :])
     with pytest.raises(CheckpointError, match=f"{WEIGHTS}.*unreadable"):
         ToyModel.from_pretrained(folder)
+
+
+def test_index_may_not_point_outside_its_folder(tmp_path):
+    make_toy().save_pretrained(tmp_path / "m", max_shard_size=200)
+    index = tmp_path / "m" / "diffusion_pytorch_model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    data["weight_map"]["proj.weight"] = "../elsewhere.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(CheckpointError, match="elsewhere.safetensors"):
+        ToyModel.from_pretrained(tmp_path / "m")

@@ -187,7 +187,7 @@ def test_diffusers_saved_unet_loads_through_ours_and_back(tmp_path, variant, sha
 def test_parameters_on_meta_only_affects_its_own_thread():
     import threading
 
-    from models.weight_loading import parameters_on_meta
+    from models.meta_build import parameters_on_meta
 
     inside, outside = threading.Event(), threading.Event()
     devices = {}
@@ -208,3 +208,15 @@ def test_parameters_on_meta_only_affects_its_own_thread():
     assert layer.weight.is_meta and not layer.b.is_meta
     assert devices["other"] == "cpu"
     assert not nn.Linear(2, 2).weight.is_meta  # restored afterwards
+
+
+def test_unrecoverable_meta_buffer_is_an_error_naming_it():
+    from models.errors import CheckpointError
+    from models.weight_loading import load_weights
+
+    model = make_toy(width=4)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.device("meta"):
+        empty = ToyModel(width=4)
+    with pytest.raises(CheckpointError, match="positions"):
+        load_weights(empty, state, source="ckpt.safetensors", rebuild=None)

@@ -231,3 +231,13 @@ def test_save_pretrained_push_to_hub_uploads_the_target(tmp_path, monkeypatch):
                     "upload": ("user/toy-model", str(tmp_path / "toy-model"), ["config.json", WEIGHTS])}
     with pytest.raises(TypeError, match="bogus"):
         make_toy().save_pretrained(tmp_path / "x", bogus=1)
+
+
+def test_save_into_the_working_directory(tmp_path, monkeypatch):
+    """save_pretrained(".") swaps the folder the process sits in; the process follows the new one."""
+    (tmp_path / "m").mkdir()
+    monkeypatch.chdir(tmp_path / "m")
+    make_toy(seed=0).save_pretrained(".")
+    make_toy(seed=1).save_pretrained(".")
+    assert Path.cwd() == tmp_path / "m" and Path(".").resolve().exists()
+    assert_state_equal(make_toy(seed=1), ToyModel.from_pretrained("."))

@@ -11,7 +11,7 @@ diffusers = pytest.importorskip("diffusers")
 from models import UNet2DConditionModel  # noqa: E402
 from models.errors import ConfigError, InputError  # noqa: E402
 from models.unet_2d_condition import FeatureCache  # noqa: E402
-from tiny_configs import UNET_CONFIGS, build_unet_pair, unet_config, unet_inputs  # noqa: E402
+from tiny_configs import FULL_UNET_CONFIGS, UNET_CONFIGS, build_unet_pair, unet_config, unet_inputs  # noqa: E402
 
 FP32_REL = 1e-5  # fp32 budget, relative to the reference's magnitude (at least 1)
 
@@ -287,6 +287,19 @@ def test_compiles_fullgraph(sd1_pair):
 def test_config_errors(overrides, match):
     with pytest.raises(ConfigError, match=match):
         UNet2DConditionModel.from_config(unet_config("sd1", **overrides))
+
+
+@pytest.mark.parametrize("name", sorted(FULL_UNET_CONFIGS))
+def test_real_size_configs_match_diffusers_shapes(name, caplog):
+    """The hub's SD1.5 / SD2.1 / SDXL configs build, on the meta device, the same names and shapes."""
+    config = FULL_UNET_CONFIGS[name]
+    init = {k: v for k, v in config.items() if not k.startswith("_")}
+    with torch.device("meta"):
+        ref = diffusers.UNet2DConditionModel(**init)
+        ours = UNet2DConditionModel.from_config(config)
+    assert "unknown config keys" not in caplog.text
+    ref_shapes = {k: tuple(v.shape) for k, v in ref.state_dict().items()}
+    assert {k: tuple(v.shape) for k, v in ours.state_dict().items()} == ref_shapes
 
 
 def test_real_config_keys_are_accepted():

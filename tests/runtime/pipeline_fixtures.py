@@ -15,8 +15,6 @@ SEED = 0
 PROMPT = "a red circle on a blue square"
 TOL = 1e-4  # fp32 max-abs on latents and images, stated once
 
-torch.set_num_threads(1)  # why: tiny models; the shared test machine is oversubscribed by threads
-
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2/CLIP's reversible byte -> printable character table."""
@@ -146,6 +144,15 @@ def build_ddpm(root: Path, name: str = "ddpm") -> Path:
     folder = root / name
     DDPMPipeline(unet=unet.eval(), scheduler=DDPMScheduler(num_train_timesteps=100)).save_pretrained(str(folder))
     return folder
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run fastest on one thread on the shared test machine; restored afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="session")

@@ -10,9 +10,10 @@ import numpy as np
 import PIL.Image
 import pytest
 
-from pipeline_fixtures import sd_folder  # noqa: F401
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -23,7 +24,7 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           cwd=REPO, timeout=300)
 
 
-def test_generate_writes_the_pipeline_image_and_stage_times(sd_folder, tmp_path):  # noqa: F811
+def test_generate_writes_the_pipeline_image_and_stage_times(sd_folder, tmp_path):
     out = tmp_path / "x.png"
     result = cli("generate", str(sd_folder), "--prompt", "a red circle", "--steps", "3", "--seed", "5",
                  "--scheduler", "EulerDiscreteScheduler", "--output", str(out), "--quiet")
@@ -40,7 +41,7 @@ def test_generate_writes_the_pipeline_image_and_stage_times(sd_folder, tmp_path)
     assert np.array_equal(np.asarray(PIL.Image.open(out)), np.asarray(want))
 
 
-def test_info_lists_components(sd_folder):  # noqa: F811
+def test_info_lists_components(sd_folder):
     result = cli("info", str(sd_folder))
     assert result.returncode == 0, result.stderr
     assert "StableDiffusionPipeline" in result.stdout
@@ -60,7 +61,7 @@ def test_info_lists_components(sd_folder):  # noqa: F811
     ],
     ids=["missing-folder", "info-missing-folder", "no-model", "bad-size", "bad-scheduler", "zero-steps"],
 )
-def test_user_mistakes_are_one_line_without_traceback(sd_folder, tmp_path, args, message):  # noqa: F811
+def test_user_mistakes_are_one_line_without_traceback(sd_folder, tmp_path, args, message):
     args = [a.replace("{sd}", str(sd_folder)) for a in args] + (["--output", str(tmp_path / "o.png")] if args[0] == "generate" else [])
     result = cli(*args)
     assert result.returncode != 0

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_fixtures import PROMPT, TOL, generator, sd_folder, sd_inpaint_folder, test_image  # noqa: F401
+from pipeline_fixtures import PROMPT, TOL, generator, test_image
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULERS = [("DDIMScheduler", {}), ("EulerDiscreteScheduler", {}), ("DPMSolverMultistepScheduler", {})]
 
@@ -23,17 +25,17 @@ def load(folder, ours_cls, ref_name):
 
 
 @pytest.fixture(scope="module")
-def img2img(sd_folder):  # noqa: F811
+def img2img(sd_folder):
     return load(sd_folder, runtime.StableDiffusionImg2ImgPipeline, "StableDiffusionImg2ImgPipeline")
 
 
 @pytest.fixture(scope="module")
-def inpaint4(sd_folder):  # noqa: F811
+def inpaint4(sd_folder):
     return load(sd_folder, runtime.StableDiffusionInpaintPipeline, "StableDiffusionInpaintPipeline")
 
 
 @pytest.fixture(scope="module")
-def inpaint9(sd_inpaint_folder):  # noqa: F811
+def inpaint9(sd_inpaint_folder):
     return load(sd_inpaint_folder, runtime.StableDiffusionInpaintPipeline, "StableDiffusionInpaintPipeline")
 
 

@@ -8,14 +8,16 @@ import PIL.Image
 import pytest
 import torch
 
-from pipeline_fixtures import PROMPT, generator, sd_folder, test_image  # noqa: F401
+from pipeline_fixtures import PROMPT, generator, test_image
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from runtime.errors import InputError
 
 
 @pytest.fixture(scope="module")
-def pipe(sd_folder):  # noqa: F811
+def pipe(sd_folder):
     p = runtime.StableDiffusionPipeline.from_pretrained(sd_folder)
     p.set_progress_bar_config(disable=True)
     return p

@@ -10,14 +10,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_fixtures import PROMPT, generator, sd_folder, test_image  # noqa: F401
+from pipeline_fixtures import PROMPT, generator, test_image
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 from runtime.errors import CheckpointNotFoundError, ConfigError
 
 
 @pytest.fixture(scope="module")
-def pipe(sd_folder):  # noqa: F811
+def pipe(sd_folder):
     p = runtime.DiffusionPipeline.from_pretrained(sd_folder)
     p.set_progress_bar_config(disable=True)
     return p
@@ -32,7 +34,7 @@ def test_diffusion_pipeline_returns_the_folder_class(pipe):
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
 
 
-def test_unsupported_component_is_named_and_skipped(sd_folder, tmp_path, caplog):  # noqa: F811
+def test_unsupported_component_is_named_and_skipped(sd_folder, tmp_path, caplog):
     folder = tmp_path / "with_checker"
     shutil.copytree(sd_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -47,7 +49,7 @@ def test_unsupported_component_is_named_and_skipped(sd_folder, tmp_path, caplog)
     assert p.config.requires_safety_checker is True
 
 
-def test_unknown_required_component_and_pipeline_are_errors(sd_folder, tmp_path):  # noqa: F811
+def test_unknown_required_component_and_pipeline_are_errors(sd_folder, tmp_path):
     folder = tmp_path / "odd"
     shutil.copytree(sd_folder, folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -61,7 +63,7 @@ def test_unknown_required_component_and_pipeline_are_errors(sd_folder, tmp_path)
         runtime.DiffusionPipeline.from_pretrained(tmp_path / "nowhere")
 
 
-def test_component_override_is_used_not_reloaded(sd_folder, pipe):  # noqa: F811
+def test_component_override_is_used_not_reloaded(sd_folder, pipe):
     p = runtime.StableDiffusionPipeline.from_pretrained(sd_folder, unet=pipe.unet, requires_safety_checker=False)
     assert p.unet is pipe.unet
     assert p.config.requires_safety_checker is False
@@ -97,7 +99,7 @@ def test_from_pipe_shares_modules_and_switches_task(pipe):
     assert out.shape == (1, 16, 16, 3)
 
 
-def test_auto_pipeline_from_pretrained_picks_the_task_class(sd_folder):  # noqa: F811
+def test_auto_pipeline_from_pretrained_picks_the_task_class(sd_folder):
     assert type(runtime.AutoPipelineForImage2Image.from_pretrained(sd_folder)) is runtime.StableDiffusionImg2ImgPipeline
     assert type(runtime.AutoPipelineForInpainting.from_pretrained(sd_folder)) is runtime.StableDiffusionInpaintPipeline
 

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_fixtures import PROMPT, TOL, ddpm_folder, generator, sdxl_folder  # noqa: F401
+from pipeline_fixtures import PROMPT, TOL, generator
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULERS = [
     ("EulerDiscreteScheduler", {}),
@@ -19,7 +21,7 @@ SCHEDULERS = [
 
 
 @pytest.fixture(scope="module")
-def sdxl(sdxl_folder):  # noqa: F811
+def sdxl(sdxl_folder):
     import diffusers
 
     ours = runtime.DiffusionPipeline.from_pretrained(sdxl_folder)
@@ -101,7 +103,7 @@ def test_sdxl_callback_tensors(sdxl):
 
 
 @pytest.mark.parametrize("scheduler", ["DDPMScheduler", "DDIMScheduler"])
-def test_ddpm_pipeline_matches_diffusers(ddpm_folder, scheduler):  # noqa: F811
+def test_ddpm_pipeline_matches_diffusers(ddpm_folder, scheduler):
     import diffusers
 
     ours = runtime.DiffusionPipeline.from_pretrained(ddpm_folder)

@@ -5,9 +5,11 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline_fixtures import PROMPT, TOL, generator, sd_folder  # noqa: F401
+from pipeline_fixtures import PROMPT, TOL, generator
 
 import runtime
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 SCHEDULERS = [
     ("DDIMScheduler", {}),
@@ -20,7 +22,7 @@ STEPS = 4
 
 
 @pytest.fixture(scope="module")
-def pipes(sd_folder):  # noqa: F811
+def pipes(sd_folder):
     import diffusers
 
     ours = runtime.StableDiffusionPipeline.from_pretrained(sd_folder)
