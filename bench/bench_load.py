@@ -2,6 +2,8 @@
 
 Runs alternate (ours, diffusers, ours, ...) after one warm-up each so the page cache and the
 machine's noise hit both equally; prints medians and the ratio. Usage: python3 bench/bench_load.py
+Without accelerate installed, diffusers builds on the CPU with random init and copies the weights
+in; with it, diffusers loads on meta as we do (its fastest path): the header line says which.
 """
 from __future__ import annotations
 
@@ -63,8 +65,11 @@ def main() -> None:
             ours.append(timed(ours_fn))
             theirs.append(timed(theirs_fn))
     mo, mt = statistics.median(ours), statistics.median(theirs)
+    from diffusers.utils import is_accelerate_available
+
+    mode = "meta-device load (accelerate installed)" if is_accelerate_available() else "CPU init + copy (no accelerate)"
     print(f"UNet {params / 1e6:.1f}M params, {args.dtype}, torch {torch.__version__}, "
-          f"diffusers {diffusers.__version__}, {torch.get_num_threads()} threads, {args.runs} alternated runs")
+          f"diffusers {diffusers.__version__} [{mode}], {torch.get_num_threads()} threads, {args.runs} alternated runs")
     print(f"ours      median {mo * 1000:8.1f} ms  (min {min(ours) * 1000:.1f})")
     print(f"diffusers median {mt * 1000:8.1f} ms  (min {min(theirs) * 1000:.1f})")
     print(f"ratio diffusers/ours = {mt / mo:.2f}x")

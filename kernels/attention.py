@@ -34,7 +34,7 @@ import math
 import torch
 
 from .availability import (KERNEL_DTYPES, INTERPRET, device_reason, launcher, next_power_of_2,
-                           register_op, require_triton, tl, triton)
+                           register_op, require_triton, round_bf16_rtne, tl, triton)
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which indexes batch * heads
@@ -148,7 +148,7 @@ if triton is not None:
         stride_mb, stride_mh, stride_mm, stride_mn,
         stride_ob, stride_oh, stride_om, stride_od,
         num_heads, seq_q, seq_k, head_dim, qk_scale,
-        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, UPCAST_DOT: tl.constexpr,
+        HAS_MASK: tl.constexpr, IEEE_DOT: tl.constexpr, EMULATE_BF16: tl.constexpr,
         BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
     ):
         pid_m = tl.program_id(0)
@@ -163,7 +163,7 @@ if triton is not None:
 
         q = tl.load(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :] * stride_qd,
                     mask=m_ok[:, None] & d_ok[None, :], other=0.0)
-        if UPCAST_DOT:
+        if EMULATE_BF16:
             q = q.to(tl.float32)
         k_base = K + b * stride_kb + h * stride_kh
         v_base = V + b * stride_vb + h * stride_vh
@@ -177,7 +177,7 @@ if triton is not None:
             n_ok = cols < seq_k
             k_t = tl.load(k_base + cols[None, :] * stride_kn + offs_d[:, None] * stride_kd,
                           mask=d_ok[:, None] & n_ok[None, :], other=0.0)  # (BLOCK_D, BLOCK_N)
-            if UPCAST_DOT:
+            if EMULATE_BF16:
                 k_t = k_t.to(tl.float32)
             if IEEE_DOT:
                 s = tl.dot(q, k_t, input_precision="ieee")
@@ -197,9 +197,10 @@ if triton is not None:
             l_i = l_i * alpha + tl.sum(p, 1)
             v = tl.load(v_base + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
                         mask=n_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_N, BLOCK_D)
-            p_in = p.to(V.dtype.element_ty)  # fp16/bf16: P rounded for the tensor cores, as in FlashAttention
-            if UPCAST_DOT:
-                p_in, v = p_in.to(tl.float32), v.to(tl.float32)
+            if EMULATE_BF16:
+                p_in, v = round_bf16_rtne(p), v.to(tl.float32)
+            else:
+                p_in = p.to(V.dtype.element_ty)  # fp16/bf16: P rounded for the tensor cores, as in FlashAttention
             if IEEE_DOT:
                 pv = tl.dot(p_in, v, input_precision="ieee")
             else:
@@ -210,6 +211,8 @@ if triton is not None:
         # Rows masked everywhere have l = 0 and acc = 0: output 0, as PyTorch's SDPA does.
         out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
         o_ptrs = Out + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_om + offs_d[None, :] * stride_od
+        if EMULATE_BF16:
+            out = round_bf16_rtne(out)
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=m_ok[:, None] & d_ok[None, :])
 
     def _attention_impl(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
@@ -217,9 +220,10 @@ if triton is not None:
         b, h, tq, d = q.shape
         tk = k.shape[2]
         out = _empty_output(q)
-        # Triton's interpreter computes bf16 dots wrongly; it gets the same bf16-rounded operands
-        # upcast to fp32 instead (exact), so the emulated rounding matches the GPU kernel's.
-        upcast = INTERPRET and q.dtype == torch.bfloat16
+        # Triton's interpreter computes bf16 dots wrongly and truncates fp32 -> bf16 casts: under it,
+        # bf16 operands go to the dots upcast to fp32 (exact) and casts round to nearest even
+        # first, so the emulated kernel rounds exactly where and how the GPU kernel does.
+        emulate_bf16 = INTERPRET and q.dtype == torch.bfloat16
         if mask is None:
             mask_arg, mask_strides = q, (0, 0, 0, 0)  # never read: HAS_MASK=False
         else:
@@ -234,8 +238,8 @@ if triton is not None:
             q, k, v, mask_arg, out,
             *q.stride(), *k.stride(), *v.stride(), *mask_strides, *out.stride(),
             h, tq, tk, d, scale * _LOG2E,
-            HAS_MASK=mask is not None, IEEE_DOT=q.dtype == torch.float32 or upcast,
-            UPCAST_DOT=upcast,
+            HAS_MASK=mask is not None, IEEE_DOT=q.dtype == torch.float32 or emulate_bf16,
+            EMULATE_BF16=emulate_bf16,
             BLOCK_D=max(16, next_power_of_2(d)),
         )
         return out

@@ -99,3 +99,18 @@ def launcher(kernel):
 def next_power_of_2(n: int) -> int:
     """Smallest power of two >= n (n >= 1)."""
     return 1 << (max(int(n), 1) - 1).bit_length()
+
+
+if triton is not None:
+
+    @triton.jit
+    def round_bf16_rtne(x):
+        """fp32 -> fp32 holding x rounded to the nearest-even bf16 value.
+
+        GPUs round fp32 -> bf16 casts to nearest even; Triton's interpreter truncates them. The
+        kernels apply this before a bf16 cast under the interpreter only (flag EMULATE_BF16), so
+        the emulated rounding is the GPU's and the tests' error budget means the same thing.
+        """
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)

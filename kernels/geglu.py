@@ -25,7 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .availability import (KERNEL_DTYPES, INTERPRET, device_reason, launcher, next_power_of_2,
-                           register_op, require_triton, tl, triton)
+                           register_op, require_triton, round_bf16_rtne, tl, triton)
 
 
 def geglu_ref(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -59,11 +59,16 @@ if triton is not None:
         max_d = max(16, next_power_of_2(named_args["half"]))
         max_m = max(1, next_power_of_2(named_args["rows"]))
         kept = [c for c in configs if c.kwargs["BLOCK_D"] <= max_d and c.kwargs["BLOCK_M"] <= max_m]
-        return kept or [min(configs, key=lambda c: c.kwargs["BLOCK_M"] * c.kwargs["BLOCK_D"])]
+
+        def padded(c):  # elements a block covers, padding included, for this problem
+            return max(c.kwargs["BLOCK_M"], max_m) * max(c.kwargs["BLOCK_D"], max_d)
+
+        return kept or [min(configs, key=padded)]
 
     CUDA_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_D": d}, num_warps=w)
                     for m, d, w in [(1, 1024, 4), (2, 1024, 4), (4, 512, 4), (8, 256, 4), (8, 512, 8),
-                                    (16, 256, 8), (16, 128, 4), (32, 128, 8), (64, 64, 8), (16, 64, 4)]]
+                                    (16, 256, 8), (16, 128, 4), (32, 128, 8), (64, 64, 8), (16, 64, 4),
+                                    (4, 64, 2), (1, 128, 2)]]
     INTERPRETER_CONFIGS = [triton.Config({"BLOCK_M": 16, "BLOCK_D": 64})]
     _CONFIGS = INTERPRETER_CONFIGS if INTERPRET else CUDA_CONFIGS
 
@@ -71,7 +76,7 @@ if triton is not None:
                      prune_configs_by={"early_config_prune": _prune_configs})
     @triton.jit
     def _geglu_kernel(Proj, Out, stride_pm, stride_om, rows, half,
-                      BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+                      EMULATE_BF16: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
         offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
         ok = (offs_m < rows)[:, None] & (offs_d < half)[None, :]
@@ -80,7 +85,10 @@ if triton is not None:
         gate = tl.load(row + half, mask=ok, other=0.0).to(tl.float32)
         gelu = 0.5 * gate * (1.0 + tl.math.erf(gate * 0.7071067811865476))  # exact GELU: x Phi(x)
         out = Out + offs_m.to(tl.int64)[:, None] * stride_om + offs_d[None, :]
-        tl.store(out, (value * gelu).to(Out.dtype.element_ty), mask=ok)
+        y = value * gelu
+        if EMULATE_BF16:  # interpreter only: round to nearest even as the GPU does (it truncates)
+            y = round_bf16_rtne(y)
+        tl.store(out, y.to(Out.dtype.element_ty), mask=ok)
 
     def _geglu_impl(proj: torch.Tensor) -> torch.Tensor:
         half = proj.shape[-1] // 2
@@ -92,7 +100,8 @@ if triton is not None:
         def grid(meta):
             return (triton.cdiv(rows, meta["BLOCK_M"]), triton.cdiv(half, meta["BLOCK_D"]))
 
-        launcher(_geglu_kernel)[grid](proj2, out2, proj2.stride(0), out2.stride(0), rows, half)
+        launcher(_geglu_kernel)[grid](proj2, out2, proj2.stride(0), out2.stride(0), rows, half,
+                                      EMULATE_BF16=INTERPRET and proj.dtype == torch.bfloat16)
         return out
 
     def _geglu_fake(proj):

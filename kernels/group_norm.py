@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from .availability import (KERNEL_DTYPES, INTERPRET, device_reason, launcher, next_power_of_2,
-                           register_op, require_triton, tl, triton)
+                           register_op, require_triton, round_bf16_rtne, tl, triton)
 
 MAX_CHANNELS_PER_GROUP = 1024
 MAX_SPLIT = 64  # partials per group; the normalise kernel merges them in one vector
@@ -153,7 +153,7 @@ if triton is not None:
         X, Y, W, B, Partial,
         stride_xn, stride_xc, stride_xs, stride_yn, stride_yc, stride_ys,
         HW, cpg, num_groups, split, eps,
-        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr,
+        HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, EMULATE_BF16: tl.constexpr,
         SPLIT_P2: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr,
     ):
         pid_ng = tl.program_id(0)
@@ -189,6 +189,8 @@ if triton is not None:
         y = x * a[None, :] + shift[None, :]
         if SILU:
             y = y * tl.sigmoid(y)
+        if EMULATE_BF16:  # interpreter only: round to nearest even as the GPU does (it truncates)
+            y = round_bf16_rtne(y)
         tl.store(Y + n * stride_yn + offs_s[:, None] * stride_ys + channel[None, :] * stride_yc,
                  y.to(Y.dtype.element_ty), mask=ok)
 
@@ -218,6 +220,7 @@ if triton is not None:
             x3.stride(0), x3.stride(1), x3.stride(2), y3.stride(0), y3.stride(1), y3.stride(2),
             hw, cpg, num_groups, split, eps,
             HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SILU=silu,
+            EMULATE_BF16=INTERPRET and x.dtype == torch.bfloat16,
             SPLIT_P2=max(2, next_power_of_2(split)), BLOCK_C=block_c,
         )
         return y

@@ -20,6 +20,8 @@ from .pipelines import (  # noqa: F401
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
     StableDiffusionPipelineOutput,
+    StableDiffusionXLImg2ImgPipeline,
+    StableDiffusionXLInpaintPipeline,
     StableDiffusionXLPipeline,
 )
 from .schedulers import SCHEDULER_CLASSES, SchedulerMixin  # noqa: F401

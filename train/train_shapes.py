@@ -9,8 +9,9 @@ Writes a diffusers-layout StableDiffusionPipeline folder from our own model clas
      classifier-free guidance, AdamW, warm-up + cosine LR, EMA weights (what is saved);
   5. evaluation: our StableDiffusionPipeline, DDIM 20 steps, scorer adherence on held-out prompts.
 
-Real run (about 2 hours on 2 cores):  python3 train/train_shapes.py --minutes 115 --out <folder>
-Smoke run:  python3 train/train_shapes.py --minutes 1 --pool 256 --eval-prompts 8 --out /tmp/shapes-smoke
+Real run (about 2 hours on 2 cores):  python3 train/train_shapes.py --minutes 110 --out <folder>
+Smoke run:  python3 train/train_shapes.py --vae-steps 2 --unet-steps 2 --batch-size 8 --pool 64 \
+                --eval-prompts 8 --out /tmp/shapes-smoke
 With --vae-steps/--unet-steps the run is reproducible from --seed; with time budgets only, the
 step counts derived from a timing calibration are printed and logged so the run can be repeated.
 """
@@ -276,7 +277,8 @@ def evaluate(pipe, prompts: list[str], guidance: float, steps: int, seed: int, b
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", required=True, help="folder to write (diffusers layout)")
-    p.add_argument("--minutes", type=float, default=115.0, help="wall budget for both training stages")
+    p.add_argument("--minutes", type=float, default=110.0,
+                   help="wall budget for rendering and both training stages (evaluation adds ~5 min)")
     p.add_argument("--vae-fraction", type=float, default=0.15, help="share of the budget for the VAE")
     p.add_argument("--vae-steps", type=int, default=0, help="fixed VAE steps (0: fit the budget)")
     p.add_argument("--unet-steps", type=int, default=0, help="fixed UNet steps (0: fit the budget)")
@@ -291,12 +293,18 @@ def main(argv=None) -> None:
     p.add_argument("--eval-prompts", type=int, default=200)
     p.add_argument("--guidance", type=float, default=5.0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--eval-only", action="store_true", help="only evaluate the folder at --out")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out, work = Path(args.out), Path(str(args.out).rstrip("/") + ".work")
     work.mkdir(parents=True, exist_ok=True)
+    if args.eval_only:
+        report = {"args": vars(args)}
+        evaluate_folder(out, work, args, report)
+        (work / f"eval_cfg{args.guidance:g}.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+        return
     t0 = time.perf_counter()
     report: dict = {"args": vars(args)}
 
@@ -328,9 +336,10 @@ def main(argv=None) -> None:
     vae.load_state_dict(trained)
     log(f"latents {tuple(mean.shape[1:])}, std {mean.std():.3f} -> scaling_factor {args.scaling_factor:.4f}")
     report["scaling_factor"] = args.scaling_factor
-    report["vae_reconstruction_adherence"] = vae_ceiling(vae, args.eval_prompts, args.seed)
-    log(f"VAE reconstructions, held-out images (the ceiling for generation): "
-        f"{json.dumps({k: round(v, 3) for k, v in report['vae_reconstruction_adherence'].items()})}")
+    if args.eval_prompts > 0:
+        report["vae_reconstruction_adherence"] = ceiling = vae_ceiling(vae, args.eval_prompts, args.seed)
+        log(f"VAE reconstructions, held-out images (the ceiling for generation): "
+            f"{json.dumps({k: round(v, 3) for k, v in ceiling.items()})}")
     del images
 
     log("stage 2: text encoder + UNet")
@@ -349,6 +358,14 @@ def main(argv=None) -> None:
     report["folder_mib"] = size / 2**20
     log(f"saved {out} ({size / 2**20:.1f} MiB)")
 
+    if args.eval_prompts > 0:
+        evaluate_folder(out, work, args, report)
+    (work / "train_log.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; log in {work / 'train_log.json'}")
+
+
+def evaluate_folder(out: Path, work: Path, args, report: dict) -> None:
+    """Reload the written folder with our pipeline and score held-out and training prompts."""
     log("evaluation: DDIM 20 steps on held-out prompts")
     pipe = StableDiffusionPipeline.from_pretrained(out)  # what ships, reloaded
     pipe.set_progress_bar_config(disable=True)
@@ -358,10 +375,9 @@ def main(argv=None) -> None:
     report["adherence_held_out"], report["adherence_training"] = held, seen
     log(f"held-out adherence: {json.dumps({k: round(v, 3) for k, v in held.items()})}")
     log(f"training-prompt adherence: {json.dumps({k: round(v, 3) for k, v in seen.items()})}")
-    grid = np.concatenate([np.concatenate(list(imgs[r * 8:(r + 1) * 8]), axis=1) for r in range(len(imgs) // 8)])
-    shapes.to_pil(grid).save(work / "held_out_samples.png") if len(imgs) >= 8 else None
-    (work / "train_log.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    log(f"done in {(time.perf_counter() - t0) / 60:.1f} min; log in {work / 'train_log.json'}")
+    if len(imgs) >= 8:  # rows of 8 held-out samples, for a look by eye
+        rows = [np.concatenate(list(imgs[r * 8:(r + 1) * 8]), axis=1) for r in range(len(imgs) // 8)]
+        shapes.to_pil(np.concatenate(rows)).save(work / f"held_out_samples_cfg{args.guidance:g}.png")
 
 
 if __name__ == "__main__":

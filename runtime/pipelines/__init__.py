@@ -7,6 +7,7 @@ from .inpaint import StableDiffusionInpaintPipeline
 from .noise import seeded_randn
 from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
 from .sdxl import StableDiffusionXLPipeline
+from .sdxl_tasks import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from .stable_diffusion import StableDiffusionPipeline
 
 # _class_name in model_index.json -> class (DiffusionPipeline.from_pretrained picks from here)
@@ -17,6 +18,8 @@ PIPELINE_CLASSES: dict[str, type] = {
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
         StableDiffusionXLPipeline,
+        StableDiffusionXLImg2ImgPipeline,
+        StableDiffusionXLInpaintPipeline,
         DDPMPipeline,
     )
 }
@@ -33,6 +36,8 @@ __all__ = [
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
     "StableDiffusionPipelineOutput",
+    "StableDiffusionXLImg2ImgPipeline",
+    "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
     "seeded_randn",
 ]

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from models.errors import InputError
-from runtime.image_io import preprocess_image
+from runtime.image_io import image_size, preprocess_image
 
 from .checks import check_strength
 from .noise import seeded_randn
@@ -39,13 +39,21 @@ def repeat_to_batch(latents: torch.Tensor, batch: int, what: str) -> torch.Tenso
 class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
     """(prompt, image, strength) -> image; as diffusers' StableDiffusionImg2ImgPipeline."""
 
+    use_latent_stats = False  # SDXL's image-to-image normalizes encoded latents by the VAE's latents_mean/std
+
     def _check_task(self, args) -> None:
         if args.get("image") is None:
             raise InputError("image is required for image-to-image")
         check_strength(args["strength"])
 
     def _task_size(self, height, width, args):
-        return None, None  # the image decides; checked after preprocessing
+        """The image decides: its size rounded down to the VAE factor (latents: times the factor)."""
+        image, factor = args["image"], self.vae_scale_factor
+        first = image[0] if isinstance(image, (list, tuple)) else image
+        if isinstance(first, torch.Tensor) and first.shape[-3] == self.vae.config.latent_channels:
+            return first.shape[-2] * factor, first.shape[-1] * factor
+        h, w = image_size(image)
+        return h - h % factor, w - w % factor
 
     def _prepare_latents(self, call: GenerationCall, latents, timesteps):
         image = preprocess_image(call.args["image"], factor=self.vae_scale_factor,
@@ -58,7 +66,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
             image = image.to(device=call.device, dtype=call.dtype)
             if isinstance(call.generator, list):
                 image = repeat_to_batch(image, call.total, "image")
-            init = encode_image(self, self.vae, image, call.generator).to(call.dtype)
+            init = encode_image(self, self.vae, image, call.generator, self.use_latent_stats).to(call.dtype)
         init = repeat_to_batch(init, call.total, "image")
         noise = seeded_randn(init.shape, call.generator, device=call.device, dtype=call.dtype)
         call.state["latents"] = call.scheduler.add_noise(init, noise, start)

@@ -147,9 +147,16 @@ class StableDiffusionBase(DiffusionPipeline):
         call.state["prompt_embeds"] = torch.cat([negative, positive]) if call.do_cfg else positive
 
     def _unet_kwargs(self, call: GenerationCall) -> Callable[[dict], dict]:
+        """The UNet's conditioning arguments for one step, read from the (callback-editable) state."""
         timestep_cond = call.state.get("timestep_cond")
-        return lambda state: {"encoder_hidden_states": state["prompt_embeds"], "timestep_cond": timestep_cond} \
-            if timestep_cond is not None else {"encoder_hidden_states": state["prompt_embeds"]}
+
+        def kwargs(state: dict) -> dict:
+            out = {"encoder_hidden_states": state["prompt_embeds"]}
+            if timestep_cond is not None:
+                out["timestep_cond"] = timestep_cond
+            return out
+
+        return kwargs
 
     # ---- the call ---------------------------------------------------------------------
     @torch.no_grad()

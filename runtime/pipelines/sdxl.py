@@ -42,7 +42,7 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
         pooled, negative_pooled = extra.get("pooled_prompt_embeds"), extra.get("negative_pooled_prompt_embeds")
         pairs = self._encoders()
         if prompt_embeds is None:
-            texts = [as_list(prompt, batch), as_list(extra.get("prompt_2") or prompt, batch)][-len(pairs):]
+            texts = [as_list(prompt, batch), as_list(extra.get("prompt_2") or prompt, batch)][: len(pairs)]
             parts = []
             for text, (tokenizer, encoder) in zip(texts, pairs):
                 hidden, pool = _hidden(encoder, tokenize(tokenizer, text), clip_skip)
@@ -59,7 +59,7 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
             negative = negative_prompt or ""
             negatives = [as_list(negative, batch), as_list(extra.get("negative_prompt_2") or negative, batch)]
             parts = []
-            for text, (tokenizer, encoder) in zip(negatives[-len(pairs):], pairs):
+            for text, (tokenizer, encoder) in zip(negatives[: len(pairs)], pairs):
                 ids = tokenize(tokenizer, text, max_length=prompt_embeds.shape[1], warn=False)
                 hidden, pool = _hidden(encoder, ids, None)
                 negative_pooled = pool if negative_pooled is None and pool is not None else negative_pooled

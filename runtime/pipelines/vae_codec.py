@@ -28,7 +28,7 @@ def working_vae(pipe, vae):
         return vae
     with _UPCAST_LOCK:  # why: concurrent calls must not cast the shared module in place
         cached = pipe.__dict__.get("_fp32_vae")
-        if cached is None or cached[0] is not vae:
+        if cached is None or cached[0] is not vae or cached[1].device != vae.device:
             cached = (vae, copy.deepcopy(vae).to(torch.float32))
             pipe.__dict__["_fp32_vae"] = cached
     return cached[1]
@@ -43,7 +43,7 @@ def _sample(dist, generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def encode_image(pipe, vae, image: torch.Tensor, generator) -> torch.Tensor:
+def encode_image(pipe, vae, image: torch.Tensor, generator, latent_stats: bool = False) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); sample i uses generator i."""
     model = working_vae(pipe, vae)
     image = image.to(device=model.device, dtype=model.dtype)
@@ -52,7 +52,14 @@ def encode_image(pipe, vae, image: torch.Tensor, generator) -> torch.Tensor:
         latents = torch.cat(parts, dim=0)
     else:
         latents = _sample(model.encode(image).latent_dist, generator)
-    return (vae.config.scaling_factor * latents).float()  # latents live in fp32 (the loop's dtype rule)
+    latents = latents.float()  # latents live in fp32 (the loop's dtype rule)
+    mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
+    if latent_stats and mean is not None and std is not None:
+        shape = (1, len(mean), 1, 1)
+        mean_t = torch.tensor(mean, device=latents.device).view(shape)
+        std_t = torch.tensor(std, device=latents.device).view(shape)
+        return (latents - mean_t) * vae.config.scaling_factor / std_t
+    return vae.config.scaling_factor * latents
 
 
 @torch.no_grad()

@@ -30,20 +30,20 @@ def main() -> None:
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 80
     ptrs = {p: "*bf16" for p in ("Q", "K", "V", "Mask", "Out")}
     _compile(attention._attention_fwd_kernel, ptrs, {"qk_scale": "fp32"},
-             {"HAS_MASK": True, "IEEE_DOT": False, "UPCAST_DOT": False, "BLOCK_D": 64,
+             {"HAS_MASK": True, "IEEE_DOT": False, "EMULATE_BF16": False, "BLOCK_D": 64,
               "BLOCK_M": 128, "BLOCK_N": 64}, arch, num_warps=4, num_stages=3)
     ptrs = {p: "*fp32" for p in ("Q", "K", "V", "Mask", "Out")}  # head_dim 160 -> BLOCK_D 256, IEEE fp32
     _compile(attention._attention_fwd_kernel, ptrs, {"qk_scale": "fp32"},
-             {"HAS_MASK": False, "IEEE_DOT": True, "UPCAST_DOT": False, "BLOCK_D": 256,
+             {"HAS_MASK": False, "IEEE_DOT": True, "EMULATE_BF16": False, "BLOCK_D": 256,
               "BLOCK_M": 64, "BLOCK_N": 32}, arch, num_warps=4, num_stages=2)
     _compile(group_norm._group_norm_stats_kernel, {"X": "*fp16", "Partial": "*fp32"}, {},
              {"BLOCK_C": 16, "BLOCK_S": 256}, arch, num_warps=4)
     _compile(group_norm._group_norm_apply_kernel,
              {"X": "*fp16", "Y": "*fp16", "W": "*fp32", "B": "*fp32", "Partial": "*fp32"}, {"eps": "fp32"},
-             {"HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True, "SPLIT_P2": 8, "BLOCK_C": 16,
+             {"HAS_WEIGHT": True, "HAS_BIAS": True, "SILU": True, "EMULATE_BF16": False, "SPLIT_P2": 8, "BLOCK_C": 16,
               "BLOCK_S": 256}, arch, num_warps=4)
     _compile(geglu._geglu_kernel, {"Proj": "*bf16", "Out": "*bf16"}, {},
-             {"BLOCK_M": 8, "BLOCK_D": 256}, arch, num_warps=4)
+             {"EMULATE_BF16": False, "BLOCK_M": 8, "BLOCK_D": 256}, arch, num_warps=4)
 
 
 if __name__ == "__main__":

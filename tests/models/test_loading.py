@@ -220,3 +220,18 @@ def test_unrecoverable_meta_buffer_is_an_error_naming_it():
         empty = ToyModel(width=4)
     with pytest.raises(CheckpointError, match="positions"):
         load_weights(empty, state, source="ckpt.safetensors", rebuild=None)
+
+
+def test_skip_init_on_meta_changes_nothing_for_real_tensors():
+    from models.meta_build import skip_init_on_meta
+
+    original = nn.init.kaiming_uniform_
+    torch.manual_seed(3)
+    reference = nn.Linear(5, 4).weight.detach().clone()
+    with skip_init_on_meta():
+        assert nn.init.kaiming_uniform_ is not original
+        torch.manual_seed(3)
+        assert torch.equal(nn.Linear(5, 4).weight, reference)
+        meta = torch.empty(3, 3, device="meta")
+        assert nn.init.normal_(meta) is meta
+    assert nn.init.kaiming_uniform_ is original

@@ -135,6 +135,26 @@ def build_sdxl(root: Path, name: str = "sdxl") -> Path:
     return folder
 
 
+def build_sdxl_refiner(root: Path, name: str = "sdxl_refiner") -> Path:
+    """SDXL-refiner layout: one (projection) text encoder and aesthetic-score conditioning."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLImg2ImgPipeline
+
+    tokenizer_2 = _tokenizer(root, name + "_2", pad_token="!")
+    unet = _unet(
+        seed=10, addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=72,
+        cross_attention_dim=32, use_linear_projection=True,
+    )
+    scheduler = EulerDiscreteScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                                       timestep_spacing="leading", steps_offset=1)
+    pipe = StableDiffusionXLImg2ImgPipeline(
+        vae=_vae(), text_encoder=None, text_encoder_2=_text_encoder(tokenizer_2, True, seed=11), tokenizer=None,
+        tokenizer_2=tokenizer_2, unet=unet, scheduler=scheduler, requires_aesthetics_score=True,
+    )
+    folder = root / name
+    pipe.save_pretrained(str(folder))
+    return folder
+
+
 def build_ddpm(root: Path, name: str = "ddpm") -> Path:
     from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
 

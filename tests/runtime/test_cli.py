@@ -49,22 +49,32 @@ def test_info_lists_components(sd_folder):
         assert name in result.stdout
 
 
+def test_missing_folder_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
+    result = cli("generate", "/no/such/folder", "--prompt", "x", "--output", str(tmp_path / "o.png"))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["diffusion-runtime generate: error: checkpoint folder not found: /no/such/folder"]
+
+
 @pytest.mark.parametrize(
     "args,message",
     [
-        (("generate", "/no/such/folder", "--prompt", "x"), "/no/such/folder"),
         (("info", "/no/such/folder"), "/no/such/folder"),
         (("generate", "--prompt", "x"), "no model given"),
         (("generate", "{sd}", "--prompt", "x", "--height", "15", "--steps", "1"), "height=15"),
         (("generate", "{sd}", "--prompt", "x", "--scheduler", "Nope"), "unknown scheduler 'Nope'"),
         (("generate", "{sd}", "--prompt", "x", "--steps", "0"), "num_inference_steps"),
+        (("generate", "{sd}", "--prompt", "x", "--output", "/no/dir/x.png"), "/no/dir does not exist"),
     ],
-    ids=["missing-folder", "info-missing-folder", "no-model", "bad-size", "bad-scheduler", "zero-steps"],
+    ids=["info-missing-folder", "no-model", "bad-size", "bad-scheduler", "zero-steps", "bad-output"],
 )
-def test_user_mistakes_are_one_line_without_traceback(sd_folder, tmp_path, args, message):
-    args = [a.replace("{sd}", str(sd_folder)) for a in args] + (["--output", str(tmp_path / "o.png")] if args[0] == "generate" else [])
-    result = cli(*args)
-    assert result.returncode != 0
-    assert "Traceback" not in result.stderr
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    assert len(lines) == 1 and message in lines[0], result.stderr
+def test_user_mistakes_are_one_line(sd_folder, tmp_path, capsys, args, message):
+    from runtime.cli import main
+
+    args = [a.replace("{sd}", str(sd_folder)) for a in args]
+    if args[0] == "generate" and "--output" not in args:
+        args += ["--output", str(tmp_path / "o.png"), "--quiet"]
+    assert main(args) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(lines) == 1 and message in lines[0], lines

@@ -157,3 +157,24 @@ def test_progress_bar_can_be_disabled(pipes, capsys):
     pipe.set_progress_bar_config(disable=True)
     pipe(PROMPT, num_inference_steps=2, output_type="latent")
     assert "2/2" not in capsys.readouterr().err
+
+
+def test_guidance_embedded_unet_with_lcm_scheduler(pipes, tmp_path):
+    """LCM-style UNets (time_cond_proj_dim) get guidance as an embedding, with no CFG batch."""
+    import diffusers
+    from pipeline_fixtures import _unet
+
+    _unet(seed=9, time_cond_proj_dim=32).save_pretrained(str(tmp_path / "unet"))
+    ours, ref = pipes
+    mine = runtime.StableDiffusionPipeline.from_pipe(
+        ours, unet=runtime.UNet2DConditionModel.from_pretrained(tmp_path / "unet"),
+        scheduler=runtime.LCMScheduler.from_config(ours.scheduler.config))
+    theirs = diffusers.StableDiffusionPipeline.from_pipe(
+        ref, unet=diffusers.UNet2DConditionModel.from_pretrained(str(tmp_path / "unet")),
+        scheduler=diffusers.LCMScheduler.from_config(ref.scheduler.config))
+    for p in (mine, theirs):
+        p.set_progress_bar_config(disable=True)
+    a, b = both(mine, theirs, prompt=PROMPT, num_inference_steps=3, guidance_scale=4.0, output_type="latent")
+    assert max_diff(a, b) <= TOL
+    c = mine(PROMPT, num_inference_steps=3, guidance_scale=8.0, generator=generator(), output_type="latent").images
+    assert max_diff(a, c) > 1e-4  # the guidance embedding is really fed to the UNet
