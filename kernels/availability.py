@@ -114,3 +114,5 @@ if triton is not None:
         bits = x.to(tl.uint32, bitcast=True)
         bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
         return bits.to(tl.float32, bitcast=True)
+else:
+    round_bf16_rtne = None

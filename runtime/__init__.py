@@ -27,7 +27,7 @@ from .pipelines import (  # noqa: F401
 from .schedulers import SCHEDULER_CLASSES, SchedulerMixin  # noqa: F401
 from .schedulers import *  # noqa: F401,F403  (every scheduler class by its diffusers name)
 
-# ---- optimize(): added by the optimization issue (runtime -> optim); import it here -------------
+from optim import optimize  # noqa: F401,E402  (runtime -> optim -> models)
 
 # Model classes live in ``models``; imported on first use so ``import runtime`` stays light.
 _MODEL_CLASSES = {

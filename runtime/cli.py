@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import struct
 import sys
 import time
@@ -129,7 +130,8 @@ def info(args: argparse.Namespace) -> int:
     from runtime.pipelines import PIPELINE_CLASSES
     from runtime.pipelines.registry import UNSUPPORTED_OPTIONAL, model_class
 
-    root = resolve_folder(_resolve_model(args.model))
+    # configs only: a hub id is not downloaded in full; sizes show where weights are already local
+    root = resolve_folder(_resolve_model(args.model), allow_patterns=["*.json", "*.txt"])
     index = read_json(root / "model_index.json") if (root / "model_index.json").is_file() else None
     if index is None:
         raise InputError(f"{root}: no model_index.json, so this is not a diffusers pipeline folder")
@@ -190,6 +192,9 @@ def main(argv: list[str] | None = None) -> int:
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         print(f"diffusion-runtime {args.command}: error: {message}", file=sys.stderr)
         return EXIT_USER_ERROR
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        sys.stdout = open(os.devnull, "w")
+        return 0
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -53,14 +53,12 @@ def _pil_batch(images: list[PIL.Image.Image], height: int, width: int, grayscale
     return torch.from_numpy(batch.transpose(0, 3, 1, 2))  # (B, C, H, W)
 
 
-def _array_batch(images: list[np.ndarray], grayscale: bool) -> torch.Tensor:
+def _array_batch(images: list[np.ndarray]) -> torch.Tensor:
     if images[0].ndim == 4:
         batch = np.concatenate(images, axis=0)
     else:
         batch = np.stack(images, axis=0)
-    if grayscale and batch.ndim == 3:  # (B, H, W) masks
-        batch = batch[..., None]
-    if batch.ndim == 3:
+    if batch.ndim == 3:  # (B, H, W) single-channel images and masks -> (B, H, W, 1)
         batch = batch[..., None]
     return torch.from_numpy(np.ascontiguousarray(batch.transpose(0, 3, 1, 2))).float()  # (B, C, H, W)
 
@@ -88,7 +86,7 @@ def to_batch(image, height=None, width=None, *, factor: int = 8, grayscale: bool
     if isinstance(items[0], PIL.Image.Image):
         return _pil_batch(items, height, width, grayscale)
     if isinstance(items[0], np.ndarray):
-        batch = _array_batch(items, grayscale)
+        batch = _array_batch(items)
     elif isinstance(items[0], torch.Tensor):
         batch = _tensor_batch(items, grayscale)
         if latent_channels is not None and batch.shape[1] == latent_channels and not grayscale:
@@ -149,7 +147,3 @@ def postprocess(images: torch.Tensor, output_type: str = "pil"):
         return array
     return numpy_to_pil(array)
 
-
-def pil_to_tensor(image: PIL.Image.Image) -> torch.Tensor:
-    """A PIL image -> (1, C, H, W) float tensor in [0, 1]."""
-    return _pil_batch([image], image.height, image.width, grayscale=False)

@@ -4,7 +4,6 @@ from .base import DiffusionPipeline
 from .ddpm import DDPMPipeline
 from .img2img import StableDiffusionImg2ImgPipeline
 from .inpaint import StableDiffusionInpaintPipeline
-from .noise import seeded_randn
 from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
 from .sdxl import StableDiffusionXLPipeline
 from .sdxl_tasks import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
@@ -39,5 +38,4 @@ __all__ = [
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
-    "seeded_randn",
 ]

@@ -3,13 +3,13 @@ from __future__ import annotations
 
 import torch
 
-from runtime.image_io import OUTPUT_TYPES, postprocess
 from models.errors import InputError
+from models.noise import randn_tensor
+from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline
 from .checks import check_finite, check_generators, check_steps
 from .denoise import denoise, step_kwargs
-from .noise import seeded_randn
 from .output import ImagePipelineOutput
 from .sd_base import fresh_scheduler
 
@@ -36,7 +36,8 @@ class DDPMPipeline(DiffusionPipeline):
         scheduler = fresh_scheduler(self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         # fp32 sample and scheduler math whatever the UNet's dtype (the loop casts at the call)
-        state = {"latents": seeded_randn(shape, generator, device=device, dtype=torch.float32) * scheduler.init_noise_sigma}
+        noise = randn_tensor(shape, generator, device=device, dtype=torch.float32)
+        state = {"latents": noise * scheduler.init_noise_sigma}
         image = denoise(self, scheduler, state, scheduler.timesteps, num_inference_steps, do_cfg=False,
                         extra_step_kwargs=step_kwargs(scheduler, generator, eta),
                         callback_on_step_end=callback_on_step_end,

@@ -4,10 +4,10 @@ from __future__ import annotations
 import torch
 
 from models.errors import InputError
+from models.noise import randn_tensor
 from runtime.image_io import image_size, preprocess_image
 
 from .checks import check_strength
-from .noise import seeded_randn
 from .sd_base import GenerationCall, StableDiffusionBase
 from .vae_codec import encode_image
 
@@ -68,7 +68,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
                 image = repeat_to_batch(image, call.total, "image")
             init = encode_image(self, self.vae, image, call.generator, self.use_latent_stats).to(call.dtype)
         init = repeat_to_batch(init, call.total, "image")
-        noise = seeded_randn(init.shape, call.generator, device=call.device, dtype=call.dtype)
+        noise = randn_tensor(init.shape, call.generator, device=call.device, dtype=call.dtype)
         call.state["latents"] = call.scheduler.add_noise(init, noise, start)
         return timesteps, steps
 

@@ -10,11 +10,11 @@ import torch
 import torch.nn.functional as F
 
 from models.errors import ConfigError, InputError
+from models.noise import randn_tensor
 from runtime.image_io import image_size, preprocess_image, preprocess_mask
 
 from .checks import check_strength
 from .img2img import repeat_to_batch, strength_timesteps
-from .noise import seeded_randn
 from .sd_base import GenerationCall, StableDiffusionBase
 from .vae_codec import encode_image
 
@@ -59,7 +59,7 @@ class StableDiffusionInpaintPipeline(StableDiffusionBase):
             image_latents = image if image.shape[1] == latent_channels else encode_image(self, self.vae, image, call.generator)
             image_latents = image_latents.to(call.dtype).repeat(call.total // image_latents.shape[0], 1, 1, 1)
         if latents is None:
-            noise = seeded_randn(shape, call.generator, device=call.device, dtype=call.dtype)
+            noise = randn_tensor(shape, call.generator, device=call.device, dtype=call.dtype)
             if full_strength:
                 latents = noise * scheduler.init_noise_sigma
             else:

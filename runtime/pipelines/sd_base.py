@@ -17,6 +17,7 @@ from typing import Any, Callable
 import torch
 
 from models.errors import InputError
+from models.noise import randn_tensor
 from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline
@@ -28,7 +29,6 @@ from .checks import (
     prompt_batch_size,
 )
 from .denoise import denoise, step_kwargs
-from .noise import seeded_randn
 from .output import StableDiffusionPipelineOutput
 from .prompts import encode_sd_prompt
 from .vae_codec import decode_latents, vae_scale_factor
@@ -126,7 +126,7 @@ class StableDiffusionBase(DiffusionPipeline):
         channels = self.unet.config.in_channels
         shape = (call.total, channels, call.height // self.vae_scale_factor, call.width // self.vae_scale_factor)
         if latents is None:
-            latents = seeded_randn(shape, call.generator, device=call.device, dtype=call.dtype)
+            latents = randn_tensor(shape, call.generator, device=call.device, dtype=call.dtype)
         else:
             if tuple(latents.shape) != shape:
                 raise InputError(f"latents: expected shape {shape}, got {tuple(latents.shape)}")

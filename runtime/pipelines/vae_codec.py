@@ -7,7 +7,6 @@ import threading
 import torch
 
 from .checks import check_finite
-from .noise import seeded_randn
 
 _UPCAST_LOCK = threading.Lock()
 
@@ -34,24 +33,16 @@ def working_vae(pipe, vae):
     return cached[1]
 
 
-def _sample(dist, generator) -> torch.Tensor:
-    """mean + std * noise, the noise drawn as diffusers' DiagonalGaussianDistribution draws it."""
-    mean, std = getattr(dist, "mean", None), getattr(dist, "std", None)
-    if mean is None or std is None:
-        return dist.sample(generator)
-    return mean + std * seeded_randn(mean.shape, generator, device=mean.device, dtype=mean.dtype)
-
-
 @torch.no_grad()
 def encode_image(pipe, vae, image: torch.Tensor, generator, latent_stats: bool = False) -> torch.Tensor:
     """(B, 3, H, W) in [-1, 1] -> scaled latents (B, C, H/f, W/f); sample i uses generator i."""
     model = working_vae(pipe, vae)
     image = image.to(device=model.device, dtype=model.dtype)
     if isinstance(generator, (list, tuple)) and len(generator) > 1:
-        parts = [_sample(model.encode(image[i : i + 1]).latent_dist, generator[i]) for i in range(image.shape[0])]
+        parts = [model.encode(image[i : i + 1]).latent_dist.sample(generator[i]) for i in range(image.shape[0])]
         latents = torch.cat(parts, dim=0)
     else:
-        latents = _sample(model.encode(image).latent_dist, generator)
+        latents = model.encode(image).latent_dist.sample(generator)
     latents = latents.float()  # latents live in fp32 (the loop's dtype rule)
     mean, std = vae.config.get("latents_mean"), vae.config.get("latents_std")
     if latent_stats and mean is not None and std is not None:

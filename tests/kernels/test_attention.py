@@ -156,19 +156,24 @@ def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
 
 
 # ---- autotune pruning -------------------------------------------------------------------------
-@pytest.mark.parametrize("seq_q, seq_k, head_dim, dtype", [(4096, 77, 40, torch.float16), (20, 20, 64, torch.bfloat16),
-                                                          (1024, 1024, 160, torch.float32), (1, 1, 8, torch.float16)])
-def test_prune_rule_fits_blocks_to_the_problem(seq_q, seq_k, head_dim, dtype):
-    configs = attention_module.CUDA_CONFIGS
+def prune(seq_q, seq_k, head_dim, dtype):
     block_d = max(16, 1 << (head_dim - 1).bit_length())
-    kept = attention_module._prune_configs(configs, {"seq_q": seq_q, "seq_k": seq_k, "Q": torch.empty(0, dtype=dtype)},
-                                           BLOCK_D=block_d)
-    assert kept, "the rule must always leave a config"
-    if seq_k >= 16:
-        assert all(c.kwargs["BLOCK_N"] <= max(16, 1 << (seq_k - 1).bit_length()) for c in kept)
-    if len(kept) > 1 or seq_q >= 16:
-        assert all(c.kwargs["BLOCK_M"] <= max(16, 1 << (seq_q - 1).bit_length()) for c in kept)
-    if seq_k == 77:
-        assert {c.kwargs["BLOCK_N"] for c in kept} == {32, 64, 128}  # nothing past next_pow2(77)
-    if head_dim == 160 and dtype == torch.float32:
-        assert len(kept) < len(configs)  # big fp32 tiles would overflow shared memory
+    named_args = {"seq_q": seq_q, "seq_k": seq_k, "Q": torch.empty(0, dtype=dtype)}
+    return attention_module._prune_configs(attention_module.CUDA_CONFIGS, named_args, BLOCK_D=block_d)
+
+
+def test_prune_rule_fits_blocks_to_the_problem():
+    # 77 text tokens: key blocks up to next_pow2(77) = 128, none larger; any query block.
+    kept = prune(4096, 77, 40, torch.float16)
+    assert {c.kwargs["BLOCK_N"] for c in kept} == {32, 64, 128}
+    assert {c.kwargs["BLOCK_M"] for c in kept} == {16, 32, 64, 128}
+    # 20 tokens each way: blocks of at most 32.
+    kept = prune(20, 20, 64, torch.bfloat16)
+    assert kept and all(c.kwargs["BLOCK_M"] <= 32 and c.kwargs["BLOCK_N"] <= 32 for c in kept)
+    # head_dim 160 in fp32 (BLOCK_D 256, 4-byte elements): only tiles within the shared-memory budget.
+    kept = prune(1024, 1024, 160, torch.float32)
+    assert 0 < len(kept) < len(attention_module.CUDA_CONFIGS)
+    assert all((c.kwargs["BLOCK_M"] + 2 * c.kwargs["BLOCK_N"] * c.num_stages) * 256 * 4
+               <= attention_module.SMEM_BUDGET for c in kept)
+    # Nothing fits a 1-token problem: the rule still leaves the smallest config.
+    assert [(c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]) for c in prune(1, 1, 8, torch.float16)] == [(16, 32)]

@@ -126,3 +126,7 @@ def test_image_io_round_trip():
     assert torch.equal(ours, VaeImageProcessor(vae_scale_factor=2).preprocess(odd))
     ref_mask = VaeImageProcessor(vae_scale_factor=2, do_normalize=False, do_binarize=True, do_convert_grayscale=True)
     assert torch.equal(preprocess_mask(mask.resize((17, 19)), factor=2), ref_mask.preprocess(mask.resize((17, 19))))
+    array = np.asarray(mask).astype(np.float32) / 255.0  # (H, W) in [0, 1]
+    assert torch.equal(preprocess_mask(array, factor=2), ref_mask.preprocess(array))
+    rgb = np.asarray(image).astype(np.float32)[None] / 255.0  # (1, H, W, 3)
+    assert torch.equal(preprocess_image(rgb, factor=2), VaeImageProcessor(vae_scale_factor=2).preprocess(rgb))

@@ -94,3 +94,16 @@ def test_sdxl_refiner_layout_with_aesthetic_score(tmp_path):
     assert diff(a, b) <= TOL
     c = ours(generator=generator(), **{**kwargs, "aesthetic_score": 3.0}).images
     assert diff(a, c) > 1e-4  # the aesthetic score reaches the UNet
+
+
+def test_sdxl_save_pretrained_loads_in_diffusers(base, tmp_path):
+    import diffusers
+
+    ours, _ = base
+    ours.save_pretrained(tmp_path / "saved")
+    ref = diffusers.StableDiffusionXLPipeline.from_pretrained(str(tmp_path / "saved"))
+    for p in (ours, ref):
+        p.set_progress_bar_config(disable=True)
+    a, b = (p(PROMPT, prompt_2="blue!", num_inference_steps=2, generator=generator(), output_type="np").images
+            for p in (ours, ref))
+    assert diff(a, b) <= TOL

@@ -1,0 +1,59 @@
+"""The limit: FLOPs of one UNet step (torch.utils.flop_counter) against this machine's measured matmul peak."""
+from __future__ import annotations
+
+import statistics
+import time
+
+import torch
+
+
+def matmul_gflops(dtype: torch.dtype, size: int = 2048, runs: int = 5) -> float:
+    """Best-of-``runs`` GFLOP/s of a size x size matmul in ``dtype`` (2 n^3 FLOPs), after one warm-up."""
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(size, size, generator=gen).to(dtype)
+    b = torch.randn(size, size, generator=gen).to(dtype)
+    torch.mm(a, b)
+    best = float("inf")
+    for _ in range(runs):
+        start = time.perf_counter()
+        torch.mm(a, b)
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best / 1e9
+
+
+def matmul_peaks(size: int = 2048, runs: int = 5) -> dict[str, float]:
+    """What the suite compares every achieved rate with: fp32 and bf16 matmul GFLOP/s on this machine."""
+    return {"size": size, "fp32_gflops": round(matmul_gflops(torch.float32, size, runs), 1),
+            "bf16_gflops": round(matmul_gflops(torch.bfloat16, size, runs), 1)}
+
+
+def count_flops(fn) -> int:
+    """FLOPs of one call of ``fn`` as torch's flop counter sees them (matmuls, convolutions, attention)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        fn()
+    return int(counter.get_total_flops())
+
+
+def unet_step_flops(unet, sample: torch.Tensor, timestep, encoder_hidden_states: torch.Tensor) -> int:
+    """FLOPs of one UNet call on the given inputs (the batch the pipeline uses, e.g. 2 with guidance)."""
+    return count_flops(lambda: unet(sample, timestep, encoder_hidden_states=encoder_hidden_states))
+
+
+def limit_figures(step_flops: int | None, step_seconds: float | None, peaks: dict | None) -> dict:
+    """Achieved GFLOP/s of a step and its fraction of the fp32 and bf16 matmul peaks.
+
+    For configurations that skip work (DeepCache, ToMe, TGATE) the rate is "effective": the eager
+    step's FLOPs over the faster time, so it can exceed what the hardware does.
+    """
+    if not step_flops or not step_seconds or not peaks:
+        return {"achieved_gflops": None, "fraction_of_fp32_peak": None, "fraction_of_bf16_peak": None}
+    achieved = step_flops / step_seconds / 1e9
+    return {"achieved_gflops": round(achieved, 2),
+            "fraction_of_fp32_peak": round(achieved / peaks["fp32_gflops"], 4),
+            "fraction_of_bf16_peak": round(achieved / peaks["bf16_gflops"], 4)}
+
+
+def median(values: list[float]) -> float | None:
+    return statistics.median(values) if values else None

@@ -1,0 +1,252 @@
+"""optimize() and every pass on a tiny diffusers-built SD pipeline: parity, neutral settings,
+documented bounds, lifecycle (revert bit-exact, twice-safe, skipped with a reason)."""
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import optim
+import runtime
+from models.errors import OptimizationError
+from optim.parity import max_abs, psnr
+
+STEPS = 10
+PROMPT = "a red circle on a blue square"
+EXACT_TOL = 1e-4  # fp32 max-abs on final latents over a 10-step run (issue 4)
+# Settings that make the tiny test UNet (attention only at the 2x-downsampled level) merge tokens.
+TOME_ON = {"max_downsample": 2}
+
+
+def run(pipe, output_type="np", seed=0, steps=STEPS, **kw):
+    out = pipe(PROMPT, num_inference_steps=steps, generator=torch.Generator().manual_seed(seed),
+               output_type=output_type, **kw).images
+    return out
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder, one_thread):
+    p = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
+    p.set_progress_bar_config(disable=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def eager(pipe):
+    return {"np": run(pipe), "latent": run(pipe, "latent")}
+
+
+@pytest.fixture(autouse=True)
+def always_revert(request):
+    yield
+    if "pipe" in request.fixturenames:
+        p = request.getfixturevalue("pipe")
+        if getattr(p, "optimization", None) is not None:
+            p.optimization.revert()
+
+
+def state(pipe):
+    return {f"{name}.{k}": v.clone() for name, m in optim.components.pipeline_models(pipe).items()
+            for k, v in m.state_dict().items()}
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
+
+
+# ---- level 0 and the exact passes ---------------------------------------------------------------
+def test_level0_changes_nothing(pipe, eager):
+    optim.optimize(pipe, level=0)
+    assert pipe.optimization.applied == [] and pipe.optimization.skipped == {}
+    assert np.array_equal(run(pipe), eager["np"])
+
+
+@pytest.mark.parametrize("name, settings, proof", [
+    ("attention", {"backend": "sdpa"}, lambda p: all(a.backend is not None for a in p.unet.attention_modules())),
+    ("fused_qkv", {}, lambda p: all(a.fused in ("qkv", "kv") for a in p.unet.attention_modules())),
+    ("memory_format", {"channels_last": "on"},
+     lambda p: p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
+])
+def test_exact_pass_matches_eager(pipe, eager, name, settings, proof):
+    optim.optimize(pipe, level=0, **{name: settings})
+    assert [p.name for p in pipe.optimization.applied] == [name]
+    assert proof(pipe)
+    assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
+
+
+def test_level1_is_exact(pipe, eager):
+    optim.optimize(pipe, level=1)
+    assert {p.name for p in pipe.optimization.applied} >= {"attention", "fused_qkv"}
+    assert "memory_format" in pipe.optimization.skipped  # measured no faster on CPU: says why
+    assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
+
+
+def test_attention_backend_choice_on_cpu_is_sdpa():
+    from models.attention import sdpa_backend
+    from optim.attention import choose_backend
+
+    backend, why = choose_backend("auto", torch.device("cpu"))
+    assert backend is sdpa_backend and "no CUDA" in why
+    with pytest.raises(OptimizationError, match="needs a CUDA device"):
+        choose_backend("triton", torch.device("cpu"))
+
+
+# ---- precision ----------------------------------------------------------------------------------
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_precision_bf16_within_bound(pipe, eager):
+    before = state(pipe)
+    optim.optimize(pipe, level=0, precision=True)
+    assert pipe.unet.dtype == torch.bfloat16 and pipe.text_encoder.dtype == torch.bfloat16
+    out = run(pipe)
+    assert out.dtype == eager["np"].dtype and np.isfinite(out).all()
+    assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
+    pipe.optimization.revert()
+    assert_same_state(state(pipe), before)
+    assert np.array_equal(run(pipe), eager["np"])
+
+
+def test_precision_skipped_without_native_bf16(pipe, monkeypatch):
+    monkeypatch.setattr(optim.hardware, "cpu_has_native_bf16", lambda: False)
+    optim.optimize(pipe, level=0, precision=True)
+    assert pipe.optimization.applied == []
+    assert "bf16" in pipe.optimization.skipped["precision"]
+
+
+# ---- approximate passes: neutral, bounded, visible --------------------------------------------
+NEUTRAL = {"deepcache": {"interval": 1}, "tome": {"ratio": 0.0, **TOME_ON}, "tgate": {"gate_step": STEPS}}
+DEFAULT = {"deepcache": {}, "tome": TOME_ON, "tgate": {}}
+
+
+@pytest.mark.parametrize("name", sorted(NEUTRAL))
+def test_approximate_neutral_setting_is_exact(pipe, eager, name):
+    optim.optimize(pipe, level=0, **{name: NEUTRAL[name]})
+    assert [p.name for p in pipe.optimization.applied] == [name]
+    assert np.array_equal(run(pipe), eager["np"])
+
+
+@pytest.mark.parametrize("name", sorted(DEFAULT))
+def test_approximate_default_is_bounded_and_changes_output(pipe, eager, name):
+    optim.optimize(pipe, level=0, **{name: DEFAULT[name]})
+    out = run(pipe)
+    floor = optim.PASSES[name].psnr_floor_db
+    assert not np.array_equal(out, eager["np"]), f"{name} at its default setting did not change the output"
+    assert psnr(out, eager["np"]) >= floor
+
+
+def test_tgate_fraction_and_absolute_steps_agree(pipe):
+    optim.optimize(pipe, level=0, tgate={"gate_step": 0.5})
+    by_fraction = run(pipe)
+    optim.optimize(pipe, level=0, tgate={"gate_step": STEPS // 2})
+    assert np.array_equal(run(pipe), by_fraction)
+
+
+@pytest.mark.parametrize("scheduler", ["DPMSolverMultistepScheduler", "HeunDiscreteScheduler", "UniPCMultistepScheduler"])
+def test_deepcache_with_multistep_schedulers(pipe, scheduler):
+    original = pipe.scheduler
+    pipe.scheduler = runtime.SCHEDULER_CLASSES[scheduler].from_config(original.config)
+    try:
+        ref = run(pipe, steps=6)
+        optim.optimize(pipe, level=0, deepcache={"interval": 1})
+        assert np.array_equal(run(pipe, steps=6), ref)
+        optim.optimize(pipe, level=0, deepcache={"interval": 2})
+        out = run(pipe, steps=6)
+        assert not np.array_equal(out, ref) and np.isfinite(out).all()
+    finally:
+        pipe.scheduler = original
+
+
+def test_deepcache_with_img2img(pipe):
+    from pipeline_fixtures import test_image
+
+    img2img = runtime.StableDiffusionImg2ImgPipeline.from_pipe(pipe)
+    image, _ = test_image(size=16)
+    kwargs = dict(image=image, strength=0.8)
+    ref = run(img2img, **kwargs)
+    optim.optimize(img2img, level=0, deepcache={"interval": 1})
+    assert np.array_equal(run(img2img, **kwargs), ref)
+    optim.optimize(img2img, level=0, deepcache={"interval": 3})
+    assert not np.array_equal(run(img2img, **kwargs), ref)
+    img2img.optimization.revert()
+
+
+# ---- lifecycle -------------------------------------------------------------------------------
+ALL_ON = {"attention": {}, "fused_qkv": {}, "memory_format": {"channels_last": "on"}, "precision": {},
+          "tome": TOME_ON, "tgate": {}, "deepcache": {}}
+
+
+@pytest.mark.parametrize("name", sorted(ALL_ON))
+def test_revert_is_bit_exact(pipe, eager, name):
+    before = state(pipe)
+    optim.optimize(pipe, level=0, **{name: ALL_ON[name]})
+    pipe.optimization.revert()
+    assert pipe.optimization is None
+    assert_same_state(state(pipe), before)
+    assert np.array_equal(run(pipe), eager["np"])
+
+
+def test_applying_twice_is_safe_and_reverts_first(pipe, eager):
+    optim.optimize(pipe, level=3, compile=False, **{"tome": TOME_ON})
+    first = run(pipe)
+    optim.optimize(pipe, level=3, compile=False, **{"tome": TOME_ON})
+    assert np.array_equal(run(pipe), first)
+    assert all(getattr(a, "fused", None) for a in pipe.unet.attention_modules())
+    optim.optimize(pipe, level=0)
+    assert np.array_equal(run(pipe), eager["np"])
+
+
+def test_report_says_what_was_done(pipe):
+    optim.optimize(pipe, level=3, compile=False, deepcache={"interval": 2})
+    report = pipe.optimization.as_dict()
+    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0}
+    assert "memory_format" in report["skipped"]
+    text = str(pipe.optimization)
+    assert "applied deepcache(interval=2, branch=0)" in text and "skipped memory_format" in text
+
+
+def test_unsupported_pipeline_is_skipped_with_reason(ddpm_folder, one_thread):
+    pipe = runtime.DDPMPipeline.from_pretrained(str(ddpm_folder))
+    optim.optimize(pipe, level=3, compile=False)
+    skipped = pipe.optimization.skipped
+    assert "cross-attention" in skipped["tgate"]
+    assert "feature_cache" in skipped["deepcache"]
+    assert "token_merge" in skipped["tome"]
+    pipe.optimization.revert()
+
+
+def test_bad_overrides_name_the_valid_choices(pipe):
+    with pytest.raises(OptimizationError, match="unknown pass 'tomee'.*valid passes: .*tome"):
+        optim.optimize(pipe, level=3, tomee=False)
+    with pytest.raises(OptimizationError, match="unknown settings intervals; valid: interval, branch"):
+        optim.optimize(pipe, level=3, deepcache={"intervals": 2})
+    with pytest.raises(OptimizationError, match="level must be one of"):
+        optim.optimize(pipe, level=7)
+    with pytest.raises(OptimizationError, match="ratio must be in"):
+        optim.optimize(pipe, level=0, tome={"ratio": 1.5})
+    assert getattr(pipe, "optimization", None) is None  # nothing was applied
+
+
+def test_runtime_reexports_optimize(pipe):
+    assert runtime.optimize is optim.optimize
+    assert runtime.optimize(pipe, level=0) is pipe
+
+
+def test_level3_concurrent_calls_match_sequential(pipe):
+    optim.optimize(pipe, level=3, compile=False, precision=False, **{"tome": TOME_ON})
+    seeds = [0, 1, 2, 3]
+    sequential = [run(pipe, seed=s, steps=6) for s in seeds]
+    results = [None] * len(seeds)
+
+    def work(i):
+        results[i] = run(pipe, seed=seeds[i], steps=6)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(len(seeds))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for got, want in zip(results, sequential):
+        assert np.array_equal(got, want)
