@@ -57,8 +57,18 @@ def total_memory_gib() -> float | None:
 
 
 def peak_rss_mib() -> float:
-    """This process's peak resident set size so far (Linux reports KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """This process's peak resident set size so far, in MiB.
+
+    VmHWM from /proc first: ``ru_maxrss`` of a child started by fork + exec can report the
+    parent's high-water mark (Linux carries it across the fork), which would hide a small child.
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB; macOS: bytes
 
 
 def library_versions() -> dict[str, str | None]:

@@ -29,6 +29,7 @@ Caveats
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -38,7 +39,7 @@ from .availability import (KERNEL_DTYPES, INTERPRET, device_reason, launcher, ne
 
 MAX_HEAD_DIM = 256
 MAX_GRID_Y = 65535  # CUDA's limit on the grid's second axis, which indexes batch * heads
-SMEM_BUDGET = 96 * 1024  # bytes; fits sm_80/86/89/90 with room for the compiler's own buffers
+SMEM_BUDGET = 96 * 1024  # bytes, when the device does not say: fits every sm_80+ GPU (sm_86/89: 99 KB)
 _LOG2E = 1.4426950408889634
 
 
@@ -106,6 +107,15 @@ def attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     return None
 
 
+@functools.lru_cache(maxsize=None)
+def smem_budget(device: torch.device) -> int:
+    """Shared memory one block may use on ``device`` (opt-in maximum), else SMEM_BUDGET."""
+    if device.type != "cuda":
+        return SMEM_BUDGET
+    props = torch.cuda.get_device_properties(device)
+    return int(getattr(props, "shared_memory_per_block_optin", 0) or SMEM_BUDGET)
+
+
 def _empty_output(q: torch.Tensor) -> torch.Tensor:
     """(B, H, Tq, D) view of a (B, Tq, H, D) buffer: the caller's transpose(1, 2).reshape is then free."""
     b, h, tq, d = q.shape
@@ -119,14 +129,18 @@ if triton is not None:
         seq_q, seq_k = named_args["seq_q"], named_args["seq_k"]
         block_d = kwargs.get("BLOCK_D", named_args.get("BLOCK_D"))
         elem = named_args["Q"].element_size()
+        budget = smem_budget(named_args["Q"].device)
         max_m, max_n = max(16, next_power_of_2(seq_q)), max(16, next_power_of_2(seq_k))
 
-        def smem(c):  # Q tile once, K and V tiles once per pipeline stage
+        def smem(c):
+            # Q tile, plus K and V tiles for each prefetched stage: an upper estimate (Triton 3.9 on
+            # sm_90 allocates less). A config that still does not fit is skipped by the autotuner
+            # (it catches out-of-resource errors); pruning only saves its compile time.
             bm, bn = c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"]
-            return (bm * block_d + 2 * bn * block_d * max(c.num_stages, 1)) * elem
+            return (bm * block_d + 2 * bn * block_d * max(c.num_stages - 1, 1)) * elem
 
         kept = [c for c in configs if c.kwargs["BLOCK_M"] <= max_m and c.kwargs["BLOCK_N"] <= max_n
-                and smem(c) <= SMEM_BUDGET]
+                and smem(c) <= budget]
         return kept or [min(configs, key=smem)]
 
     CUDA_CONFIGS = [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s)

@@ -35,16 +35,16 @@ def unet_and_inputs():
     return model, inputs
 
 
-def run(model, inputs, backend, dtype):
-    model.to(dtype).set_attention_backend(backend)
-    cast = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+def run(model, inputs, backend, dtype, device):
+    model.to(device=device, dtype=dtype).set_attention_backend(backend)
+    cast = {k: v.to(device=device, dtype=dtype if v.is_floating_point() and k != "timestep" else v.dtype)
             for k, v in inputs.items()}
     try:
         with torch.no_grad():
-            return model(**cast).sample
+            return model(**cast).sample.cpu()
     finally:
         model.set_attention_backend(None)
-        model.float()
+        model.to(device="cpu", dtype=torch.float32)
 
 
 def test_unet_with_triton_attention_matches_sdpa(device, unet_and_inputs):
@@ -55,12 +55,12 @@ def test_unet_with_triton_attention_matches_sdpa(device, unet_and_inputs):
         calls.append(tuple(q.shape))
         return triton_backend(q, k, v, mask)
 
-    reference = run(model, inputs, None, torch.float32)
-    out = run(model, inputs, counting_backend, torch.float32)
+    reference = run(model, inputs, None, torch.float32, device)
+    out = run(model, inputs, counting_backend, torch.float32, device)
     assert calls, "the Triton backend was never called"
     assert {shape[-1] for shape in calls} == {8, 16}  # head dims of the tiny config's two widths
     torch.testing.assert_close(out, reference, rtol=1e-4, atol=1e-4)
 
-    out_bf16 = run(model, inputs, triton_backend, torch.bfloat16)
-    sdpa_bf16 = run(model, inputs, None, torch.bfloat16)
+    out_bf16 = run(model, inputs, triton_backend, torch.bfloat16, device)
+    sdpa_bf16 = run(model, inputs, None, torch.bfloat16, device)
     assert_within_budget(out_bf16, sdpa_bf16, reference, "unet bf16")
