@@ -14,6 +14,10 @@ OUR_PASSES = ("attention", "fused_qkv", "memory_format", "precision", "tome", "t
 BASELINE, OURS_EAGER = "diffusers-eager", "ours-eager"
 
 
+class ConfigSkipped(RuntimeError):
+    """The configuration does not apply here (a pass skipped itself); the message says why."""
+
+
 @dataclass(frozen=True)
 class ConfigSpec:
     """One row of the comparison: who runs it and with which settings."""
@@ -109,6 +113,9 @@ class Loader:
             self._shared[impl] = self.load(impl)
         return self._shared[impl]
 
+    def release(self) -> None:
+        self._shared.clear()
+
     def prepare(self, spec: ConfigSpec) -> Prepared:
         """Set a configuration up; raises (ImportError, RuntimeError, ...) where it cannot run."""
         if spec.impl == "diffusers":
@@ -166,7 +173,7 @@ class Loader:
         base.optimization.revert()
         del base.optimization
         if not report["applied"] and spec.kind == "pass":
-            raise RuntimeError(f"pass not applied: {report['skipped'].get(next(iter(spec.settings['overrides'])), '?')}")
+            raise ConfigSkipped(f"pass not applied: {report['skipped'].get(next(iter(spec.settings['overrides'])), '?')}")
 
         def enter():
             optimize(base, level=level, **overrides)

@@ -75,7 +75,7 @@ def library_versions() -> dict[str, str | None]:
     from importlib import metadata
 
     versions = {}
-    for name in ("torch", "diffusers", "transformers", "tomesd", "deepcache", "numpy"):
+    for name in ("torch", "diffusers", "transformers", "accelerate", "tomesd", "deepcache", "tokenizers", "numpy"):
         try:
             versions[name] = metadata.version(name)
         except metadata.PackageNotFoundError:

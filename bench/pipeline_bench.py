@@ -22,7 +22,7 @@ import numpy as np
 import torch
 
 from .ceiling import limit_figures, matmul_peaks, unet_step_flops
-from .configs import BASELINE, OURS_EAGER, ConfigSpec, Loader, Prepared
+from .configs import BASELINE, OURS_EAGER, ConfigSkipped, ConfigSpec, Loader, Prepared
 from .machine import REPO
 from .timing import generate, initial_latents
 
@@ -56,7 +56,7 @@ def _log(msg: str) -> None:
 
 
 def _reason(exc: BaseException) -> str:
-    text = f"{type(exc).__name__}: {exc}".strip()
+    text = str(exc) if isinstance(exc, ConfigSkipped) else f"{type(exc).__name__}: {exc}".strip()
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
@@ -111,7 +111,8 @@ def _probe_figures(settings: BenchSettings, spec: ConfigSpec) -> dict:
     first = _probe(settings, spec, str(cache) if cache else None)
     if "error" in first:
         return {"probe_error": first["error"]}
-    figures = {"peak_rss_mib": round(first["peak_rss_mib"], 1),
+    figures = {"peak_rss_mib": round(first["peak_rss_mib"], 1), "load_s": round(first["load_and_setup_s"], 3),
+               "import_s": round(first["import_s"], 3),
                "first_call_overhead_s": round(first["first_call_s"] - first["second_call_s"], 3),
                "compile_cold_s": None, "compile_warm_s": None}
     if cache is not None:
@@ -213,7 +214,8 @@ def run_benchmark(settings: BenchSettings, specs: list[ConfigSpec]) -> list[dict
         step_flops = _step_flops(loader, settings)
     except Exception as exc:  # noqa: BLE001
         _log(f"FLOP count failed: {_reason(exc)}")
-    del prepared, loader
+    prepared.clear()  # free every pipeline before the probes start their own processes
+    loader.release()
     if settings.probe:
         for spec in specs:
             if rows[spec.name]["status"] == "ok":

@@ -36,26 +36,28 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         "Ratios are against diffusers eager fp32 (higher is faster); parity is of the final image.",
         "",
         "| config | status | end-to-end s | speed-up | UNet step s | UNet speed-up | GFLOP/s (fp32 / bf16 peak) "
-        "| compile cold / warm s | peak RSS MiB | max-abs vs ours eager | PSNR vs ours eager | PSNR vs diffusers eager "
+        "| compile cold / warm s | load s | peak RSS MiB | max-abs vs ours eager | PSNR vs ours eager | PSNR vs diffusers eager "
         "| adherence |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
     ]
     for r in rows:
         f, p = r["figures"], r["parity"]
         if r["status"] != "ok":
-            lines.append(f"| {r['config']} | {r['status']}: {r['reason']} |" + " – |" * 11)
+            lines.append(f"| {r['config']} | {r['status']}: {r['reason']} |" + " – |" * 12)
             continue
         rate = "–"
         if f.get("achieved_gflops") is not None:
-            rate = (f"{f['achieved_gflops']:.0f} ({100 * f['fraction_of_fp32_peak']:.0f}% / "
+            rate = (f"{f['achieved_gflops']:.3g} ({100 * f['fraction_of_fp32_peak']:.0f}% / "
                     f"{100 * f['fraction_of_bf16_peak']:.0f}%)")
         compile_s = "–" if f.get("compile_cold_s") is None else f"{_fmt(f['compile_cold_s'], 1)} / {_fmt(f.get('compile_warm_s'), 1)}"
         lines.append(
             f"| {r['config']} | ok | {_fmt(f.get('end_to_end_s'), 3)} | {_fmt(f.get('speedup_vs_diffusers_eager'), 2, '×')} "
             f"| {_fmt(f.get('unet_step_s'), 4)} | {_fmt(f.get('unet_speedup_vs_diffusers_eager'), 2, '×')} | {rate} "
-            f"| {compile_s} | {_fmt(f.get('peak_rss_mib'), 0)} | {_fmt(p.get('max_abs_vs_ours_eager'), 4)} "
+            f"| {compile_s} | {_fmt(f.get('load_s'), 2)} | {_fmt(f.get('peak_rss_mib'), 0)} | {_fmt(p.get('max_abs_vs_ours_eager'), 4)} "
             f"| {_psnr(p, 'ours_eager')} | {_psnr(p, 'diffusers_eager')} | {_fmt(p.get('adherence'), 2)} |")
-    lines += ["", "GFLOP/s is the eager UNet step's FLOP count over the step time: for configurations that skip "
+    lines += ["", "Load s: from_pretrained of the whole pipeline plus the configuration's set-up, in a fresh "
+              "process after its imports (import_s in the rows); peak RSS and compile cold / warm come "
+              "from fresh processes too.", "GFLOP/s is the eager UNet step's FLOP count over the step time: for configurations that skip "
               "work (DeepCache, ToMe, TGATE) it is an effective rate, not what the hardware did.", ""]
     return "\n".join(lines)
 
@@ -126,12 +128,19 @@ def _plot_pillow(pts, path: Path, title: str) -> None:
         d.text((10, px(xlo, y)[1] - 6), f"{y:.0f}", fill="black")
     x1 = px(1.0, ybot)[0]
     d.line([x1, top_m, x1, h - bottom], fill="grey")
-    d.text((left + 5, px(xlo, ytop)[1] - 14), "identical", fill="grey")
-    for label, x, y in pts:
+    d.text((w - right - 60, px(xlo, ytop)[1] - 14), "identical", fill="grey")
+    placed: list[tuple[float, float, float, float]] = []
+    for label, x, y in sorted(pts, key=lambda p: p[1]):
         cx, cy = px(x, ytop if y is None else y)
         colour = (31, 119, 180) if label.startswith("ours") else (255, 127, 14)
         d.ellipse([cx - 4, cy - 4, cx + 4, cy + 4], fill=colour)
-        d.text((cx + 6, cy - 6), label, fill="black")
+        box = d.textbbox((cx + 6, cy - 6), label)
+        while any(box[0] < b[2] and b[0] < box[2] and box[1] < b[3] and b[1] < box[3] for b in placed):
+            box = (box[0], box[1] + 12, box[2], box[3] + 12)  # stack overlapping labels downwards
+        placed.append(box)
+        if box[1] > cy - 6:  # moved: a leader line back to its point
+            d.line([cx, cy, box[0], box[1] + 5], fill="lightgrey")
+        d.text((box[0], box[1]), label, fill="black")
     img.save(path)
 
 
