@@ -78,7 +78,11 @@ def _adherence(image: np.ndarray, prompt: str) -> float | None:
     except ImportError:
         return None
     pil = Image.fromarray((np.clip(image[0], 0, 1) * 255).round().astype(np.uint8))
-    return float(score(pil, prompt)["overall"])
+    try:
+        return float(score(pil, prompt)["overall"])
+    except ValueError as exc:  # a prompt the shapes grammar cannot parse: no adherence, said why
+        _log(f"adherence not scored: {_reason(exc)}")
+        return None
 
 
 def _probe(settings: BenchSettings, spec: ConfigSpec, cache_dir: str | None) -> dict:

@@ -77,34 +77,11 @@ def _points(rows: list[dict]) -> list[tuple[str, float, float | None]]:
     return pts
 
 
-def _plot_matplotlib(pts, path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    finite = [y for _, _, y in pts if y is not None]
-    top = (max(finite) + 10) if finite else 100.0
-    fig, ax = plt.subplots(figsize=(9, 6))
-    for label, x, y in pts:
-        ax.scatter([x], [top if y is None else y], color="tab:blue" if label.startswith("ours") else "tab:orange")
-        ax.annotate(label, (x, top if y is None else y), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.axvline(1.0, color="grey", lw=0.8)
-    ax.axhline(top, color="grey", lw=0.5, ls=":")
-    ax.text(ax.get_xlim()[0], top, " identical", va="bottom", fontsize=8, color="grey")
-    ax.set_xlabel("speed-up vs diffusers eager fp32 (end to end)")
-    ax.set_ylabel("image PSNR vs diffusers eager (dB)")
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def _plot_pillow(pts, path: Path, title: str) -> None:
-    """The same scatter with Pillow only (matplotlib is optional)."""
+    """Speed-up against PSNR with Pillow only: no plotting dependency, one tested code path."""
     from PIL import Image, ImageDraw
 
-    w, h, left, right, top_m, bottom = 900, 600, 70, 40, 50, 60
+    w, h, left, right, top_m, bottom = 1000, 600, 70, 170, 50, 60  # right margin: room for labels
     img = Image.new("RGB", (w, h), "white")
     d = ImageDraw.Draw(img)
     finite = [y for _, _, y in pts if y is not None]
@@ -125,10 +102,10 @@ def _plot_pillow(pts, path: Path, title: str) -> None:
         x = xlo + frac * (xhi - xlo)
         y = ybot + frac * (ytop - ybot)
         d.text((px(x, ybot)[0] - 10, h - bottom + 5), f"{x:.2f}", fill="black")
-        d.text((10, px(xlo, y)[1] - 6), f"{y:.0f}", fill="black")
+        d.text((10, px(xlo, y)[1] - 6), "same" if frac == 1.0 else f"{y:.0f}", fill="black")
     x1 = px(1.0, ybot)[0]
     d.line([x1, top_m, x1, h - bottom], fill="grey")
-    d.text((w - right - 60, px(xlo, ytop)[1] - 14), "identical", fill="grey")
+    d.text((w - right - 190, px(xlo, ytop)[1] - 14), "top edge: identical images", fill="grey")
     placed: list[tuple[float, float, float, float]] = []
     for label, x, y in sorted(pts, key=lambda p: p[1]):
         cx, cy = px(x, ytop if y is None else y)
@@ -144,15 +121,9 @@ def _plot_pillow(pts, path: Path, title: str) -> None:
     img.save(path)
 
 
-def write_plot(rows: list[dict], path: Path, title: str) -> str:
-    """Speed-up (x) against PSNR (y), one labelled point per configuration; returns the backend used."""
-    pts = _points(rows)
-    try:
-        _plot_matplotlib(pts, path, title)
-        return "matplotlib"
-    except ImportError:
-        _plot_pillow(pts, path, title)
-        return "pillow"
+def write_plot(rows: list[dict], path: Path, title: str) -> None:
+    """Speed-up (x) against PSNR (y), one labelled point per configuration."""
+    _plot_pillow(_points(rows), path, title)
 
 
 def write_results(rows: list[dict], header: dict, out: Path) -> dict[str, Path]:

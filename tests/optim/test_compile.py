@@ -89,3 +89,17 @@ def test_second_process_hits_the_persistent_cache(compiled, sd_folder, cache_dir
     stats = json.loads(done.stdout.strip().splitlines()[-1])
     assert stats.get("fxgraph_cache_hit", 0) > 0
     assert stats.get("fxgraph_cache_miss", 0) == 0, stats
+
+
+def test_level3_composes_with_compile_without_recompiles(compiled, cache_dir):
+    """DeepCache, TGATE and ToMe hooks stay eager; hook-free blocks compile (regional, auto)."""
+    pipe, _ = compiled
+    settings = dict(precision=False, tome={"max_downsample": 2})
+    optim.optimize(pipe, level=3, compile=False, **settings)
+    eager_l3 = {size: run(pipe, size) for size in (16, 24)}
+    optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir)}, **settings)
+    assert "regionally" in pipe.optimization.notes["compile"]
+    assert max_abs(run(pipe, 16), eager_l3[16]) <= TOL  # warm-up: both DeepCache paths run
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        assert max_abs(run(pipe, 16), eager_l3[16]) <= TOL
+        assert max_abs(run(pipe, 24), eager_l3[24]) <= TOL
