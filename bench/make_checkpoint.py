@@ -8,7 +8,8 @@
 - sd15: Stable Diffusion 1.5's architecture with random weights (about 1.07B parameters in all).
 
 Written atomically (a temporary folder, then a rename); a folder already holding the same model,
-seed and library versions is kept as it is.
+seed and library versions is kept as it is; one made here with other settings is rebuilt; any
+other existing folder is left alone unless ``--force``.
 """
 from __future__ import annotations
 
@@ -128,13 +129,13 @@ def build_checkpoint(name: str, out: str | Path, seed: int = 0, force: bool = Fa
     stamp = stamp_for(name, seed)
     if out.exists():
         try:
-            same = json.loads((out / STAMP).read_text()) == json.loads(json.dumps(stamp))
+            found = json.loads((out / STAMP).read_text())
         except (OSError, ValueError):
-            same = False
-        if same and not force:
+            found = None  # not a folder this script made: never replaced without --force
+        if found == json.loads(json.dumps(stamp)) and not force:
             return out
-        if not force:
-            raise SystemExit(f"make_checkpoint: {out} exists and is not the {name} model with seed {seed}; "
+        if found is None and not force:
+            raise SystemExit(f"make_checkpoint: {out} exists and was not made by bench.make_checkpoint; "
                              "pass --force to replace it or choose another --out")
     need = NEEDS_GIB[name]
     if available_gib() < need:

@@ -8,3 +8,5 @@ python3 -m pip install -q -e ".[test]" "torch==2.13.0"
 # open_clip_torch ships OpenAI's real CLIP BPE vocabulary, used by the tokenizer tests; its own
 # dependencies (torchvision, timm) would pull a CUDA torch, and nothing imports it: --no-deps.
 python3 -m pip install -q --no-deps "open-clip-torch==3.3.0"
+# The DeepCache peer of the benchmark suite (works with diffusers 0.42; its pins are old): --no-deps.
+python3 -m pip install -q --no-deps "deepcache==0.1.1"

@@ -42,5 +42,9 @@ def test_tiny_checkpoint_is_seeded_and_kept(tmp_path):
     assert not list(tmp_path.glob(".*tmp*")), "no temporary folder left behind"
     mtime = (a / STAMP).stat().st_mtime_ns
     assert build_checkpoint("tiny", a, seed=0) == a and (a / STAMP).stat().st_mtime_ns == mtime  # kept
-    with pytest.raises(SystemExit, match="seed 1"):
-        build_checkpoint("tiny", a, seed=1)  # a different model in the folder is never overwritten silently
+    build_checkpoint("tiny", a, seed=1)  # made here with other settings: rebuilt
+    assert json.loads((a / STAMP).read_text())["seed"] == 1
+    assert not load_file(str(next((a / "unet").glob("*.safetensors"))))["conv_in.weight"].equal(wa["conv_in.weight"])
+    (tmp_path / "user").mkdir()
+    with pytest.raises(SystemExit, match="not made by bench.make_checkpoint"):
+        build_checkpoint("tiny", tmp_path / "user", seed=0)  # someone else's folder is never overwritten
