@@ -33,6 +33,7 @@ from .components import pipeline_device, pipeline_models
 
 DEFAULT_TARGETS = ("unet", "vae", "text_encoder", "text_encoder_2")
 REGIONAL_BLOCKS = ("ResnetBlock2D", "FeedForward", "CLIPEncoderLayer")
+RECOMPILE_LIMIT = 64
 _env_lock = threading.Lock()
 _env_users = [0, None]  # (active calls, value to restore)
 
@@ -73,7 +74,10 @@ def _wrap(compiled, cache_dir: str, inductor_options: dict):
     def call(*args, **kwargs):
         import torch._inductor.config as inductor_config
 
-        with inductor_cache_dir(cache_dir), inductor_config.patch(inductor_options):
+        # Regional blocks share one code object (Module._call_impl): each block variant is a cache
+        # entry of it, more than dynamo's default limit of 8 in an SD UNet plus VAE and CLIP.
+        with inductor_cache_dir(cache_dir), inductor_config.patch(inductor_options), \
+                torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT):
             return compiled(*args, **kwargs)
 
     call.compiled = compiled  # for tests and introspection
