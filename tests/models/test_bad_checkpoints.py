@@ -105,11 +105,15 @@ def test_unknown_class_name(folder):
 def test_subclass_and_base_class_names_are_accepted(folder):
     from toy_model import HookedToyModel
 
-    HookedToyModel.from_pretrained(folder)  # config says ToyModel: a base class of HookedToyModel
+    hooked = HookedToyModel.from_pretrained(folder)  # config says ToyModel: a base class of HookedToyModel
+    assert type(hooked) is HookedToyModel
     raw = json.loads((folder / "config.json").read_text())
     raw["_class_name"] = "HookedToyModel"
     (folder / "config.json").write_text(json.dumps(raw))
-    ToyModel.from_pretrained(folder)  # a subclass's checkpoint
+    base = ToyModel.from_pretrained(folder)  # a subclass's checkpoint
+    assert type(base) is ToyModel
+    assert base.state_dict().keys() == hooked.state_dict().keys()
+    assert all(torch.equal(base.state_dict()[k], v) for k, v in hooked.state_dict().items())
 
 
 def _spy_torch_load(monkeypatch):
