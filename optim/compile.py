@@ -107,6 +107,12 @@ class CompilePass(Pass):
     def supports(self, pipe) -> str | None:
         if not hasattr(torch, "compile"):
             return "torch.compile is not available in this torch"
+        if self.regional is None and self._regional(pipe) and pipeline_device(pipe).type == "cpu":
+            # Measured on the small model, 256x256, 10 steps (bench/RESULTS.md): level 3 ran 2.48x
+            # eager without compile and 2.24x with regional compile; regional bf16 alone 1.37x vs
+            # 1.63x uncompiled. Pass regional=True to compile regionally anyway.
+            return ("approximate passes keep per-step Python hooks in the UNet, so only regional "
+                    "compilation applies, and on CPU it measured slower than not compiling")
         if not self._modules(pipe):
             return f"none of the components {', '.join(self.targets)} is in this pipeline"
         return None

@@ -92,12 +92,15 @@ def test_second_process_hits_the_persistent_cache(compiled, sd_folder, cache_dir
 
 
 def test_level3_composes_with_compile_without_recompiles(compiled, cache_dir):
-    """DeepCache, TGATE and ToMe hooks stay eager; hook-free blocks compile (regional, auto)."""
+    """DeepCache, TGATE and ToMe hooks stay eager; hook-free blocks compile (regional)."""
     pipe, _ = compiled
     settings = dict(precision=False, tome={"max_downsample": 2})
     optim.optimize(pipe, level=3, compile=False, **settings)
     eager_l3 = {size: run(pipe, size) for size in (16, 24)}
     optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir)}, **settings)
+    assert "measured slower" in pipe.optimization.skipped["compile"]  # CPU: auto skips regional compile
+    optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir), "regional": True},
+                   **settings)
     assert "regionally" in pipe.optimization.notes["compile"]
     assert max_abs(run(pipe, 16), eager_l3[16]) <= TOL  # warm-up: both DeepCache paths run
     with torch._dynamo.config.patch(error_on_recompile=True):
