@@ -36,11 +36,14 @@ class FeatureCache:
     ``mode="store"``: run the full network and keep in ``features`` the hidden state that enters up
     block ``num_up_blocks - 1 - branch``. ``mode="reuse"``: run down blocks ``0..branch`` (their
     skips), skip everything deeper, and resume the up path from ``features``.
+    ``layer``: cut inside block ``branch`` instead: the shallow path runs only its layers
+    ``0..layer`` and the up layers that read their skips (``None``: the whole block).
     """
 
     branch: int = 0
     mode: str = "store"
     features: torch.Tensor | None = None
+    layer: int | None = None
 
 
 def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -201,17 +204,19 @@ class UNet2DConditionModel(ModelMixin):
             emb = self.time_embed_act(emb)
         return emb
 
-    def _down(self, h: torch.Tensor, emb: torch.Tensor, cond: dict, last: int | None = None):
+    def _down(self, h: torch.Tensor, emb: torch.Tensor, cond: dict, last: int | None = None,
+              last_layers: int | None = None):
         """Down blocks ``0..last`` (all when ``None``); returns ``(h, skips)``, skips shallow first.
 
-        With ``last`` set, block ``last`` leaves out its downsampler: only deeper stages read it.
+        With ``last`` set, block ``last`` leaves out its downsampler (only deeper stages read it)
+        and, with ``last_layers``, runs only its first ``last_layers`` layers.
         """
         skips = [h]
         blocks = self.down_blocks if last is None else self.down_blocks[: last + 1]
         for i, block in enumerate(blocks):
             kwargs = cond if block.has_cross_attention else {}
             if last is not None and i == last:
-                kwargs = {**kwargs, "run_downsample": False}
+                kwargs = {**kwargs, "run_downsample": False, "num_layers": last_layers}
             h, res = block(h, emb, **kwargs)
             skips.extend(res)
         return h, skips
@@ -222,22 +227,29 @@ class UNet2DConditionModel(ModelMixin):
         return self.mid_block(h, emb, **cond) if self.mid_block.has_cross_attention else self.mid_block(h, emb)
 
     def _up(self, h: torch.Tensor, skips: list, emb: torch.Tensor, cond: dict, forward_size: bool,
-            start: int = 0, store_at: int | None = None) -> torch.Tensor:
-        """Up blocks ``start..end``, each popping ``len(resnets)`` skips from the end of ``skips``.
+            start: int = 0, start_layer: int = 0, store_at: int | None = None, store_layer: int = 0) -> torch.Tensor:
+        """Up blocks ``start..end``, popping one skip per layer run from the end of ``skips``.
 
-        ``store_at``: keep the hidden state entering that up block in ``feature_cache.features``.
+        ``start_layer``: block ``start`` begins at that layer (DeepCache's shallow path resuming).
+        ``store_at`` / ``store_layer``: keep the hidden state entering that layer of that block in
+        ``feature_cache.features``.
         """
         last = len(self.up_blocks) - 1
         for i in range(start, last + 1):
             block = self.up_blocks[i]
-            if i == store_at:
-                self.feature_cache.features = h
-            n = len(block.resnets)
+            first = start_layer if i == start else 0
+            n = len(block.resnets) - first
             res, skips = tuple(skips[-n:]), skips[:-n]
             # sizes not divisible by 2**num_upsamplers: upsample to the skip's size, not 2x
             size = tuple(skips[-1].shape[2:]) if forward_size and i < last else None
             kwargs = cond if block.has_cross_attention else {}
-            h = block(h, res, emb, upsample_size=size, **kwargs)
+            if i == store_at:
+                if store_layer:
+                    h = block(h, res[n - store_layer:], emb, stop=store_layer, **kwargs)
+                self.feature_cache.features = h
+                h = block(h, res[: n - store_layer], emb, upsample_size=size, start=store_layer, **kwargs)
+            else:
+                h = block(h, res, emb, upsample_size=size, start=first, **kwargs)
         return h
 
     # ---- forward -----------------------------------------------------------------------------
@@ -281,17 +293,21 @@ class UNet2DConditionModel(ModelMixin):
         if mode is not None:
             self._check_cache(cache)
         resume = len(self.up_blocks) - 1 - cache.branch if mode is not None else None
+        layer = getattr(cache, "layer", None)
+        # the up layer the shallow path resumes at: the matching up block has one layer more than
+        # its down block, and the skip of down layer k feeds up layer (down layers - 1 - k)
+        cut = 0 if mode is None or layer is None else len(self.down_blocks[cache.branch].resnets) - 1 - layer
         if mode == "reuse":
-            _, skips = self._down(h, emb, cond, last=cache.branch)
+            _, skips = self._down(h, emb, cond, last=cache.branch, last_layers=None if layer is None else layer + 1)
             skips = self._add_residuals(skips, down_block_additional_residuals)
-            h = self._up(cache.features, skips, emb, cond, forward_size, start=resume)
+            h = self._up(cache.features, skips, emb, cond, forward_size, start=resume, start_layer=cut)
         else:
             h, skips = self._down(h, emb, cond)
             skips = self._add_residuals(skips, down_block_additional_residuals)
             h = self._mid(h, emb, cond)
             if mid_block_additional_residual is not None:
                 h = h + mid_block_additional_residual
-            h = self._up(h, skips, emb, cond, forward_size, store_at=resume)
+            h = self._up(h, skips, emb, cond, forward_size, store_at=resume, store_layer=cut)
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))
         return UNet2DConditionOutput(sample=h) if return_dict else (h,)
@@ -307,5 +323,9 @@ class UNet2DConditionModel(ModelMixin):
             raise InputError(f"feature_cache.mode={cache.mode!r}; valid: 'store', 'reuse'")
         if not 0 <= cache.branch < len(self.down_blocks):
             raise InputError(f"feature_cache.branch={cache.branch} out of range 0..{len(self.down_blocks) - 1}")
+        layer = getattr(cache, "layer", None)
+        layers = len(self.down_blocks[cache.branch].resnets)
+        if layer is not None and not 0 <= layer < layers:
+            raise InputError(f"feature_cache.layer={layer} out of range 0..{layers - 1} for down block {cache.branch}")
         if cache.mode == "reuse" and cache.features is None:
             raise InputError("feature_cache.mode='reuse' before any 'store' call: no cached features")

@@ -98,16 +98,18 @@ class DownBlock2D(nn.Module):
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
         run_downsample: bool = True,
+        num_layers: int | None = None,
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """Returns ``(hidden_states, skips)``; ``run_downsample=False`` (DeepCache's shallow path)
-        leaves out the downsampler, whose output only deeper stages read."""
+        """Returns ``(hidden_states, skips)``. DeepCache's shallow path runs part of the block:
+        ``run_downsample=False`` leaves out the downsampler, whose output only deeper stages read;
+        ``num_layers`` runs only the first layers (resnet + attention) and no downsampler."""
         skips = ()
-        for i, resnet in enumerate(self.resnets):
+        for i, resnet in enumerate(self.resnets[:num_layers]):
             hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
             hidden_states = self._attend(i, hidden_states, encoder_hidden_states, attention_mask,
                                          encoder_attention_mask)
             skips += (hidden_states,)
-        if self.downsamplers is not None and run_downsample:
+        if self.downsamplers is not None and run_downsample and num_layers is None:
             for down in self.downsamplers:
                 hidden_states = down(hidden_states)
             skips += (hidden_states,)
@@ -265,15 +267,22 @@ class UpBlock2D(nn.Module):
         encoder_hidden_states: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
         encoder_attention_mask: torch.Tensor | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> torch.Tensor:
-        """``res_hidden_states_tuple`` holds exactly ``len(self.resnets)`` skips; the last is used first."""
-        for i, resnet in enumerate(self.resnets):
-            skip = res_hidden_states_tuple[-1 - i]
+        """Layers ``start..stop-1`` (all by default), then the upsampler if the last layer ran.
+
+        ``res_hidden_states_tuple`` holds one skip per layer run; the last is used first.
+        DeepCache splits the block at a layer: store the state entering it, resume from there.
+        """
+        stop = len(self.resnets) if stop is None else stop
+        for i in range(start, stop):
+            skip = res_hidden_states_tuple[-1 - (i - start)]
             hidden_states = torch.cat([hidden_states, skip], dim=1)  # (B, C + C_skip, H, W)
-            hidden_states = maybe_checkpoint(self, resnet, hidden_states, temb)
+            hidden_states = maybe_checkpoint(self, self.resnets[i], hidden_states, temb)
             hidden_states = self._attend(i, hidden_states, encoder_hidden_states, attention_mask,
                                          encoder_attention_mask)
-        if self.upsamplers is not None:
+        if self.upsamplers is not None and stop == len(self.resnets):
             for up in self.upsamplers:
                 hidden_states = up(hidden_states, upsample_size)
         return hidden_states

@@ -237,8 +237,11 @@ def test_feature_cache_reuse(name, size):
     full = run(ours, **kwargs)
     other = {**kwargs, "timestep": torch.tensor([300.0, 20.0])}
     full_other = run(ours, **other)
-    for branch in range(len(ours.down_blocks)):
-        ours.feature_cache = FeatureCache(branch=branch, mode="store")
+    cuts = [(branch, None) for branch in range(len(ours.down_blocks))]
+    cuts += [(branch, layer) for branch in range(len(ours.down_blocks))
+             for layer in range(len(ours.down_blocks[branch].resnets))]
+    for branch, layer in cuts:
+        ours.feature_cache = FeatureCache(branch=branch, mode="store", layer=layer)
         try:
             assert torch.equal(run(ours, **kwargs), full)  # storing changes nothing
             assert ours.feature_cache.features is not None
@@ -255,7 +258,7 @@ def test_feature_cache_misuse(sd1_pair):
     _, ours, config = sd1_pair
     kwargs = unet_inputs(config)
     for cache, match in [(FeatureCache(0, "reuse"), "before any 'store'"), (FeatureCache(5, "store"), "branch=5"),
-                         (FeatureCache(0, "keep"), "'keep'")]:
+                         (FeatureCache(0, "keep"), "'keep'"), (FeatureCache(0, "store", layer=9), "layer=9")]:
         ours.feature_cache = cache
         try:
             with pytest.raises(InputError, match=match):

@@ -159,6 +159,23 @@ def test_deepcache_with_multistep_schedulers(pipe, scheduler):
         pipe.scheduler = original
 
 
+@pytest.mark.parametrize("branch, layer", [(0, None), (0, 1), (1, 0)])
+def test_deepcache_cuts_are_neutral_at_interval_1_and_differ_from_the_default(pipe, eager, branch, layer):
+    optim.optimize(pipe, level=0, deepcache={"interval": 1, "branch": branch, "layer": layer})
+    assert np.array_equal(run(pipe), eager["np"])
+    optim.optimize(pipe, level=0, deepcache={})
+    default = run(pipe)
+    optim.optimize(pipe, level=0, deepcache={"branch": branch, "layer": layer})
+    out = run(pipe)
+    assert not np.array_equal(out, default) and not np.array_equal(out, eager["np"])
+    assert psnr(out, eager["np"]) >= optim.PASSES["deepcache"].psnr_floor_db
+
+
+def test_deepcache_layer_out_of_range_is_skipped_with_reason(pipe):
+    optim.optimize(pipe, level=0, deepcache={"layer": 7})
+    assert "layer 7 is out of range" in pipe.optimization.skipped["deepcache"]
+
+
 def test_deepcache_with_img2img(pipe):
     from pipeline_fixtures import test_image
 
@@ -201,10 +218,10 @@ def test_applying_twice_is_safe_and_reverts_first(pipe, eager):
 def test_report_says_what_was_done(pipe):
     optim.optimize(pipe, level=3, compile=False, deepcache={"interval": 2})
     report = pipe.optimization.as_dict()
-    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0}
+    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0, "layer": 0}
     assert "memory_format" in report["skipped"]
     text = str(pipe.optimization)
-    assert "applied deepcache(interval=2, branch=0)" in text and "skipped memory_format" in text
+    assert "applied deepcache(interval=2, branch=0, layer=0)" in text and "skipped memory_format" in text
 
 
 def test_unsupported_pipeline_is_skipped_with_reason(ddpm_folder, one_thread):
