@@ -18,9 +18,12 @@ from models.errors import InputError, RuntimeErrorBase
 EXIT_USER_ERROR = 2
 
 
+SHIPPED_MODEL = Path(__file__).resolve().parent / "assets" / "shapes"
+
+
 def default_model() -> str | None:
-    """The model used when none is named (the project's shipped model, once it exists)."""
-    return None
+    """The model used when none is named: the shapes model the package ships (train/train_shapes.py)."""
+    return str(SHIPPED_MODEL) if (SHIPPED_MODEL / "model_index.json").is_file() else None
 
 
 def scheduler_class(name: str):
@@ -113,6 +116,31 @@ def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def compare(args: argparse.Namespace) -> int:
+    """The same prompt at each of --levels: a strip of images and a table of time and adherence."""
+    import torch
+
+    from runtime.compare_levels import compare_levels, format_table, strip
+    from runtime.pipelines import DiffusionPipeline
+
+    output = Path(args.output)
+    if not output.parent.is_dir():
+        raise InputError(f"--output: folder {output.parent} does not exist")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model = _resolve_model(args.model)
+    pipe = DiffusionPipeline.from_pretrained(model)
+    pipe.set_progress_bar_config(disable=True)
+    print(f"{model}: {args.prompt!r}, {args.steps} steps, guidance {args.guidance}, seed {args.seed}, "
+          f"{torch.get_num_threads()} threads; each level runs the prompt twice (the first call compiles at 2+)")
+    results = compare_levels(pipe, args.prompt, args.levels, steps=args.steps, guidance=args.guidance,
+                             seed=args.seed, negative_prompt=args.negative_prompt)
+    strip(results).save(output)
+    print(format_table(results))
+    print(f"wrote {output} (levels {' '.join(map(str, args.levels))}, left to right)")
+    return 0
+
+
 def _safetensors_summary(folder: Path) -> tuple[int, dict[str, int]]:
     """(parameter count, {dtype: count}) from safetensors headers, without loading any tensor."""
     total, by_dtype = 0, {}
@@ -188,6 +216,18 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--level", type=int, choices=(0, 1, 2, 3), default=0,
                      help="runtime.optimize level (0: eager; compile at 2+ makes the first call slow)")
     gen.set_defaults(run=generate)
+
+    cmp = sub.add_parser("compare", help="one prompt at several optimization levels, side by side")
+    cmp.add_argument("model", nargs="?", help="checkpoint folder or hub id (default: the shipped model)")
+    cmp.add_argument("--prompt", required=True)
+    cmp.add_argument("--negative-prompt", default=None)
+    cmp.add_argument("--levels", type=int, nargs="+", choices=(0, 1, 2, 3), default=[0, 1, 2, 3])
+    cmp.add_argument("--steps", type=int, default=20)
+    cmp.add_argument("--guidance", type=float, default=7.5)
+    cmp.add_argument("--seed", type=int, default=0)
+    cmp.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    cmp.add_argument("--output", "-o", default="levels.png")
+    cmp.set_defaults(run=compare)
 
     inf = sub.add_parser("info", help="what a checkpoint folder holds")
     inf.add_argument("model", nargs="?", help="checkpoint folder or hub id")

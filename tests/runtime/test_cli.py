@@ -78,3 +78,27 @@ def test_user_mistakes_are_one_line(sd_folder, tmp_path, capsys, args, message):
     assert main(args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_compare_runs_each_level_on_one_pipeline_and_writes_a_strip(sd_folder, tmp_path):
+    """Level 0 is the eager pipeline (the same image as generate); level 1 is exact, so the PSNR
+    column says so; the strip holds both images side by side."""
+    out = tmp_path / "levels.png"
+    result = cli("compare", str(sd_folder), "--prompt", "a red circle on a blue background", "--levels", "0", "1",
+                 "--steps", "2", "--threads", "1", "--output", str(out))
+    assert result.returncode == 0, result.stderr
+    rows = [line.split() for line in result.stdout.splitlines() if line.split()[:1] in (["0"], ["1"])]
+    assert [r[0] for r in rows] == ["0", "1"]
+    assert "reference" in rows[0]
+    strip = np.asarray(PIL.Image.open(out))
+    pipe = runtime.StableDiffusionPipeline.from_pretrained(sd_folder)
+    pipe.set_progress_bar_config(disable=True)
+    import torch
+
+    want = np.asarray(pipe("a red circle on a blue background", num_inference_steps=2, guidance_scale=7.5,
+                           generator=torch.Generator().manual_seed(0)).images[0])
+    h, w = want.shape[:2]
+    assert strip.shape == (h, 2 * w + 4, 3)
+    assert np.array_equal(strip[:, :w], want)
+    level1 = strip[:, w + 4:].astype(int)
+    assert np.abs(level1 - want).max() <= 2  # exact class: at most a rounding step apart
