@@ -29,16 +29,18 @@ ATTRIBUTES = ("shape", "colour", "background", "position", "size", "overall")
 def _generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, batch: int) -> list[np.ndarray]:
     import torch
 
+    from runtime.image_io import to_uint8
+
     images = []
     for i in range(0, len(prompts), batch):
         gen = [torch.Generator().manual_seed(seed + i + j) for j in range(len(prompts[i:i + batch]))]
         out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gen,
                    output_type="np")
-        images.extend(np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8))
+        images.extend(to_uint8(out.images))
     return images
 
 
-def run_config(pipe, spec, prompts, reference, args) -> dict:
+def run_config(pipe, spec, prompts, reference, args) -> tuple[dict, list[np.ndarray]]:
     """Apply one configuration, warm up, generate, score; the pipeline is eager again afterwards."""
     from optim.parity import psnr
     from runtime import optimize

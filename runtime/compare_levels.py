@@ -42,11 +42,13 @@ def _shapes_score(image: np.ndarray, prompt: str) -> dict | None:
 def _call(pipe, prompt: str, steps: int, guidance: float, seed: int, negative_prompt: str | None):
     import torch
 
+    from runtime.image_io import to_uint8
+
     generator = torch.Generator("cpu").manual_seed(seed)
     start = time.perf_counter()
     out = pipe(prompt, negative_prompt=negative_prompt, num_inference_steps=steps, guidance_scale=guidance,
                generator=generator, output_type="np")
-    return time.perf_counter() - start, np.clip(np.rint(out.images[0] * 255), 0, 255).astype(np.uint8)
+    return time.perf_counter() - start, to_uint8(out.images[0])
 
 
 def compare_levels(pipe, prompt: str, levels: list[int], steps: int = 20, guidance: float = 7.5,

@@ -123,11 +123,16 @@ def tensor_to_numpy(images: torch.Tensor) -> np.ndarray:
     return images.cpu().permute(0, 2, 3, 1).float().numpy()
 
 
+def to_uint8(images: np.ndarray) -> np.ndarray:
+    """Floats in [0, 1] -> uint8 (rounded half to even, clipped), the 8 bits a PIL image holds."""
+    return np.clip(np.rint(images * 255), 0, 255).astype(np.uint8)
+
+
 def numpy_to_pil(images: np.ndarray) -> list[PIL.Image.Image]:
     """(B, H, W, C) floats in [0, 1] -> list of PIL images (rounded to 8 bits)."""
     if images.ndim == 3:
         images = images[None]
-    images = (images * 255).round().astype("uint8")
+    images = to_uint8(images)
     if images.shape[-1] == 1:
         return [PIL.Image.fromarray(im.squeeze(-1), mode="L") for im in images]
     return [PIL.Image.fromarray(im) for im in images]

@@ -36,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel  # noqa: E402
 from runtime import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
+from runtime.image_io import to_uint8  # noqa: E402
 from runtime.shapes import dataset as shapes  # noqa: E402
 from runtime.shapes.scorer import adherence  # noqa: E402
 
@@ -239,7 +240,7 @@ def edge_loss(recon: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return (F.l1_loss(recon.diff(dim=-1), x.diff(dim=-1)) + F.l1_loss(recon.diff(dim=-2), x.diff(dim=-2)))
 
 
-def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, args, work: Path) -> dict:
+def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, args) -> dict:
     """More training for the decoder alone (and post_quant_conv), the encoder frozen: the latent
     space the UNet learned stays the same, so this sharpens decoded images after the fact."""
     vae.requires_grad_(False)
@@ -271,13 +272,13 @@ def finetune_decoder(vae: AutoencoderKL, images: torch.Tensor, args, work: Path)
     return {"decoder_steps": args.decoder_steps, "decoder_final_loss": float(np.mean(losses[-50:])) if losses else None}
 
 
-def run_finetune_decoder(out: Path, work: Path, args, report: dict) -> None:
+def run_finetune_decoder(out: Path, args, report: dict) -> None:
     """--finetune-decoder: load the VAE of the folder at --out, fine-tune its decoder, write it back."""
     vae = AutoencoderKL.from_pretrained(out / "vae")
     images, _, _ = render_pool(args.pool, args.seed)
     report["vae_reconstruction_adherence_before"] = before = vae_ceiling(vae, args.eval_prompts, args.seed)
     log(f"VAE reconstructions before: {json.dumps({k: round(v, 3) for k, v in before.items()})}")
-    report.update(finetune_decoder(vae, images, args, work))
+    report.update(finetune_decoder(vae, images, args))
     report["vae_reconstruction_adherence"] = after = vae_ceiling(vae, args.eval_prompts, args.seed)
     log(f"VAE reconstructions after: {json.dumps({k: round(v, 3) for k, v in after.items()})}")
     tmp = out.parent / (out.name + ".vae-tmp")
@@ -339,7 +340,7 @@ def evaluate(pipe, prompts: list[str], guidance: float, steps: int, seed: int, b
         gen = torch.Generator().manual_seed(seed + i)
         out = pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance,
                    generator=gen, output_type="np")
-        images.extend(np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8))
+        images.extend(to_uint8(out.images))
     return adherence(images, prompts), images
 
 
@@ -382,7 +383,7 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     if args.finetune_decoder:
         report = {"args": vars(args)}
-        run_finetune_decoder(out, work, args, report)
+        run_finetune_decoder(out, args, report)
         evaluate_folder(out, work, args, report)
         (work / "finetune_log.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
         return
@@ -433,7 +434,7 @@ def main(argv=None) -> None:
                              Budget(args.unet_steps, max(remaining, 30.0)), work))
     if args.decoder_steps > 0:  # the same as running --finetune-decoder on the saved folder afterwards
         log("stage 3: decoder fine-tune, encoder frozen")
-        report.update(finetune_decoder(vae, images, args, work))
+        report.update(finetune_decoder(vae, images, args))
         report["vae_reconstruction_adherence"] = ceiling = vae_ceiling(vae, args.eval_prompts, args.seed)
         log(f"VAE reconstructions after: {json.dumps({k: round(v, 3) for k, v in ceiling.items()})}")
     del images
