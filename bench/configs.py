@@ -22,8 +22,8 @@ class ConfigSkipped(RuntimeError):
 class ConfigSpec:
     """One row of the comparison: who runs it and with which settings."""
     name: str
-    impl: str  # "diffusers" | "ours"
-    kind: str  # "eager" | "compile" | "tomesd" | "deepcache" | "level" | "pass"
+    impl: str  # "diffusers" | "ours" | "openvino"
+    kind: str  # "eager" | "compile" | "tomesd" | "deepcache" | "level" | "pass" | "export"
     settings: dict = field(default_factory=dict)
 
     @property
@@ -47,6 +47,10 @@ def all_specs(no_compile: bool = False) -> list[ConfigSpec]:
         ConfigSpec("diffusers-compile", "diffusers", "compile", {"target": "unet", "torch.compile": {}}),
         ConfigSpec("diffusers-deepcache", "diffusers", "deepcache", {"cache_interval": 3, "cache_branch_id": 0}),
         ConfigSpec("diffusers-tomesd", "diffusers", "tomesd", {"ratio": 0.5}),
+        # OpenVINO through optimum-intel: exported from the same folder, static shapes. "default" lets it
+        # pick its precision (bf16 on CPUs with AVX512-BF16); f32 forces full precision.
+        ConfigSpec("openvino", "openvino", "export", {"precision": "default"}),
+        ConfigSpec("openvino-f32", "openvino", "export", {"precision": "f32"}),
         ConfigSpec(OURS_EAGER, "ours", "eager"),
     ]
     for level in range(4):
@@ -90,9 +94,10 @@ class Prepared:
 class Loader:
     """Loads each implementation's pipeline once from the folder; configurations share or copy it."""
 
-    def __init__(self, folder: str, compile_cache: str | None = None):
+    def __init__(self, folder: str, compile_cache: str | None = None, size: tuple[int, int] | None = None):
         self.folder = folder
         self.compile_cache = compile_cache
+        self.size = size  # (height, width) of the run: peers with static shapes compile for it
         self._shared: dict[str, object] = {}
 
     def load(self, impl: str):
@@ -120,6 +125,11 @@ class Loader:
         """Set a configuration up; raises (ImportError, RuntimeError, ...) where it cannot run."""
         if spec.impl == "diffusers":
             return self._prepare_diffusers(spec)
+        if spec.impl == "openvino":
+            from .openvino_peer import prepare_openvino
+
+            height, width = self.size or (None, None)
+            return prepare_openvino(self.folder, spec, height=height, width=width)
         return self._prepare_ours(spec)
 
     def _prepare_diffusers(self, spec: ConfigSpec) -> Prepared:

@@ -23,6 +23,9 @@ def _import_implementation(spec) -> None:
             import DeepCache  # noqa: F401
         if spec.kind == "tomesd":
             import tomesd  # noqa: F401
+    elif spec.impl == "openvino":
+        import openvino  # noqa: F401
+        from optimum.intel import OVStableDiffusionPipeline  # noqa: F401
     else:
         import optim  # noqa: F401
         import runtime
@@ -54,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     _import_implementation(spec)  # imports are not load time: a server pays them once
     import_s = time.perf_counter() - import_start
     start = time.perf_counter()
-    prepared = Loader(args.folder, compile_cache=args.cache_dir).prepare(spec)
+    prepared = Loader(args.folder, compile_cache=args.cache_dir, size=(call["height"], call["width"])).prepare(spec)
     load_s = time.perf_counter() - start
     latents = initial_latents(prepared.pipe, 1, call["height"], call["width"], args.seed)
     times = []

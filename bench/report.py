@@ -50,6 +50,8 @@ def markdown_table(rows: list[dict], header: dict) -> str:
             rate = (f"{f['achieved_gflops']:.3g} ({100 * f['fraction_of_fp32_peak']:.0f}% / "
                     f"{100 * f['fraction_of_bf16_peak']:.0f}%)")
         compile_s = "–" if f.get("compile_cold_s") is None else f"{_fmt(f['compile_cold_s'], 1)} / {_fmt(f.get('compile_warm_s'), 1)}"
+        if f.get("export_s") is not None:  # a peer that converts the checkpoint first (OpenVINO)
+            compile_s = f"{_fmt(f['export_s'] + f['ov_compile_s'], 1)} (export {_fmt(f['export_s'], 1)} + compile)"
         lines.append(
             f"| {r['config']} | ok | {_fmt(f.get('end_to_end_s'), 3)} | {_fmt(f.get('speedup_vs_diffusers_eager'), 2, '×')} "
             f"| {_fmt(f.get('unet_step_s'), 4)} | {_fmt(f.get('unet_speedup_vs_diffusers_eager'), 2, '×')} | {rate} "
