@@ -47,6 +47,6 @@ def test_openvino_f32_draws_what_diffusers_draws(tmp_path):
     latents = initial_latents(ref.pipe, 1, 64, 64, seed=0)
     ov_image, _, ov_calls = generate(ov.pipe, call, latents)
     ref_image, _, ref_calls = generate(ref.pipe, call, latents)
-    assert ov_image.shape == ref_image.shape and len(ov_calls) == len(ref_calls) == 3
+    assert ov_image.shape == ref_image.shape and len(ov_calls) == len(ref_calls) >= 3  # PNDM adds a warm-up call
     assert np.abs(ov_image - ref_image).max() < 2e-2, np.abs(ov_image - ref_image).max()
     assert ov.report()["export_s"] > 0 and ov.report()["static_shape"] == [1, 64, 64]
