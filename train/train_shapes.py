@@ -2,17 +2,17 @@
 
 Writes a diffusers-layout StableDiffusionPipeline folder from our own model classes. Stages:
   1. render a fixed pool of captioned shapes (runtime.shapes, seeded; held-out triples never drawn);
-  2. AutoencoderKL 64x64x3 -> 16x16x4, L1 + MSE + a small KL; scaling_factor = 1 / latent std;
+  2. AutoencoderKL 64x64x3 -> 16x16x4, L1 + MSE weighted onto the shape + a small KL;
+     scaling_factor = 1 / latent std;
   3. a CLIP BPE tokenizer whose merges make every caption word one token (trained on the captions);
   4. CLIPTextModel and UNet2DConditionModel trained jointly (the encoder is tiny, and a trained one
-     learns which colour word binds to "background"), epsilon prediction, 10% empty prompts for
-     classifier-free guidance, AdamW, warm-up + cosine LR, EMA weights (what is saved);
+     learns which colour word binds to "background"), 10% empty prompts for
+     classifier-free guidance, zero terminal SNR with v-prediction, AdamW, warm-up + cosine LR,
+     EMA weights (what is saved);
   5. evaluation: our StableDiffusionPipeline, DDIM 20 steps, scorer adherence on held-out prompts.
 
-Real run (the shipped model; about 2 hours on 2 cores):
-    python3 train/train_shapes.py --vae-steps 1000 --unet-steps 4200 --decoder-steps N --seed 0 --out <folder>
-(the shipped folder was trained without --decoder-steps and then fine-tuned with
- --finetune-decoder --decoder-steps N on the saved folder, which computes the same thing).
+Real run (the shipped model, run 3 in train/RUNS.md; about 1 h 50 min on 2 cores):
+    python3 train/train_shapes.py --vae-steps 1200 --unet-steps 4500 --seed 0 --out <folder>
 Smoke run:  python3 train/train_shapes.py --vae-steps 2 --unet-steps 2 --batch-size 8 --pool 64 \
                 --eval-prompts 8 --out /tmp/shapes-smoke
 With --vae-steps/--unet-steps the run is reproducible from --seed; with time budgets only, the

@@ -17,7 +17,6 @@ from runtime.cli import default_model
 from runtime.shapes import adherence, held_out_prompts
 
 FOLDER = Path(os.environ.get("SHIPPED_MODEL") or default_model() or "missing")
-# Until a trained model meets issue 6's adherence bar it is not shipped (train/RUNS.md says why);
 # SHIPPED_MODEL=<folder> runs these tests on a training run's folder.
 pytestmark = pytest.mark.skipif(not (FOLDER / "model_index.json").is_file(),
                                 reason="no shipped model in runtime/assets/shapes yet (issue 6, train/RUNS.md)")
@@ -56,8 +55,9 @@ def test_diffusers_loads_it_and_computes_the_same_latents():
 
 
 def test_it_draws_what_held_out_prompts_ask_for():
-    """Eager, DDIM 20 steps, 16 held-out prompts: the colours are right in most images (the full
-    measurement over 200 prompts is in the training log and bench/bench_adherence.py)."""
+    """Eager, DDIM 20 steps, guidance 7.5, 16 held-out prompts, each attribute a little below issue 6's
+    goals (one prompt is 6%; this draw reads shape 13/16, colour 13/16, background 16/16, position
+    15/16). The full measurement over 200 prompts is in train/RUNS.md and bench/bench_adherence.py."""
     pipe = runtime.StableDiffusionPipeline.from_pretrained(FOLDER)
     pipe.set_progress_bar_config(disable=True)
     prompts = held_out_prompts(16, seed=11)
@@ -65,5 +65,7 @@ def test_it_draws_what_held_out_prompts_ask_for():
                generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
     images = list(np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8))
     score = adherence(images, prompts)
-    assert score["background"] >= 0.75, score
-    assert score["colour"] >= 0.6, score
+    assert score["background"] >= 0.9, score
+    assert score["colour"] >= 0.75, score
+    assert score["position"] >= 0.75, score
+    assert score["shape"] >= 0.7, score
