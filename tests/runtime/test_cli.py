@@ -69,15 +69,34 @@ def test_missing_folder_exits_nonzero_with_one_line_and_no_traceback(tmp_path):
     ],
     ids=["info-missing-folder", "no-model", "bad-size", "bad-scheduler", "zero-steps", "bad-output"],
 )
-def test_user_mistakes_are_one_line(sd_folder, tmp_path, capsys, args, message):
+def test_user_mistakes_are_one_line(sd_folder, tmp_path, capsys, monkeypatch, args, message):
+    import runtime.cli
     from runtime.cli import main
 
+    monkeypatch.setattr(runtime.cli, "SHIPPED_MODEL", tmp_path / "not-installed")  # "no model" needs no shipped one
     args = [a.replace("{sd}", str(sd_folder)) for a in args]
     if args[0] == "generate" and "--output" not in args:
         args += ["--output", str(tmp_path / "o.png"), "--quiet"]
     assert main(args) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and message in lines[0], lines
+
+
+def test_generate_without_a_model_uses_the_shipped_one(tmp_path, capsys):
+    from runtime.cli import default_model, main
+
+    if default_model() is None:
+        pytest.skip("no shipped model in runtime/assets/shapes")
+    out = tmp_path / "o.png"
+    assert main(["generate", "--prompt", "a large red circle on a blue background, in the centre", "--steps", "4",
+                 "--output", str(out), "--quiet"]) == 0
+    from PIL import Image
+
+    from runtime.shapes import score
+
+    image = Image.open(out)
+    assert image.size == (64, 64)
+    assert score(image, "a large red circle on a blue background, in the centre")["background"]
 
 
 def test_compare_runs_each_level_on_one_pipeline_and_writes_a_strip(sd_folder, tmp_path):
