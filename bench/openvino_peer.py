@@ -43,11 +43,8 @@ def prepare_openvino(folder: str, spec: ConfigSpec, batch: int = 1, height: int 
     start = time.perf_counter()
     pipe = cls.from_pretrained(folder, export=True, compile=False, ov_config=ov_config)
     export_s = time.perf_counter() - start
-    unet_cfg = pipe.unet.config
-    factor = 2 ** (len(pipe.vae.config.block_out_channels) - 1) if hasattr(pipe.vae.config, "block_out_channels") \
-        else getattr(pipe, "vae_scale_factor", 8)
-    height = height or unet_cfg.sample_size * factor
-    width = width or unet_cfg.sample_size * factor
+    side = pipe.unet.config.sample_size * pipe.vae_scale_factor  # the model's default, as diffusers
+    height, width = height or side, width or side
     start = time.perf_counter()
     pipe.reshape(batch_size=batch, height=height, width=width, num_images_per_prompt=1)
     pipe.compile()

@@ -32,7 +32,7 @@ FAMILIES = (  # first match wins: (family, substrings of the aten op name)
 def family(op: str) -> str:
     name = op.removeprefix("aten::")
     for fam, keys in FAMILIES:
-        if any(name == k or name.startswith(k + "_") or k in name.split("::")[-1] for k in keys):
+        if any(k in name for k in keys):
             return fam
     return "other"
 

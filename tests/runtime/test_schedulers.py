@@ -105,7 +105,7 @@ def fake_model(x: torch.Tensor, t, noise: torch.Tensor) -> torch.Tensor:
 TOL_FACTOR = {"LMSDiscreteScheduler": 4.0}
 
 
-def close(a: torch.Tensor, b: torch.Tensor, what: str, factor: float = 1.0) -> None:
+def assert_close(a: torch.Tensor, b: torch.Tensor, what: str, factor: float = 1.0) -> None:
     scale = max(1.0, b.abs().max().item()) * factor
     err = (a.double() - b.double()).abs().max().item()
     assert err <= ATOL * scale, f"{what}: max-abs error {err:.3g} > {ATOL * scale:.3g}"
@@ -146,11 +146,11 @@ def test_schedule_and_trajectory_match_diffusers(case, steps):
     ours.set_timesteps(steps)
     ref.set_timesteps(steps)
     assert ours.timesteps.dtype == ref.timesteps.dtype
-    close(ours.timesteps, ref.timesteps, "timesteps")
+    assert_close(ours.timesteps, ref.timesteps, "timesteps")
     if hasattr(ref, "sigmas"):
-        close(ours.sigmas, ref.sigmas, "sigmas")
+        assert_close(ours.sigmas, ref.sigmas, "sigmas")
     init_sigma = torch.as_tensor(ours.init_noise_sigma)
-    close(init_sigma, torch.as_tensor(ref.init_noise_sigma), "init_noise_sigma")
+    assert_close(init_sigma, torch.as_tensor(ref.init_noise_sigma), "init_noise_sigma")
     g = torch.Generator().manual_seed(0)
     x0 = torch.randn(SHAPE, generator=g) * init_sigma
     noise = torch.randn(SHAPE, generator=g)
@@ -159,8 +159,8 @@ def test_schedule_and_trajectory_match_diffusers(case, steps):
     theirs = run(ref, ref.timesteps, x0, noise, step_kwargs, seed)
     factor = TOL_FACTOR.get(name, 1.0)
     for i, ((a_in, a), (b_in, b)) in enumerate(zip(mine, theirs)):
-        close(a_in, b_in, f"scale_model_input at step {i}", factor)
-        close(a, b, f"prev_sample at step {i}", factor)
+        assert_close(a_in, b_in, f"scale_model_input at step {i}", factor)
+        assert_close(a, b, f"prev_sample at step {i}", factor)
 
 
 def test_step_outputs_and_tuple_form():
@@ -173,11 +173,11 @@ def test_step_outputs_and_tuple_form():
         t = ours.timesteps[0]
         out = ours.step(0.3 * x, t, x, generator=torch.Generator().manual_seed(2))
         expected = ref.step(0.3 * x, ref.timesteps[0], x, generator=torch.Generator().manual_seed(2))
-        close(getattr(out, field), getattr(expected, field), f"{name}.{field}")
+        assert_close(getattr(out, field), getattr(expected, field), f"{name}.{field}")
         ours.set_timesteps(4)
         tup = ours.step(0.3 * x, t, x, generator=torch.Generator().manual_seed(2), return_dict=False)
         assert isinstance(tup, tuple) and len(tup) == 2
-        close(tup[0], expected.prev_sample, f"{name} tuple")
+        assert_close(tup[0], expected.prev_sample, f"{name} tuple")
 
 
 IMG2IMG = ["DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler", "EulerDiscreteScheduler",
@@ -201,7 +201,7 @@ def test_img2img_partial_schedule(name):
     t0 = ours.timesteps[start:start + 1]
     x_ours = ours.add_noise(image, noise, t0)
     x_ref = ref.add_noise(image, noise, ref.timesteps[start:start + 1])
-    close(x_ours, x_ref, "add_noise at the start timestep")
+    assert_close(x_ours, x_ref, "add_noise at the start timestep")
     seed = 7 if needs_generator(name, {}, {}) else None
     gens = [torch.Generator().manual_seed(seed) if seed is not None else None for _ in range(2)]
     count = 0
@@ -211,10 +211,10 @@ def test_img2img_partial_schedule(name):
                            **kw[0]).prev_sample
         x_ref = ref.step(fake_model(ref.scale_model_input(x_ref, t_ref), t_ref, model_noise), t_ref, x_ref,
                          **kw[1]).prev_sample
-        close(x_ours, x_ref, f"prev_sample at step {start + i}", TOL_FACTOR.get(name, 1.0))
+        assert_close(x_ours, x_ref, f"prev_sample at step {start + i}", TOL_FACTOR.get(name, 1.0))
         following = slice(start + i + 1, start + i + 2)  # inpainting re-noises the kept image per step
         if following.start < len(ref.timesteps):
-            close(ours.add_noise(image, noise, ours.timesteps[following]),
+            assert_close(ours.add_noise(image, noise, ours.timesteps[following]),
                   ref.add_noise(image, noise, ref.timesteps[following]), f"add_noise after step {start + i}")
         count += 1
     assert count == len(ref.timesteps) - start
@@ -228,7 +228,7 @@ def test_add_noise_batch_matches_diffusers(name):
     g = torch.Generator().manual_seed(3)
     original, noise = torch.randn((3, 4, 8, 8), generator=g), torch.randn((3, 4, 8, 8), generator=g)
     picks = [0, 3, 7]
-    close(ours.add_noise(original, noise, ours.timesteps[picks]),
+    assert_close(ours.add_noise(original, noise, ours.timesteps[picks]),
           ref.add_noise(original, noise, ref.timesteps[picks]), "add_noise")
 
 
@@ -329,15 +329,15 @@ def test_custom_timesteps_and_sigmas_match_diffusers(case):
     ours, ref = both(name, **config)
     ours.set_timesteps(**schedule)
     ref.set_timesteps(**schedule)
-    close(ours.timesteps, ref.timesteps, "timesteps")
+    assert_close(ours.timesteps, ref.timesteps, "timesteps")
     if hasattr(ref, "sigmas"):
-        close(ours.sigmas, ref.sigmas, "sigmas")
+        assert_close(ours.sigmas, ref.sigmas, "sigmas")
     g = torch.Generator().manual_seed(11)
     x, noise = torch.randn(SHAPE, generator=g), torch.randn(SHAPE, generator=g)
     seed = 8 if needs_generator(name, config, {}) else None
     mine, theirs = run(ours, ours.timesteps, x, noise, {}, seed), run(ref, ref.timesteps, x, noise, {}, seed)
     for i, ((_, a), (_, b)) in enumerate(zip(mine, theirs)):
-        close(a, b, f"prev_sample at step {i}")
+        assert_close(a, b, f"prev_sample at step {i}")
 
 
 def test_switching_class_keeps_only_explicit_keys(tmp_path):
@@ -355,8 +355,8 @@ def test_switching_class_keeps_only_explicit_keys(tmp_path):
     euler_ref = diffusers.EulerDiscreteScheduler.from_config(pndm_ref.config)
     euler.set_timesteps(20)
     euler_ref.set_timesteps(20)
-    close(euler.timesteps, euler_ref.timesteps, "timesteps after switching")
-    close(euler.sigmas, euler_ref.sigmas, "sigmas after switching")
+    assert_close(euler.timesteps, euler_ref.timesteps, "timesteps after switching")
+    assert_close(euler.sigmas, euler_ref.sigmas, "sigmas after switching")
     assert "_use_default_values" not in (tmp_path / "scheduler_config.json").read_text()
     euler.save_pretrained(tmp_path / "euler")
     assert "_use_default_values" not in (tmp_path / "euler" / "scheduler_config.json").read_text()
