@@ -71,6 +71,23 @@ def run_config(pipe, spec, prompts, reference, args) -> tuple[dict, list[np.ndar
     return row, images
 
 
+def custom_spec(text: str):
+    """``NAME=LEVEL:JSON`` -> a configuration of our pipeline at LEVEL with the JSON overrides."""
+    from bench.configs import ConfigSpec
+
+    name, sep, rest = text.partition("=")
+    level, sep2, overrides = rest.partition(":")
+    try:
+        if not (sep and sep2 and name):
+            raise ValueError("expected NAME=LEVEL:JSON")
+        settings = {"level": int(level), "overrides": json.loads(overrides)}
+        if not isinstance(settings["overrides"], dict):
+            raise ValueError("the JSON must be an object of pass overrides")
+    except ValueError as exc:
+        raise SystemExit(f"bench_adherence: bad --custom {text!r}: {exc}") from None
+    return ConfigSpec(name, "ours", "level", settings)
+
+
 def table(rows: list[dict]) -> str:
     eager = rows[0]["s_per_image"]
     head = "| config | s/image | vs eager | PSNR mean (min) dB | " + " | ".join(ATTRIBUTES) + " |"
@@ -102,6 +119,8 @@ def main(argv=None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-compile", action="store_true", help="leave out configurations that compile")
     p.add_argument("--configs", nargs="*", help="only these configuration names (eager is always run)")
+    p.add_argument("--custom", nargs="*", default=[], metavar="NAME=LEVEL:JSON",
+                   help='extra configurations, e.g. dc2=0:{"deepcache": {"interval": 2}} (settings sweeps)')
     args = p.parse_args(argv)
 
     import torch
@@ -118,8 +137,9 @@ def main(argv=None) -> int:
     specs = [s for s in all_specs(no_compile=args.no_compile) if s.impl == "ours"]
     if args.no_compile:
         specs = [s for s in specs if not s.compiles]
-    if args.configs:
+    if args.configs is not None:
         specs = [s for s in specs if s.name == OURS_EAGER or s.name in args.configs]
+    specs += [custom_spec(text) for text in args.custom]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     prompts = held_out_prompts(args.prompts, seed=args.seed)

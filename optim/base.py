@@ -62,6 +62,7 @@ class OptimizationReport:
     applied: list[Pass] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
+    check: dict | None = None  # what optimize(check=...) measured and switched off (check.py)
     _pipe: Any = field(default=None, repr=False)
 
     def revert(self) -> None:
@@ -78,6 +79,7 @@ class OptimizationReport:
             "applied": {p.name: p.settings() for p in self.applied},
             "skipped": dict(self.skipped),
             "notes": dict(self.notes),
+            **({"check": self.check} if self.check is not None else {}),
         }
 
     def __str__(self) -> str:
@@ -88,4 +90,6 @@ class OptimizationReport:
             lines.append(f"  applied {p.name}({settings})" + (f": {note}" if note else ""))
         for name, why in self.skipped.items():
             lines.append(f"  skipped {name}: {why}")
+        if "check" in self.notes:
+            lines.append(f"  {self.notes['check']}")
         return "\n".join(lines)

@@ -2,20 +2,39 @@
 from __future__ import annotations
 
 from .base import OptimizationReport
+from .check import back_off, check_options, describe
 from .levels import build_plan
 
 
-def optimize(pipe, level: int = 2, **overrides):
+def optimize(pipe, level: int = 2, check=False, **overrides):
     """Optimize ``pipe`` in place and return it; ``pipe.optimization`` says what was done.
 
     Applying again first reverts the previous optimization; ``pipe.optimization.revert()`` gives
     back the eager pipeline bit for bit. Overrides switch a pass off (``tome=False``), on
-    (``tome=True``) or retune it (``deepcache={"interval": 2}``).
+    (``tome=True``) or retune it (``deepcache={"interval": 2}``). ``check=True`` (or a dict of
+    options, see check.py) measures the approximate passes against eager on one call first and
+    switches off those that take the image under the PSNR floor.
     """
     plan = build_plan(level, overrides)  # validate before touching the pipeline
+    options = check_options(check) if check is not False and check is not None else None
     previous = getattr(pipe, "optimization", None)
     if previous is not None:
         previous.revert()
+    record = None
+    approximate = [p.name for p in plan if not p.exact and p.supports(pipe) is None]
+    if options is not None and approximate:
+        overrides, record = back_off(pipe, overrides, options, approximate,
+                                     lambda o: _apply(pipe, level, build_plan(level, o)))
+        plan = build_plan(level, overrides)
+    report = _apply(pipe, level, plan)
+    if record is not None:
+        report.check = record
+        report.notes["check"] = describe(record)
+    pipe.optimization = report
+    return pipe
+
+
+def _apply(pipe, level: int, plan) -> OptimizationReport:
     report = OptimizationReport(level=level, _pipe=pipe)
     try:
         for p in plan:
@@ -25,11 +44,10 @@ def optimize(pipe, level: int = 2, **overrides):
                 continue
             p.apply(pipe)
             report.applied.append(p)
-            describe = getattr(p, "describe", None)
-            if describe is not None and describe():
-                report.notes[p.name] = describe()
+            describe_pass = getattr(p, "describe", None)
+            if describe_pass is not None and describe_pass():
+                report.notes[p.name] = describe_pass()
     except BaseException:
         report.revert()  # never leave a half-optimized pipeline behind
         raise
-    pipe.optimization = report
-    return pipe
+    return report

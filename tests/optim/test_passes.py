@@ -171,6 +171,31 @@ def test_deepcache_cuts_are_neutral_at_interval_1_and_differ_from_the_default(pi
     assert psnr(out, eager["np"]) >= optim.PASSES["deepcache"].psnr_floor_db
 
 
+def test_deepcache_start_runs_the_early_steps_whole(pipe, eager):
+    # Caching that would begin only at the last step never reuses anything: eager exactly.
+    optim.optimize(pipe, level=0, deepcache={"interval": 2, "start": STEPS - 1})
+    assert np.array_equal(run(pipe), eager["np"])
+    optim.optimize(pipe, level=0, deepcache={"interval": 2, "start": STEPS // 2})
+    late = run(pipe)
+    optim.optimize(pipe, level=0, deepcache={"interval": 2, "start": 0})
+    early = run(pipe)
+    assert not np.array_equal(late, eager["np"]) and not np.array_equal(late, early)
+    assert psnr(late, eager["np"]) > psnr(early, eager["np"])  # fewer reused steps, closer to eager
+    optim.optimize(pipe, level=0, deepcache={"interval": 2, "start": 0.5})  # a fraction of the steps
+    assert np.array_equal(run(pipe), late)
+
+
+def test_deepcache_auto_interval_follows_the_step_count(pipe):
+    from optim.deepcache import AUTO_LONG, resolve_interval
+
+    assert resolve_interval(None, AUTO_LONG) == 3 and resolve_interval(None, AUTO_LONG - 1) == 2
+    assert resolve_interval(4, 10) == 4
+    optim.optimize(pipe, level=0, deepcache={"interval": None})
+    auto = run(pipe)
+    optim.optimize(pipe, level=0, deepcache={"interval": 2})  # STEPS < AUTO_LONG
+    assert np.array_equal(run(pipe), auto)
+
+
 def test_deepcache_layer_out_of_range_is_skipped_with_reason(pipe):
     optim.optimize(pipe, level=0, deepcache={"layer": 7})
     assert "layer 7 is out of range" in pipe.optimization.skipped["deepcache"]
@@ -218,10 +243,10 @@ def test_applying_twice_is_safe_and_reverts_first(pipe, eager):
 def test_report_says_what_was_done(pipe):
     optim.optimize(pipe, level=3, compile=False, deepcache={"interval": 2})
     report = pipe.optimization.as_dict()
-    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0, "layer": 0}
+    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0, "layer": 0, "start": 0.25}
     assert "memory_format" in report["skipped"]
     text = str(pipe.optimization)
-    assert "applied deepcache(interval=2, branch=0, layer=0)" in text and "skipped memory_format" in text
+    assert "applied deepcache(interval=2, branch=0, layer=0, start=0.25)" in text and "skipped memory_format" in text
 
 
 def test_unsupported_pipeline_is_skipped_with_reason(ddpm_folder, one_thread):
@@ -243,6 +268,8 @@ def test_bad_overrides_name_the_valid_choices(pipe):
         optim.optimize(pipe, level=7)
     with pytest.raises(OptimizationError, match="ratio must be in"):
         optim.optimize(pipe, level=0, tome={"ratio": 1.5})
+    with pytest.raises(OptimizationError, match="start must be a step index >= 0 or a fraction in"):
+        optim.optimize(pipe, level=0, deepcache={"start": 1.5})
     assert getattr(pipe, "optimization", None) is None  # nothing was applied
 
 
