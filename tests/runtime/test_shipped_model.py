@@ -54,6 +54,29 @@ def test_diffusers_loads_it_and_computes_the_same_latents():
     assert ids_theirs == ids_ours
 
 
+def _draw(pipe, prompts):
+    out = pipe(prompts, num_inference_steps=20, guidance_scale=7.5, output_type="np",
+               generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
+    return list(np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8))
+
+
+def test_level3_defaults_keep_what_it_draws():
+    """Level 3 at its defaults (compile off: the same passes without the compile time) reads back at
+    most two prompts in 16 worse than eager on any attribute. The defaults before TGATE's gate moved
+    to 0.8 and DeepCache ran its first quarter whole failed this (background 0.96 -> 0.62 over 48
+    prompts, bench/RESULTS.md)."""
+    pipe = runtime.StableDiffusionPipeline.from_pretrained(FOLDER)
+    pipe.set_progress_bar_config(disable=True)
+    prompts = held_out_prompts(16, seed=11)
+    eager = adherence(_draw(pipe, prompts), prompts)
+    runtime.optimize(pipe, level=3, compile=False)
+    assert {"deepcache", "tgate", "tome"} <= {p.name for p in pipe.optimization.applied}
+    fast = adherence(_draw(pipe, prompts), prompts)
+    pipe.optimization.revert()
+    for key in ("background", "colour", "position", "shape"):
+        assert fast[key] >= eager[key] - 2 / 16, (key, eager, fast)
+
+
 def test_it_draws_what_held_out_prompts_ask_for():
     """Eager, DDIM 20 steps, guidance 7.5, 16 held-out prompts, each attribute a little below issue 6's
     goals (one prompt is 6%; this draw reads shape 13/16, colour 13/16, background 16/16, position
@@ -61,10 +84,7 @@ def test_it_draws_what_held_out_prompts_ask_for():
     pipe = runtime.StableDiffusionPipeline.from_pretrained(FOLDER)
     pipe.set_progress_bar_config(disable=True)
     prompts = held_out_prompts(16, seed=11)
-    out = pipe(prompts, num_inference_steps=20, guidance_scale=7.5, output_type="np",
-               generator=[torch.Generator().manual_seed(i) for i in range(len(prompts))])
-    images = list(np.clip(np.rint(out.images * 255), 0, 255).astype(np.uint8))
-    score = adherence(images, prompts)
+    score = adherence(_draw(pipe, prompts), prompts)
     assert score["background"] >= 0.9, score
     assert score["colour"] >= 0.75, score
     assert score["position"] >= 0.75, score
