@@ -325,7 +325,7 @@ class UNet2DConditionModel(ModelMixin):
             raise InputError(f"feature_cache.branch={cache.branch} out of range 0..{len(self.down_blocks) - 1}")
         layer = getattr(cache, "layer", None)
         layers = len(self.down_blocks[cache.branch].resnets)
-        if layer is not None and not 0 <= layer < layers:
-            raise InputError(f"feature_cache.layer={layer} out of range 0..{layers - 1} for down block {cache.branch}")
+        if layer is not None and not -1 <= layer < layers:
+            raise InputError(f"feature_cache.layer={layer} out of range -1..{layers - 1} for down block {cache.branch}")
         if cache.mode == "reuse" and cache.features is None:
             raise InputError("feature_cache.mode='reuse' before any 'store' call: no cached features")

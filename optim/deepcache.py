@@ -89,7 +89,9 @@ class DeepCachePass(Pass):
     # The paper's setting for Stable Diffusion (and the deepcache package's default): cut after
     # the first layer of the shallowest block, so the shallow path is conv_in, one down layer and
     # the last up layers. ``None`` runs the whole block (what this pass did before: 1.46x on the
-    # "small" benchmark model where the package's cut gave 1.94x).
+    # "small" benchmark model where the package's cut gave 1.94x). ``-1`` cuts before the block's
+    # first layer: the shallow path is conv_in and the last up layer only (what the package's path
+    # at cache_layer_id=0 amounts to, since the down layer it runs feeds nothing there).
     layer: int | None = 0
     # Steps before ``start`` (an index, or a fraction of the call's steps when a float) always run
     # the whole UNet: the early steps set layout and colour, and a few-step call has few of them.
@@ -101,8 +103,8 @@ class DeepCachePass(Pass):
             raise OptimizationError(f"deepcache: interval must be None (auto) or an integer >= 1, got {self.interval!r}")
         if not isinstance(self.branch, int) or self.branch < 0:
             raise OptimizationError(f"deepcache: branch must be an integer >= 0, got {self.branch!r}")
-        if self.layer is not None and (not isinstance(self.layer, int) or self.layer < 0):
-            raise OptimizationError(f"deepcache: layer must be None or an integer >= 0, got {self.layer!r}")
+        if self.layer is not None and (isinstance(self.layer, bool) or not isinstance(self.layer, int) or self.layer < -1):
+            raise OptimizationError(f"deepcache: layer must be None or an integer >= -1, got {self.layer!r}")
         st = self.start
         if isinstance(st, bool) or not isinstance(st, (int, float)) or st < 0 or (isinstance(st, float) and st >= 1):
             raise OptimizationError(f"deepcache: start must be a step index >= 0 or a fraction in [0, 1), got {st!r}")

@@ -239,7 +239,7 @@ def test_feature_cache_reuse(name, size):
     full_other = run(ours, **other)
     cuts = [(branch, None) for branch in range(len(ours.down_blocks))]
     cuts += [(branch, layer) for branch in range(len(ours.down_blocks))
-             for layer in range(len(ours.down_blocks[branch].resnets))]
+             for layer in range(-1, len(ours.down_blocks[branch].resnets))]
     for branch, layer in cuts:
         ours.feature_cache = FeatureCache(branch=branch, mode="store", layer=layer)
         try:

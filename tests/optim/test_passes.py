@@ -159,7 +159,7 @@ def test_deepcache_with_multistep_schedulers(pipe, scheduler):
         pipe.scheduler = original
 
 
-@pytest.mark.parametrize("branch, layer", [(0, None), (0, 1), (1, 0)])
+@pytest.mark.parametrize("branch, layer", [(0, None), (0, 1), (1, 0), (0, -1), (1, -1)])
 def test_deepcache_cuts_are_neutral_at_interval_1_and_differ_from_the_default(pipe, eager, branch, layer):
     optim.optimize(pipe, level=0, deepcache={"interval": 1, "branch": branch, "layer": layer})
     assert np.array_equal(run(pipe), eager["np"])
