@@ -105,10 +105,10 @@ def _probe(settings: BenchSettings, spec: ConfigSpec, cache_dir: str | None) -> 
     return json.loads(lines[-1])
 
 
-def _probe_figures(settings: BenchSettings, spec: ConfigSpec) -> dict:
+def _probe_figures(settings: BenchSettings, spec: ConfigSpec, compiles: bool) -> dict:
     """Peak RSS, first-call overhead, and for compiling configurations compile time cold and warm."""
     slug = "".join(c if c.isalnum() else "-" for c in spec.name)
-    cache = Path(settings.work_dir) / "inductor-cache" / slug if spec.compiles else None
+    cache = Path(settings.work_dir) / "inductor-cache" / slug if compiles else None
     if cache is not None:
         shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True)
@@ -227,8 +227,11 @@ def run_benchmark(settings: BenchSettings, specs: list[ConfigSpec]) -> list[dict
     if settings.probe:
         for spec in specs:
             if rows[spec.name]["status"] == "ok":
-                _log(f"probe {spec.name} (fresh process{', cold + warm compile' if spec.compiles else ''})")
-                rows[spec.name]["figures"].update(_probe_figures(settings, spec))
+                # a level whose plan skipped the compile pass (level 3 on CPU) has no compile time to probe
+                skipped = (rows[spec.name].get("optimization") or {}).get("skipped", {})
+                compiles = spec.compiles and "compile" not in skipped
+                _log(f"probe {spec.name} (fresh process{', cold + warm compile' if compiles else ''})")
+                rows[spec.name]["figures"].update(_probe_figures(settings, spec, compiles))
     return _finish(rows, settings, peaks, step_flops)
 
 
