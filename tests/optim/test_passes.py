@@ -159,7 +159,7 @@ def test_deepcache_with_multistep_schedulers(pipe, scheduler):
         pipe.scheduler = original
 
 
-@pytest.mark.parametrize("branch, layer", [(0, None), (0, 1), (1, 0), (0, -1), (1, -1)])
+@pytest.mark.parametrize("branch, layer", [(0, None), (0, 0), (0, 1), (1, 0), (1, -1)])
 def test_deepcache_cuts_are_neutral_at_interval_1_and_differ_from_the_default(pipe, eager, branch, layer):
     optim.optimize(pipe, level=0, deepcache={"interval": 1, "branch": branch, "layer": layer})
     assert np.array_equal(run(pipe), eager["np"])
@@ -243,10 +243,10 @@ def test_applying_twice_is_safe_and_reverts_first(pipe, eager):
 def test_report_says_what_was_done(pipe):
     optim.optimize(pipe, level=3, compile=False, deepcache={"interval": 2})
     report = pipe.optimization.as_dict()
-    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0, "layer": 0, "start": 0.25}
+    assert report["applied"]["deepcache"] == {"interval": 2, "branch": 0, "layer": -1, "start": 0.25}
     assert "memory_format" in report["skipped"]
     text = str(pipe.optimization)
-    assert "applied deepcache(interval=2, branch=0, layer=0, start=0.25)" in text and "skipped memory_format" in text
+    assert "applied deepcache(interval=2, branch=0, layer=-1, start=0.25)" in text and "skipped memory_format" in text
 
 
 def test_unsupported_pipeline_is_skipped_with_reason(ddpm_folder, one_thread):
