@@ -57,7 +57,7 @@ class TGatePass(Pass):
     name = "tgate"
     exact = False
     # Documented bound at the default: image PSNR against eager at least this, checked by tests on
-    # the tiny random pipeline (10 steps) and on the shipped model. The paper gates SD 1.5 at 10 of
+    # the tiny random pipeline (10 steps); adherence at level 3 is tested on the shipped model. The paper gates SD 1.5 at 10 of
     # 25 steps; on the shipped shapes model a gate at half the steps turns colours wrong (0.83 ->
     # 0.65 at 20 steps, 0.67 at 50) and at 0.8 keeps them (0.81, 30 dB; bench/RESULTS.md).
     psnr_floor_db: ClassVar[float] = 30.0
