@@ -2,7 +2,9 @@
 
 Choice (DESIGN.md §4, level 1): on CUDA our fused Triton kernel where it supports the call's
 shapes (SDPA otherwise, decided per call), else xformers if installed, else PyTorch SDPA. On a
-machine without CUDA the Triton kernel is never selected for real work.
+machine without CUDA the Triton kernel is never selected for real work. On a CPU with AVX512-BF16
+our C kernel (kernels/attention_cpu.c) takes the bf16 calls it supports and SDPA the rest, so an
+fp32 pipeline computes exactly what it did; it pays once precision (level 2) runs bf16.
 """
 from __future__ import annotations
 
@@ -15,7 +17,7 @@ from models.errors import OptimizationError
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 
-BACKENDS = ("auto", "sdpa", "triton", "xformers")
+BACKENDS = ("auto", "sdpa", "triton", "xformers", "cpu")
 
 
 def triton_backend(q, k, v, mask=None):
@@ -25,6 +27,21 @@ def triton_backend(q, k, v, mask=None):
     if kernels.attention_supports(q, k, v, mask) is None:
         return kernels.attention(q, k, v, attn_mask=mask)
     return sdpa_backend(q, k, v, mask)
+
+
+def cpu_backend(q, k, v, mask=None):
+    """Our bf16 CPU kernel where it supports the call (bf16, no mask), SDPA where it does not."""
+    from kernels.attention_cpu import cpu_attention, cpu_attention_supports
+
+    if cpu_attention_supports(q, k, v, mask) is None:
+        return cpu_attention(q, k, v)
+    return sdpa_backend(q, k, v, mask)
+
+
+def _cpu_kernel_ready() -> str | None:
+    from kernels.attention_cpu import cpu_attention_ready
+
+    return cpu_attention_ready()
 
 
 def xformers_backend(q, k, v, mask=None):
@@ -57,6 +74,11 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
         if why:
             raise OptimizationError(f"attention backend 'triton' unavailable: {why}")
         return triton_backend, "Triton fused attention (requested), SDPA for unsupported shapes"
+    if requested == "cpu":
+        why = "this pipeline is on " + str(device) if device.type != "cpu" else _cpu_kernel_ready()
+        if why:
+            raise OptimizationError(f"attention backend 'cpu' unavailable: {why}")
+        return cpu_backend, "our bf16 CPU kernel (requested), SDPA for other dtypes and masks"
     if requested == "xformers":
         if not cuda or importlib.util.find_spec("xformers") is None:
             raise OptimizationError("attention backend 'xformers' needs xformers installed and a CUDA device")
@@ -68,6 +90,11 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
         if importlib.util.find_spec("xformers") is not None:
             return xformers_backend, f"xformers on CUDA ({why})"
         return sdpa_backend, f"PyTorch SDPA ({why}; xformers not installed)"
+    if device.type == "cpu":
+        why = _cpu_kernel_ready()
+        if why is None:
+            return cpu_backend, "our bf16 CPU kernel (AVX512-BF16) for bf16 calls, PyTorch SDPA for the rest"
+        return sdpa_backend, f"PyTorch SDPA (our CPU kernel unavailable: {why})"
     return sdpa_backend, f"PyTorch SDPA (no CUDA device: Triton and xformers need one; device is {device})"
 
 

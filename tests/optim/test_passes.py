@@ -85,14 +85,24 @@ def test_level1_is_exact(pipe, eager):
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
 
 
-def test_attention_backend_choice_on_cpu_is_sdpa():
+def test_attention_backend_choice_on_cpu(monkeypatch):
+    from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend
-    from optim.attention import choose_backend
+    from optim.attention import choose_backend, cpu_backend
 
     backend, why = choose_backend("auto", torch.device("cpu"))
-    assert backend is sdpa_backend and "no CUDA" in why
+    if cpu_kernel.cpu_attention_ready() is None:
+        assert backend is cpu_backend and "CPU kernel" in why
+    else:
+        assert backend is sdpa_backend and cpu_kernel.cpu_attention_ready() in why
     with pytest.raises(OptimizationError, match="needs a CUDA device"):
         choose_backend("triton", torch.device("cpu"))
+    # without the kernel (another CPU, no compiler): SDPA, and the report says why
+    monkeypatch.setattr(cpu_kernel, "_state", {"why": "this CPU has no AVX512-BF16"})
+    backend, why = choose_backend("auto", torch.device("cpu"))
+    assert backend is sdpa_backend and "no AVX512-BF16" in why
+    with pytest.raises(OptimizationError, match="'cpu' unavailable: this CPU has no AVX512-BF16"):
+        choose_backend("cpu", torch.device("cpu"))
 
 
 # ---- precision ----------------------------------------------------------------------------------

@@ -1,0 +1,199 @@
+/* Fused attention forward, bf16, for x86-64 CPUs with AVX512-BF16 (kernels/attention_cpu.py).
+ *
+ * out[b, h, i, :] = softmax(scale * q[b, h, i, :] . k[b, h, :, :]^T) v[b, h, :, :]
+ * with bf16 inputs and output, fp32 scores, softmax and accumulation. No mask, no dropout.
+ *
+ * Why it exists: at the head dims of SD-like UNets (16-64) PyTorch's CPU flash kernel spends most
+ * of its time outside the matmul units (measured in bench/RESULTS.md). Here one task is a block of
+ * ROWS query rows of one (batch, head); its scores against every key fit in the core's cache, so
+ * the softmax is exact in two passes (no online rescaling), and both products run on vdpbf16ps:
+ *   scores: K is packed once per (batch, head) as dim pairs, 16 keys per vector, one q pair
+ *           broadcast per instruction;
+ *   p . v:  V is packed as key pairs, 16 head-dim lanes per vector, one p pair broadcast per
+ *           instruction, with several independent accumulators (one chain is latency-bound).
+ * Threads: OpenMP, which torch's CPU build also uses, so the kernel shares torch's thread pool.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ROWS 8    /* query rows per task (scores and softmax) */
+#define PVROWS 4  /* rows per pass of the p . v product */
+#define MAX_D 128
+
+/* exp(x) for x <= 0: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p degree 6. */
+static inline __m512 exp_ps(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+
+static inline __m512bh broadcast_pair(const uint16_t *at) {
+    uint32_t pair;
+    memcpy(&pair, at, 4);
+    return (__m512bh)_mm512_set1_epi32((int)pair);
+}
+
+/* kp[(c/2) * tk16 + j][c % 2] = k[j][c]; zero padding past tk and past d. */
+static void pack_k(const uint16_t *k, int64_t stride, int tk, int d, int tk16, uint16_t *kp) {
+    memset(kp, 0, sizeof(uint16_t) * 2 * (size_t)((d + 1) / 2) * tk16);
+    for (int j = 0; j < tk; j++)
+        for (int c = 0; c < d; c++)
+            kp[((size_t)(c / 2) * tk16 + j) * 2 + (c & 1)] = k[j * stride + c];
+}
+
+/* vp[(j/2) * d16 + c][j % 2] = v[j][c]; zero padding past tk and past d. */
+static void pack_v(const uint16_t *v, int64_t stride, int tk, int d, int d16, uint16_t *vp) {
+    memset(vp, 0, sizeof(uint16_t) * 2 * (size_t)((tk + 1) / 2) * d16);
+    for (int j = 0; j < tk; j++)
+        for (int c = 0; c < d; c++)
+            vp[((size_t)(j / 2) * d16 + c) * 2 + (j & 1)] = v[j * stride + c];
+}
+
+/* o rows r0 .. r0+PVROWS (those < nr) = p16 rows . v, times each row's 1 / sum (kept in inv). */
+#define PV_ROWS(ND, SPLIT)                                                                          \
+    for (int r0 = 0; r0 < nr; r0 += PVROWS) {                                                       \
+        __m512 acc[PVROWS][SPLIT][ND];                                                              \
+        for (int r = 0; r < PVROWS; r++)                                                            \
+            for (int u = 0; u < SPLIT; u++)                                                         \
+                for (int c = 0; c < ND; c++) acc[r][u][c] = _mm512_setzero_ps();                    \
+        int jp = 0;                                                                                 \
+        for (; jp + SPLIT <= npairs; jp += SPLIT)                                                   \
+            for (int u = 0; u < SPLIT; u++) {                                                       \
+                __m512bh vv[ND];                                                                    \
+                for (int c = 0; c < ND; c++)                                                        \
+                    vv[c] = (__m512bh)_mm512_loadu_si512(vp + ((size_t)(jp + u) * d16 + 16 * c) * 2); \
+                for (int r = 0; r < PVROWS; r++) {                                                  \
+                    __m512bh pb = broadcast_pair(p16 + (size_t)(r0 + r) * prow + 2 * (jp + u));    \
+                    for (int c = 0; c < ND; c++) acc[r][u][c] = _mm512_dpbf16_ps(acc[r][u][c], pb, vv[c]); \
+                }                                                                                   \
+            }                                                                                       \
+        for (; jp < npairs; jp++)                                                                   \
+            for (int c = 0; c < ND; c++) {                                                          \
+                __m512bh vv = (__m512bh)_mm512_loadu_si512(vp + ((size_t)jp * d16 + 16 * c) * 2);  \
+                for (int r = 0; r < PVROWS; r++)                                                    \
+                    acc[r][0][c] = _mm512_dpbf16_ps(                                                \
+                        acc[r][0][c], broadcast_pair(p16 + (size_t)(r0 + r) * prow + 2 * jp), vv);  \
+            }                                                                                       \
+        for (int r = 0; r < PVROWS && r0 + r < nr; r++) {                                           \
+            __m512 scale_r = _mm512_set1_ps(inv[r0 + r]);                                           \
+            for (int c = 0; c < ND; c++) {                                                          \
+                __m512 a = acc[r][0][c];                                                            \
+                for (int u = 1; u < SPLIT; u++) a = _mm512_add_ps(a, acc[r][u][c]);                 \
+                int left = d - 16 * c < 16 ? d - 16 * c : 16;                                       \
+                __m256bh ob = _mm512_cvtneps_pbh(_mm512_mul_ps(a, scale_r));                        \
+                _mm256_mask_storeu_epi16(o + (r0 + r) * o_stride + 16 * c,                          \
+                                         (__mmask16)((1u << left) - 1u), (__m256i)ob);             \
+            }                                                                                       \
+        }                                                                                           \
+    }
+
+/* nr (<= ROWS) query rows of one (batch, head). s: ROWS * tk16 floats, p16: ROWS * prow bf16. */
+static void attend_rows(const uint16_t *q, int64_t q_stride, int nr, int d, int tk, int tk16, int d16,
+                        const uint16_t *kp, const uint16_t *vp, float scale, float *s, uint16_t *p16,
+                        uint16_t *o, int64_t o_stride) {
+    const int pairs_d = (d + 1) / 2, npairs = (tk + 1) / 2, prow = tk16 + 2;
+    float inv[ROWS];
+    /* scores, scaled */
+    for (int j = 0; j < tk16; j += 16) {
+        __m512 acc[ROWS];
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        for (int dp = 0; dp < pairs_d; dp++) {
+            __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j) * 2);
+            for (int r = 0; r < nr; r++) {
+                uint32_t pair = q[r * q_stride + 2 * dp];
+                if (2 * dp + 1 < d) pair |= (uint32_t)q[r * q_stride + 2 * dp + 1] << 16;
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kv);
+            }
+        }
+        for (int r = 0; r < nr; r++)
+            _mm512_storeu_ps(s + (size_t)r * tk16 + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+    }
+    /* softmax numerators as bf16 (zero past tk), 1 / sum in fp32 */
+    for (int r = 0; r < nr; r++) {
+        float *sr = s + (size_t)r * tk16;
+        uint16_t *pr = p16 + (size_t)r * prow;
+        for (int j = tk; j < tk16; j++) sr[j] = -INFINITY;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < tk16; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
+        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        __m512 sum = _mm512_setzero_ps();
+        for (int j = 0; j < tk16; j += 16) {
+            __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+            if (j + 16 > tk) e = _mm512_maskz_mov_ps((__mmask16)((1u << (tk - j)) - 1u), e);
+            sum = _mm512_add_ps(sum, e);
+            _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));
+        }
+        pr[tk16] = pr[tk16 + 1] = 0;
+        inv[r] = 1.0f / _mm512_reduce_add_ps(sum);
+    }
+    for (int r = nr; r < ROWS; r++) memset(p16 + (size_t)r * prow, 0, sizeof(uint16_t) * prow);
+    switch (d16 / 16) {
+        case 1: PV_ROWS(1, 2) break;
+        case 2: PV_ROWS(2, 2) break;
+        case 3: PV_ROWS(3, 1) break;
+        case 4: PV_ROWS(4, 1) break;
+        case 5: PV_ROWS(5, 1) break;
+        case 6: PV_ROWS(6, 1) break;
+        case 7: PV_ROWS(7, 1) break;
+        default: PV_ROWS(8, 1) break;
+    }
+}
+
+/* q, k, v, o: [b][h][tokens][d] addressed by element strides (last dim contiguous).
+ * Returns 0, 1 for an unsupported shape, 2 when memory could not be allocated. */
+int dr_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *o, int b, int h,
+                      int tq, int tk, int d, const int64_t *qs, const int64_t *ks, const int64_t *vs,
+                      const int64_t *os, float scale, int threads) {
+    if (d < 1 || d > MAX_D || tq < 1 || tk < 1 || b < 1 || h < 1) return 1;
+    if (threads < 1) threads = 1;
+    const int tk16 = (tk + 15) / 16 * 16, d16 = (d + 15) / 16 * 16, bh = b * h;
+    const size_t kp_len = (size_t)2 * ((d + 1) / 2) * tk16, vp_len = (size_t)2 * ((tk + 1) / 2) * d16;
+    uint16_t *kp = aligned_alloc(64, ((kp_len + vp_len) * bh * sizeof(uint16_t) + 63) / 64 * 64);
+    if (!kp) return 2;
+    uint16_t *vp = kp + kp_len * bh;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int x = 0; x < bh; x++) {
+        const int bi = x / h, hi = x % h;
+        pack_k(k + bi * ks[0] + hi * ks[1], ks[2], tk, d, tk16, kp + kp_len * x);
+        pack_v(v + bi * vs[0] + hi * vs[1], vs[2], tk, d, d16, vp + vp_len * x);
+    }
+    const long blocks = (tq + ROWS - 1) / ROWS;
+    int failed = 0;
+#pragma omp parallel num_threads(threads)
+    {
+        float *s = aligned_alloc(64, sizeof(float) * ROWS * tk16);
+        uint16_t *p16 = aligned_alloc(64, (sizeof(uint16_t) * ROWS * (tk16 + 2) + 63) / 64 * 64);
+        if (!s || !p16) {
+#pragma omp atomic write
+            failed = 1;
+        }
+#pragma omp barrier
+        if (!failed) {
+#pragma omp for schedule(static)
+            for (long t = 0; t < (long)bh * blocks; t++) {
+                const int x = (int)(t / blocks), bi = x / h, hi = x % h, i0 = (int)(t % blocks) * ROWS;
+                const int nr = tq - i0 < ROWS ? tq - i0 : ROWS;
+                attend_rows(q + bi * qs[0] + hi * qs[1] + (int64_t)i0 * qs[2], qs[2], nr, d, tk, tk16, d16,
+                            kp + kp_len * x, vp + vp_len * x, scale, s, p16,
+                            o + bi * os[0] + hi * os[1] + (int64_t)i0 * os[2], os[2]);
+            }
+        }
+        free(s);
+        free(p16);
+    }
+    free(kp);
+    return failed ? 2 : 0;
+}

@@ -1,0 +1,164 @@
+"""Our fused bf16 attention for x86-64 CPUs with AVX512-BF16 (C source: attention_cpu.c).
+
+``cpu_attention(q, k, v)`` computes ``softmax(q kᵀ / sqrt(d)) v`` for bf16 ``(batch, heads, tokens,
+head_dim)`` tensors, like PyTorch's SDPA without a mask, and returns its output as a
+``(batch, heads, tokens, head_dim)`` view of ``(batch, tokens, heads, head_dim)`` memory, so that
+merging the heads afterwards is free. Inputs may be any strided view with a contiguous last dim
+(the head split of a projection is read in place).
+
+The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the
+cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a name per source and flags),
+loaded with ctypes and run with the thread count torch uses. ``cpu_attention_ready()`` says why
+it cannot run here (not x86-64, no AVX512-BF16, no compiler, a failed build); callers then use
+SDPA. Under torch.compile it is the opaque custom op ``kernels::cpu_attention``.
+
+Reference: SDPA in fp32 (tests/kernels/test_attention_cpu.py); the error is that of bf16 SDPA.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+SOURCE = Path(__file__).with_name("attention_cpu.c")
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+         "-shared", "-fPIC")
+MAX_HEAD_DIM = 128
+
+_lock = threading.Lock()
+_state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
+
+
+def kernel_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "diffusion-runtime" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _library_path(compiler: str) -> Path:
+    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    return kernel_cache_dir() / f"attention_cpu-{key}.so"
+
+
+def _build(compiler: str, target: Path) -> str | None:
+    """Compile into ``target`` (atomically: a temporary file renamed); None, or why it failed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"building {SOURCE.name} with {compiler} failed (exit {done.returncode}): {tail}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"building {SOURCE.name} with {compiler} failed: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _load() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        _state["why"] = f"the CPU kernel is for x86-64; this machine is {platform.machine()}"
+        return
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is None or not probe():
+        _state["why"] = "this CPU has no AVX512-BF16"
+        return
+    compiler = _compiler()
+    if compiler is None:
+        _state["why"] = "no C compiler found (set CC, or install gcc)"
+        return
+    path = _library_path(compiler)
+    if not path.exists():
+        why = _build(compiler, path)
+        if why:
+            _state["why"] = why
+            return
+    try:
+        fn = ctypes.CDLL(str(path)).dr_attention_bf16
+    except (OSError, AttributeError) as e:
+        _state["why"] = f"loading {path} failed: {e}"
+        return
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int]
+    _state["fn"] = fn
+
+
+def cpu_attention_ready() -> str | None:
+    """None when the kernel runs on this machine (building it on first call), else why not."""
+    if not _state:
+        with _lock:
+            if not _state:
+                _load()
+    return _state.get("why")
+
+
+def cpu_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str | None:
+    """None when ``cpu_attention(q, k, v)`` computes this call, else why not (then use SDPA)."""
+    if mask is not None:
+        return "attention masks are not supported"
+    if any(t.dtype != torch.bfloat16 for t in (q, k, v)):
+        return f"dtype {q.dtype}/{k.dtype}/{v.dtype}: the CPU kernel is for bfloat16"
+    if any(t.device.type != "cpu" for t in (q, k, v)):
+        return "tensors are not on the CPU"
+    if q.ndim != 4 or k.ndim != 4 or v.ndim != 4:
+        return f"want (batch, heads, tokens, head_dim) tensors, got {q.ndim}-D/{k.ndim}-D/{v.ndim}-D"
+    b, h, _, d = q.shape
+    if k.shape[:2] != (b, h) or k.shape != v.shape or k.shape[3] != d:
+        return f"shapes do not match: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}"
+    if not 1 <= d <= MAX_HEAD_DIM or q.shape[2] < 1 or k.shape[2] < 1:
+        return f"head_dim {d} (1..{MAX_HEAD_DIM}) or an empty sequence"
+    if any(t.stride(3) != 1 for t in (q, k, v)):
+        return "the head dim must be contiguous"
+    if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
+        return "the CPU kernel is forward-only and an input requires grad"
+    return cpu_attention_ready()
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    why = cpu_attention_supports(q, k, v)
+    if why is not None:
+        raise ValueError(f"cpu_attention: {why}")
+    b, h, tq, d = q.shape
+    out = torch.empty(b, tq, h, d, dtype=q.dtype).transpose(1, 2)
+    strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
+    rc = _state["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
+                      *strides, d ** -0.5, torch.get_num_threads())
+    if rc != 0:
+        raise RuntimeError(f"cpu_attention: the kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)} "
+                           "(1: unsupported shape, 2: out of memory)")
+    return out
+
+
+@torch.library.custom_op("kernels::cpu_attention", mutates_args=())
+def _cpu_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    return _run(q, k, v)
+
+
+@_cpu_attention_op.register_fake
+def _(q, k, v):
+    b, h, tq, d = q.shape
+    return q.new_empty(b, tq, h, d).transpose(1, 2)
+
+
+def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``softmax(q kᵀ / sqrt(d)) v`` on bf16 CPU tensors; see the module docstring."""
+    if torch.compiler.is_compiling():
+        return _cpu_attention_op(q, k, v)
+    return _run(q, k, v)

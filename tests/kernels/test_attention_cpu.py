@@ -1,0 +1,174 @@
+"""Our bf16 CPU attention kernel (kernels/attention_cpu.c) against fp32 SDPA on the same inputs.
+
+Error budget: bf16 SDPA's own error on the same call (the kernel rounds where SDPA's flash kernel
+does: scores and softmax in fp32, probabilities and output in bf16), with a floor of one bf16 ulp
+of the largest |v| for calls where SDPA happens to round luckily.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels import attention_cpu
+from kernels.attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
+
+needs_kernel = pytest.mark.skipif(cpu_attention_ready() is not None, reason=f"CPU kernel: {cpu_attention_ready()}")
+
+# (batch, heads, query tokens, key tokens, head_dim): the small UNet's self/cross attention at
+# 256x256, SD 1.5's head dim, odd sizes that exercise every tail (tokens not a multiple of 8 or 16,
+# odd key count, odd head dim, head dims across the 16-lane chunks).
+SHAPES = [
+    (2, 8, 1024, 1024, 16),
+    (2, 8, 256, 77, 16),
+    (2, 8, 64, 64, 40),
+    (1, 5, 33, 19, 7),
+    (1, 2, 100, 300, 64),
+    (2, 3, 9, 1, 128),
+    (1, 1, 17, 33, 1),
+    (1, 4, 40, 50, 24),
+]
+
+
+def qkv(b, h, tq, tk, d, seed=0):
+    """q, k, v as the model makes them: head-split views of projections (strided, not copied)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, tq, h * d, generator=g).to(torch.bfloat16)
+    kv = (torch.randn(b, tk, 2 * h * d, generator=g) * 1.5).to(torch.bfloat16)
+    q = x.view(b, tq, h, d).transpose(1, 2)
+    k, v = (t.view(b, tk, h, d).transpose(1, 2) for t in kv.chunk(2, dim=-1))
+    return q, k, v
+
+
+def errors(out, q, k, v):
+    ref = F.scaled_dot_product_attention(q.float(), k.float(), v.float())
+    sdpa = F.scaled_dot_product_attention(q, k, v).float()
+    return (out.float() - ref).abs(), (sdpa - ref).abs(), v.float().abs().max().item()
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_fp32_reference_within_bf16_sdpa_error(shape):
+    q, k, v = qkv(*shape)
+    assert cpu_attention_supports(q, k, v) is None
+    out = cpu_attention(q, k, v)
+    assert out.shape == q.shape and out.dtype == torch.bfloat16
+    ours, sdpa, vmax = errors(out, q, k, v)
+    ulp = vmax * 2.0 ** -8
+    assert ours.max().item() <= max(2 * sdpa.max().item(), ulp), (ours.max().item(), sdpa.max().item())
+    assert ours.mean().item() <= 2 * sdpa.mean().item() + ulp / 64
+
+
+@needs_kernel
+def test_output_is_heads_last_memory_so_merging_heads_is_free():
+    q, k, v = qkv(2, 8, 40, 77, 16)
+    out = cpu_attention(q, k, v)
+    merged = out.transpose(1, 2)
+    assert merged.is_contiguous()
+    assert merged.reshape(2, 40, 128).data_ptr() == out.data_ptr()
+
+
+@needs_kernel
+def test_contiguous_and_strided_inputs_agree_and_thread_count_does_not_change_bits():
+    q, k, v = qkv(2, 4, 70, 45, 16, seed=3)
+    out = cpu_attention(q, k, v)
+    assert torch.equal(cpu_attention(q.contiguous(), k.contiguous(), v.contiguous()), out)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_attention(q, k, v), out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernel
+def test_softmax_is_stable_for_large_scores():
+    q, k, v = qkv(1, 2, 16, 16, 32, seed=1)
+    q, k = q * 40, k * 40  # scores of thousands: exp must not overflow
+    out = cpu_attention(q, k, v)
+    assert torch.isfinite(out.float()).all()
+    ours, sdpa, vmax = errors(out, q, k, v)
+    assert ours.max().item() <= max(2 * sdpa.max().item(), vmax * 2.0 ** -8)
+
+
+@pytest.mark.parametrize("case, match", [
+    ("mask", "masks are not supported"),
+    ("fp32", "the CPU kernel is for bfloat16"),
+    ("head_dim", "head_dim 129"),
+    ("shapes", "shapes do not match"),
+    ("stride", "head dim must be contiguous"),
+])
+def test_unsupported_calls_say_why_and_the_kernel_refuses_them(case, match):
+    q, k, v = qkv(1, 2, 8, 8, 16)
+    mask = None
+    if case == "mask":
+        mask = torch.zeros(8, 8, dtype=torch.bfloat16)
+    elif case == "fp32":
+        q, k, v = q.float(), k.float(), v.float()
+    elif case == "head_dim":
+        q, k, v = (torch.zeros(1, 1, 4, 129, dtype=torch.bfloat16) for _ in range(3))
+    elif case == "shapes":
+        k = k[:, :1]
+    elif case == "stride":
+        q = q.transpose(2, 3).contiguous().transpose(2, 3)  # same shape, head dim strided
+    why = cpu_attention_supports(q, k, v, mask)
+    assert why is not None and match in why
+    if mask is None:
+        with pytest.raises(ValueError, match=match):
+            cpu_attention(q, k, v)
+
+
+@needs_kernel
+def test_compiles_as_one_custom_op_without_graph_breaks():
+    q, k, v = qkv(2, 4, 32, 77, 16)
+
+    def f(q, k, v):
+        return cpu_attention(q, k, v).transpose(1, 2).reshape(2, 32, 64) * 2
+
+    compiled = torch.compile(f, fullgraph=True, backend="inductor")
+    assert torch.equal(compiled(q, k, v), f(q, k, v))
+
+
+def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
+    monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setattr(attention_cpu, "kernel_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
+    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    why = cpu_attention_ready()
+    assert why is not None and "attention_cpu.c" in why and "no-such-compiler" in why
+    assert list(tmp_path.iterdir()) == []  # nothing half-written
+    q, k, v = qkv(1, 1, 4, 4, 16)
+    assert cpu_attention_supports(q, k, v) == why
+
+
+def test_other_cpus_are_told_why(monkeypatch):
+    monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "x86_64")
+    assert cpu_attention_ready() == "this CPU has no AVX512-BF16"
+    monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "aarch64")
+    assert "x86-64" in cpu_attention_ready()
+
+
+@needs_kernel
+def test_attention_module_with_the_cpu_backend_matches_sdpa_in_bf16():
+    from models.attention import Attention, sdpa_backend
+    from optim.attention import cpu_backend
+
+    torch.manual_seed(0)
+    attn = Attention(128, cross_attention_dim=64, heads=8, dim_head=16).to(torch.bfloat16)
+    x = torch.randn(2, 100, 128, dtype=torch.bfloat16)
+    ctx = torch.randn(2, 77, 64, dtype=torch.bfloat16)
+    ref = attn.float()(x.float(), ctx.float())
+    attn.to(torch.bfloat16)
+    outs = {}
+    for name, backend in (("sdpa", sdpa_backend), ("cpu", cpu_backend)):
+        attn.backend = backend
+        outs[name] = attn(x, ctx).float()
+    assert (outs["cpu"] - ref).abs().max() <= 2 * (outs["sdpa"] - ref).abs().max()
+    # fp32 calls go to SDPA: bit for bit what the default backend computes
+    attn.float()
+    attn.backend = cpu_backend
+    assert torch.equal(attn(x.float(), ctx.float()), ref)
