@@ -212,3 +212,16 @@ def test_image(seed: int = 7, size: int = 16):
 
 
 test_image.__test__ = False  # a builder, not a test
+
+
+def pipeline_state(pipe) -> dict:
+    """Every weight and buffer of the pipeline's models, cloned (to compare after a revert)."""
+    from optim.components import pipeline_models
+
+    return {f"{name}.{k}": v.clone() for name, m in pipeline_models(pipe).items() for k, v in m.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k

@@ -12,6 +12,7 @@ import optim
 import runtime
 from models.errors import OptimizationError
 from optim.parity import max_abs, psnr
+from pipeline_fixtures import assert_same_state, pipeline_state as state
 
 STEPS = 10
 PROMPT = "a red circle on a blue square"
@@ -45,17 +46,6 @@ def always_revert(request):
         p = request.getfixturevalue("pipe")
         if getattr(p, "optimization", None) is not None:
             p.optimization.revert()
-
-
-def state(pipe):
-    return {f"{name}.{k}": v.clone() for name, m in optim.components.pipeline_models(pipe).items()
-            for k, v in m.state_dict().items()}
-
-
-def assert_same_state(a, b):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]), k
 
 
 # ---- level 0 and the exact passes ---------------------------------------------------------------
