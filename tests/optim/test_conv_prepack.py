@@ -57,7 +57,7 @@ def used_convs(pipe):
 
 def test_fp32_matches_eager_and_revert_is_exact(pipe, eager):
     before = state(pipe)
-    optim.optimize(pipe, level=0, conv_prepack=True)
+    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
     assert [p.name for p in pipe.optimization.applied] == ["conv_prepack"]
     assert "convolutions packed" in str(pipe.optimization)
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
@@ -82,16 +82,23 @@ def test_bf16_with_precision_stays_within_the_precision_bound(pipe, eager):
 
 
 def test_applying_twice_is_safe_and_level2_plans_it(pipe, eager):
-    optim.optimize(pipe, level=0, conv_prepack=True)
-    optim.optimize(pipe, level=0, conv_prepack=True)  # reverts first
+    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
+    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})  # reverts first
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
     assert "conv_prepack" in optim.levels.passes_for_level(2)
     assert "conv_prepack" not in optim.levels.passes_for_level(1)
 
 
+def test_fp32_pipelines_are_left_alone_by_default(pipe):
+    optim.optimize(pipe, level=0, conv_prepack=True)
+    assert pipe.optimization.applied == []
+    assert "no bf16" in pipe.optimization.skipped["conv_prepack"]
+    assert not any("forward" in c.__dict__ for c in convs(pipe))
+
+
 def test_skipped_with_the_reason_without_onednn(pipe, monkeypatch):
     monkeypatch.setattr(optim.conv_prepack, "mkldnn_usable", lambda: "this torch build has no oneDNN (mkldnn)")
-    optim.optimize(pipe, level=0, conv_prepack=True)
+    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
     assert pipe.optimization.applied == []
     assert "oneDNN" in pipe.optimization.skipped["conv_prepack"]
 
