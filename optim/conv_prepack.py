@@ -31,7 +31,7 @@ def _packable(conv: nn.Conv2d, dtypes) -> bool:
 def packed_forward(conv: nn.Conv2d):
     """A forward for ``conv`` that keeps its oneDNN-packed weight per input shape."""
     cache: dict = {}
-    geometry = (list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups)
+    padding, stride, dilation, groups = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         w = conv.weight
@@ -46,13 +46,10 @@ def packed_forward(conv: nn.Conv2d):
         key = tuple(x.shape)
         packed = cache.get(key)
         if packed is None:
-            padding, stride, dilation, groups = geometry
             packed = torch._C._nn.mkldnn_reorder_conv2d_weight(w.detach().to_mkldnn(), padding, stride, dilation,
                                                                groups, list(x.shape))
             cache[key] = packed
-        bias = conv.bias
-        padding, stride, dilation, groups = geometry
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, bias, padding, stride, dilation, groups,
+        return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, padding, stride, dilation, groups,
                                                        "none", [], "")
 
     forward.packed_cache = cache
