@@ -19,8 +19,9 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 FAMILIES = (  # first match wins: (family, substrings of the aten op name)
-    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm", "baddbmm")),
-    ("convolution", ("convolution", "conv2d", "mkldnn_convolution", "_convolution")),
+    ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm", "baddbmm",
+                   "cpu_attention")),
+    ("convolution", ("convolution", "conv2d", "mkldnn_convolution", "_convolution", "_convolution_pointwise")),
     ("linear/matmul", ("linear", "addmm", "mm", "matmul")),
     ("normalisation", ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm")),
     ("copies/casts", ("copy_", "to", "_to_copy", "contiguous", "clone", "cat", "permute", "transpose", "view",
@@ -29,8 +30,12 @@ FAMILIES = (  # first match wins: (family, substrings of the aten op name)
 )
 
 
+# Operators counted: aten's, oneDNN's (packed convolutions) and our kernels' (a record_function each).
+PREFIXES = ("aten::", "mkldnn::", "kernels::")
+
+
 def family(op: str) -> str:
-    name = op.removeprefix("aten::")
+    name = op.split("::", 1)[-1]
     for fam, keys in FAMILIES:
         if any(k in name for k in keys):
             return fam
@@ -72,7 +77,7 @@ def main(argv=None) -> None:
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], with_flops=True) as prof:
             for _ in range(args.calls):
                 unet(x, t, ctx)
-    events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
+    events = [e for e in prof.key_averages() if e.key.startswith(PREFIXES)]
     # self time avoids double counting nested aten calls
     total = sum(e.self_cpu_time_total for e in events)
     by_family: dict[str, list[float]] = defaultdict(lambda: [0.0, 0.0])

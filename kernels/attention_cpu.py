@@ -138,8 +138,9 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, h, tq, d = q.shape
     out = torch.empty(b, tq, h, d, dtype=q.dtype).transpose(1, 2)
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
-    rc = _state["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
-                      *strides, d ** -0.5, torch.get_num_threads())
+    with torch.profiler.record_function("kernels::cpu_attention"):  # visible to bench/profile_step.py
+        rc = _state["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
+                          *strides, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_attention: the kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)} "
                            "(1: unsupported shape, 2: out of memory)")
