@@ -106,8 +106,11 @@ static void attend_rows(const uint16_t *q, int64_t q_stride, int nr, int d, int 
                         uint16_t *o, int64_t o_stride) {
     const int pairs_d = (d + 1) / 2, npairs = (tk + 1) / 2, prow = tk16 + 2;
     float inv[ROWS];
-    /* scores, scaled */
+    /* raw scores, and each row's running maximum over the real keys */
+    __m512 mrow[ROWS];
+    for (int r = 0; r < ROWS; r++) mrow[r] = _mm512_set1_ps(-INFINITY);
     for (int j = 0; j < tk16; j += 16) {
+        const __mmask16 real = j + 16 > tk ? (__mmask16)((1u << (tk - j)) - 1u) : (__mmask16)0xFFFF;
         __m512 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int dp = 0; dp < pairs_d; dp++) {
@@ -118,20 +121,20 @@ static void attend_rows(const uint16_t *q, int64_t q_stride, int nr, int d, int 
                 acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kv);
             }
         }
-        for (int r = 0; r < nr; r++)
-            _mm512_storeu_ps(s + (size_t)r * tk16 + j, _mm512_mul_ps(acc[r], _mm512_set1_ps(scale)));
+        for (int r = 0; r < nr; r++) {
+            _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc[r]);
+            mrow[r] = _mm512_mask_max_ps(mrow[r], real, mrow[r], acc[r]);
+        }
     }
-    /* softmax numerators as bf16 (zero past tk), 1 / sum in fp32 */
+    /* softmax numerators exp(scale * (s - max)) as bf16 (zero past tk), 1 / sum in fp32 */
+    const __m512 scale_v = _mm512_set1_ps(scale);
     for (int r = 0; r < nr; r++) {
-        float *sr = s + (size_t)r * tk16;
+        const float *sr = s + (size_t)r * tk16;
         uint16_t *pr = p16 + (size_t)r * prow;
-        for (int j = tk; j < tk16; j++) sr[j] = -INFINITY;
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < tk16; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
-        const __m512 mx = _mm512_set1_ps(_mm512_reduce_max_ps(m));
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mrow[r]) * scale);
         __m512 sum = _mm512_setzero_ps();
         for (int j = 0; j < tk16; j += 16) {
-            __m512 e = exp_ps(_mm512_sub_ps(_mm512_loadu_ps(sr + j), mx));
+            __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale_v, shift));
             if (j + 16 > tk) e = _mm512_maskz_mov_ps((__mmask16)((1u << (tk - j)) - 1u), e);
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));

@@ -98,6 +98,10 @@ class CompilePass(Pass):
     # (CPU): measured 1.86x over eager fp32 for the bf16 small UNet vs 1.59x eager bf16. Weights
     # edited in place after the first call are not seen; revert and optimize again after editing.
     freezing: bool | None = None  # None: on for CPU pipelines compiled whole (not regionally)
+    # Compile a bf16 CPU pipeline too. Off by default: on top of our eager bf16 kernels (attention,
+    # packed weights) inductor measured no faster on this CPU (small, 256x256: level 2 1.78x compiled
+    # vs 1.91x not, after 8 minutes of compiling; bench/RESULTS.md), so level 2 skips it there.
+    force: bool = False
 
     def __post_init__(self):
         if isinstance(self.targets, str) or not all(isinstance(t, str) for t in self.targets):
@@ -115,6 +119,10 @@ class CompilePass(Pass):
                     "compilation applies, and on CPU it measured slower than not compiling")
         if not self._modules(pipe):
             return f"none of the components {', '.join(self.targets)} is in this pipeline"
+        if not self.force and pipeline_device(pipe).type == "cpu" and any(
+                p.dtype == torch.bfloat16 for m in self._modules(pipe) for p in m.parameters()):
+            return ("bf16 on CPU: measured no faster than our eager bf16 kernels, after minutes of "
+                    "compiling (bench/RESULTS.md); force=True compiles anyway")
         return None
 
     def _regional(self, pipe) -> bool:

@@ -8,7 +8,7 @@ from models.errors import OptimizationError
 from .attention import AttentionPass
 from .base import Pass
 from .compile import CompilePass
-from .conv_prepack import ConvPrepackPass
+from .prepack import PrepackPass
 from .deepcache import DeepCachePass
 from .fused_qkv import FusedQKVPass
 from .memory_format import MemoryFormatPass
@@ -19,14 +19,14 @@ from .tome import ToMePass
 # Every pass, in the order they are applied (compile last: it traces what the others set up).
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (AttentionPass, FusedQKVPass, MemoryFormatPass, PrecisionPass, ConvPrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
+    for cls in (AttentionPass, FusedQKVPass, MemoryFormatPass, PrecisionPass, PrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.
 LEVEL_ADDS: dict[int, tuple[str, ...]] = {
     0: (),
     1: ("attention", "fused_qkv", "memory_format"),
-    2: ("precision", "conv_prepack", "compile"),
+    2: ("precision", "prepack", "compile"),
     3: ("deepcache", "tgate", "tome"),
 }
 

@@ -106,3 +106,14 @@ def test_level3_composes_with_compile_without_recompiles(compiled, cache_dir):
     with torch._dynamo.config.patch(error_on_recompile=True):
         assert max_abs(run(pipe, 16), eager_l3[16]) <= TOL
         assert max_abs(run(pipe, 24), eager_l3[24]) <= TOL
+
+
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_bf16_cpu_pipelines_skip_compile_unless_forced(sd_folder, one_thread):
+    pipe = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
+    optim.optimize(pipe, level=0, precision=True, compile={"targets": ("unet",)})
+    assert [p.name for p in pipe.optimization.applied] == ["precision"]
+    assert "bf16 on CPU" in pipe.optimization.skipped["compile"] and "force=True" in pipe.optimization.skipped["compile"]
+    assert optim.compile.CompilePass(targets=("unet",), force=True).supports(pipe) is None
+    pipe.optimization.revert()
+    assert optim.compile.CompilePass(targets=("unet",)).supports(pipe) is None  # fp32 on CPU still compiles

@@ -13,7 +13,7 @@ from torch import nn
 import optim
 import runtime
 from models.errors import OptimizationError
-from optim.conv_prepack import packed_forward
+from optim.prepack import packed_conv_forward, packed_linear_forward
 from optim.parity import max_abs, psnr
 from pipeline_fixtures import assert_same_state, pipeline_state as state
 
@@ -299,27 +299,27 @@ def test_level3_concurrent_calls_match_sequential(pipe):
         assert np.array_equal(got, want)
 
 
-# ---- conv_prepack: oneDNN convolutions with weights packed once --------------------------------
+# ---- prepack: oneDNN convolutions and linears with weights packed once --------------------------------
 def convs(pipe):
     return [c for m in optim.components.pipeline_models(pipe).values() for c in m.modules() if isinstance(c, nn.Conv2d)]
 
 
-def used_convs(pipe):
-    """The convolutions text-to-image runs (the VAE encoder's do not)."""
-    models = (pipe.unet, pipe.vae.decoder, pipe.vae.post_quant_conv)
-    return [c for m in models for c in m.modules() if isinstance(c, nn.Conv2d)]
+def used_packable(pipe):
+    """The convolutions and linears text-to-image runs (the VAE encoder's do not)."""
+    models = (pipe.unet, pipe.vae.decoder, pipe.vae.post_quant_conv, pipe.text_encoder)
+    return [c for m in models for c in m.modules() if isinstance(c, (nn.Conv2d, nn.Linear))]
 
 
 def test_fp32_matches_eager_and_revert_is_exact(pipe, eager):
     before = state(pipe)
-    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
-    assert [p.name for p in pipe.optimization.applied] == ["conv_prepack"]
-    assert "convolutions packed" in str(pipe.optimization)
+    optim.optimize(pipe, level=0, prepack={"fp32": True})
+    assert [p.name for p in pipe.optimization.applied] == ["prepack"]
+    assert "linears packed for oneDNN" in str(pipe.optimization)
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
     assert np.abs(run(pipe) - eager["np"]).max() <= 1e-4  # the decode too
-    assert all(c.forward.packed_cache for c in used_convs(pipe))  # every convolution ran packed
+    assert all(c.forward.packed_cache for c in used_packable(pipe))  # every convolution and linear ran packed
     pipe.optimization.revert()
-    assert not any("forward" in c.__dict__ for c in convs(pipe))
+    assert not any("forward" in c.__dict__ for c in used_packable(pipe))
     assert_same_state(state(pipe), before)
     assert np.array_equal(run(pipe), eager["np"])
 
@@ -328,34 +328,34 @@ def test_fp32_matches_eager_and_revert_is_exact(pipe, eager):
 def test_bf16_with_precision_stays_within_the_precision_bound(pipe, eager):
     optim.optimize(pipe, level=0, precision=True)
     precision_only = run(pipe)
-    optim.optimize(pipe, level=0, precision=True, conv_prepack=True)
+    optim.optimize(pipe, level=0, precision=True, prepack=True)
     assert any(c.weight.dtype == torch.bfloat16 for c in convs(pipe))
     out = run(pipe)
-    assert all(c.forward.packed_cache for c in used_convs(pipe))
+    assert all(c.forward.packed_cache for c in used_packable(pipe))
     assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
     assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
 
 
 def test_applying_twice_is_safe_and_level2_plans_it(pipe, eager):
-    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
-    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})  # reverts first
+    optim.optimize(pipe, level=0, prepack={"fp32": True})
+    optim.optimize(pipe, level=0, prepack={"fp32": True})  # reverts first
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
-    assert "conv_prepack" in optim.levels.passes_for_level(2)
-    assert "conv_prepack" not in optim.levels.passes_for_level(1)
+    assert "prepack" in optim.levels.passes_for_level(2)
+    assert "prepack" not in optim.levels.passes_for_level(1)
 
 
 def test_fp32_pipelines_are_left_alone_by_default(pipe):
-    optim.optimize(pipe, level=0, conv_prepack=True)
+    optim.optimize(pipe, level=0, prepack=True)
     assert pipe.optimization.applied == []
-    assert "no bf16" in pipe.optimization.skipped["conv_prepack"]
-    assert not any("forward" in c.__dict__ for c in convs(pipe))
+    assert "no bf16" in pipe.optimization.skipped["prepack"]
+    assert not any("forward" in c.__dict__ for c in used_packable(pipe))
 
 
 def test_skipped_with_the_reason_without_onednn(pipe, monkeypatch):
-    monkeypatch.setattr(optim.conv_prepack, "mkldnn_usable", lambda: "this torch build has no oneDNN (mkldnn)")
-    optim.optimize(pipe, level=0, conv_prepack={"fp32": True})
+    monkeypatch.setattr(optim.prepack, "mkldnn_usable", lambda: "this torch build has no oneDNN (mkldnn)")
+    optim.optimize(pipe, level=0, prepack={"fp32": True})
     assert pipe.optimization.applied == []
-    assert "oneDNN" in pipe.optimization.skipped["conv_prepack"]
+    assert "oneDNN" in pipe.optimization.skipped["prepack"]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
@@ -364,7 +364,7 @@ def test_skipped_with_the_reason_without_onednn(pipe, monkeypatch):
 def test_packed_conv_matches_conv2d_and_follows_weight_changes(dtype, geometry):
     torch.manual_seed(0)
     conv = nn.Conv2d(8, 16, **{"kernel_size": 3, **geometry}).to(dtype).requires_grad_(False)
-    forward = packed_forward(conv)
+    forward = packed_conv_forward(conv)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
     for shape in ((2, 8, 12, 12), (1, 8, 7, 9)):
         x = torch.randn(*shape).to(dtype)
@@ -378,10 +378,35 @@ def test_packed_conv_matches_conv2d_and_follows_weight_changes(dtype, geometry):
     assert (forward(x).float() - conv._conv_forward(x, conv.weight, conv.bias).float()).abs().max() <= 2 * tol
 
 
-def test_autograd_calls_take_the_plain_convolution():
-    conv = nn.Conv2d(4, 4, 3, padding=1)
-    forward = packed_forward(conv)
-    x = torch.randn(1, 4, 6, 6, requires_grad=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_packed_linear_matches_linear_and_follows_weight_changes(dtype, bias):
+    torch.manual_seed(0)
+    linear = nn.Linear(48, 40, bias=bias).to(dtype).requires_grad_(False)
+    forward = packed_linear_forward(linear)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    inputs = [torch.randn(2, 33, 48), torch.randn(5, 48), torch.randn(2, 48, 7).transpose(1, 2)]  # 3-D, 2-D, strided
+    for x in (t.to(dtype) for t in inputs):
+        assert (forward(x).float() - F.linear(x, linear.weight, linear.bias).float()).abs().max() <= tol
+    assert set(forward.packed_cache) == {"owner", "packed"}  # one packed weight for every row count
+    with torch.no_grad():
+        linear.weight.mul_(-2)
+    assert (forward(x).float() - F.linear(x, linear.weight, linear.bias).float()).abs().max() <= 2 * tol
+
+
+@pytest.mark.parametrize("make", [lambda: (nn.Conv2d(4, 4, 3, padding=1), torch.randn(1, 4, 6, 6, requires_grad=True)),
+                                  lambda: (nn.Linear(4, 4), torch.randn(3, 4, requires_grad=True))])
+def test_autograd_calls_take_the_plain_operator(make):
+    module, x = make()
+    forward = (packed_conv_forward if isinstance(module, nn.Conv2d) else packed_linear_forward)(module)
     forward(x).sum().backward()
-    assert x.grad is not None and conv.weight.grad is not None
+    assert x.grad is not None and module.weight.grad is not None
     assert forward.packed_cache == {}
+
+
+def test_packed_forwards_take_weights_made_inside_inference_mode():
+    with torch.inference_mode():  # e.g. optimize() called inside inference_mode: no version counters
+        linear, conv = nn.Linear(8, 8), nn.Conv2d(3, 4, 3, padding=1)
+        x, img = torch.randn(2, 8), torch.randn(1, 3, 5, 5)
+        assert torch.allclose(packed_linear_forward(linear)(x), linear(x), atol=1e-5)
+        assert torch.allclose(packed_conv_forward(conv)(img), conv(img), atol=1e-5)
