@@ -106,32 +106,34 @@ static void attend_rows(const uint16_t *q, int64_t q_stride, int nr, int d, int 
                         uint16_t *o, int64_t o_stride) {
     const int pairs_d = (d + 1) / 2, npairs = (tk + 1) / 2, prow = tk16 + 2;
     float inv[ROWS];
-    /* raw scores, and each row's running maximum over the real keys */
-    __m512 mrow[ROWS];
-    for (int r = 0; r < ROWS; r++) mrow[r] = _mm512_set1_ps(-INFINITY);
+    /* the rows' q as dim pairs, zero past d: one 32-bit broadcast per product step */
+    uint32_t qpairs[ROWS * (MAX_D / 2)];
+    for (int r = 0; r < nr; r++)
+        for (int dp = 0; dp < pairs_d; dp++) {
+            uint32_t pair = q[r * q_stride + 2 * dp];
+            if (2 * dp + 1 < d) pair |= (uint32_t)q[r * q_stride + 2 * dp + 1] << 16;
+            qpairs[r * pairs_d + dp] = pair;
+        }
+    /* raw scores */
     for (int j = 0; j < tk16; j += 16) {
-        const __mmask16 real = j + 16 > tk ? (__mmask16)((1u << (tk - j)) - 1u) : (__mmask16)0xFFFF;
         __m512 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int dp = 0; dp < pairs_d; dp++) {
             __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j) * 2);
-            for (int r = 0; r < nr; r++) {
-                uint32_t pair = q[r * q_stride + 2 * dp];
-                if (2 * dp + 1 < d) pair |= (uint32_t)q[r * q_stride + 2 * dp + 1] << 16;
-                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)pair), kv);
-            }
+            for (int r = 0; r < nr; r++)
+                acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qpairs[r * pairs_d + dp]), kv);
         }
-        for (int r = 0; r < nr; r++) {
-            _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc[r]);
-            mrow[r] = _mm512_mask_max_ps(mrow[r], real, mrow[r], acc[r]);
-        }
+        for (int r = 0; r < nr; r++) _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc[r]);
     }
     /* softmax numerators exp(scale * (s - max)) as bf16 (zero past tk), 1 / sum in fp32 */
     const __m512 scale_v = _mm512_set1_ps(scale);
     for (int r = 0; r < nr; r++) {
-        const float *sr = s + (size_t)r * tk16;
+        float *sr = s + (size_t)r * tk16;
         uint16_t *pr = p16 + (size_t)r * prow;
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mrow[r]) * scale);
+        for (int j = tk; j < tk16; j++) sr[j] = -INFINITY;
+        __m512 m = _mm512_set1_ps(-INFINITY);
+        for (int j = 0; j < tk16; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
         __m512 sum = _mm512_setzero_ps();
         for (int j = 0; j < tk16; j += 16) {
             __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale_v, shift));
