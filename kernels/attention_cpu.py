@@ -6,9 +6,8 @@ head_dim)`` tensors, like PyTorch's SDPA without a mask, and returns its output 
 merging the heads afterwards is free. Inputs may be any strided view with a contiguous last dim
 (the head split of a projection is read in place).
 
-The source is compiled on first use with the system C compiler (``$CC``, else ``cc``) into the
-cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a name per source and flags),
-loaded with ctypes and run with the thread count torch uses. ``cpu_attention_ready()`` says why
+The source is compiled on first use with the system C compiler and loaded with ctypes
+(cpu_build.py), and run with the thread count torch uses. ``cpu_attention_ready()`` says why
 it cannot run here (not x86-64, no AVX512-BF16, no compiler, a failed build); callers then use
 SDPA. Under torch.compile it is the opaque custom op ``kernels::cpu_attention``.
 
@@ -17,83 +16,24 @@ Reference: SDPA in fp32 (tests/kernels/test_attention_cpu.py); the error is that
 from __future__ import annotations
 
 import ctypes
-import hashlib
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
 from pathlib import Path
 
 import torch
 
+from . import cpu_build
+
 SOURCE = Path(__file__).with_name("attention_cpu.c")
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
-         "-shared", "-fPIC")
 MAX_HEAD_DIM = 128
 
-_lock = threading.Lock()
 _state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
 
 
-def kernel_cache_dir() -> Path:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(root) / "diffusion-runtime" / "kernels"
-
-
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
-
-
-def _library_path(compiler: str) -> Path:
-    key = hashlib.sha256(SOURCE.read_bytes() + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
-    return kernel_cache_dir() / f"attention_cpu-{key}.so"
-
-
-def _build(compiler: str, target: Path) -> str | None:
-    """Compile into ``target`` (atomically: a temporary file renamed); None, or why it failed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        done = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"building {SOURCE.name} with {compiler} failed (exit {done.returncode}): {tail}"
-        os.replace(tmp, target)
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"building {SOURCE.name} with {compiler} failed: {e}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
 def _load() -> None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        _state["why"] = f"the CPU kernel is for x86-64; this machine is {platform.machine()}"
+    lib, why = cpu_build.load(SOURCE)
+    if lib is None:
+        _state["why"] = why
         return
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
-    if probe is None or not probe():
-        _state["why"] = "this CPU has no AVX512-BF16"
-        return
-    compiler = _compiler()
-    if compiler is None:
-        _state["why"] = "no C compiler found (set CC, or install gcc)"
-        return
-    path = _library_path(compiler)
-    if not path.exists():
-        why = _build(compiler, path)
-        if why:
-            _state["why"] = why
-            return
-    try:
-        fn = ctypes.CDLL(str(path)).dr_attention_bf16
-    except (OSError, AttributeError) as e:
-        _state["why"] = f"loading {path} failed: {e}"
-        return
+    fn = lib.dr_attention_bf16
     i64p = ctypes.POINTER(ctypes.c_int64)
     fn.restype = ctypes.c_int
     fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int]
@@ -103,9 +43,7 @@ def _load() -> None:
 def cpu_attention_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
     if not _state:
-        with _lock:
-            if not _state:
-                _load()
+        _load()
     return _state.get("why")
 
 

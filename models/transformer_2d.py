@@ -26,16 +26,26 @@ def _identity(x: torch.Tensor) -> torch.Tensor:
 _NO_MERGE = (_identity,) * 6
 
 
+def geglu_activation(proj: torch.Tensor) -> torch.Tensor:
+    """``value * gelu(gate)`` of ``value, gate = proj.chunk(2, -1)``."""
+    value, gate = proj.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
 class GEGLU(nn.Module):
-    """Linear to twice the width, then ``value * gelu(gate)`` (Shazeer 2020, "GLU Variants")."""
+    """Linear to twice the width, then ``value * gelu(gate)`` (Shazeer 2020, "GLU Variants").
+
+    Extension point: ``activation`` (a callable ``proj -> out`` computing ``geglu_activation``;
+    a pass sets a fused kernel there).
+    """
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
+        self.activation: TokenFn = geglu_activation
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return self.activation(self.proj(x))
 
 
 class FeedForward(nn.Module):

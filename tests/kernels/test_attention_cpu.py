@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_cpu
+from kernels import attention_cpu, cpu_build
 from kernels.attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
 
 needs_kernel = pytest.mark.skipif(cpu_attention_ready() is not None, reason=f"CPU kernel: {cpu_attention_ready()}")
@@ -131,9 +131,10 @@ def test_compiles_as_one_custom_op_without_graph_breaks():
 
 def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
     monkeypatch.setattr(attention_cpu, "_state", {})
-    monkeypatch.setattr(attention_cpu, "kernel_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    monkeypatch.setattr(cpu_build, "kernel_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
-    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     why = cpu_attention_ready()
     assert why is not None and "attention_cpu.c" in why and "no-such-compiler" in why
@@ -144,11 +145,13 @@ def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
 
 def test_other_cpus_are_told_why(monkeypatch):
     monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setattr(cpu_build, "_loaded", {})
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
     assert cpu_attention_ready() == "this CPU has no AVX512-BF16"
     monkeypatch.setattr(attention_cpu, "_state", {})
-    monkeypatch.setattr(attention_cpu.platform, "machine", lambda: "aarch64")
+    cpu_build.forget()
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")
     assert "x86-64" in cpu_attention_ready()
 
 

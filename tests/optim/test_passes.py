@@ -78,6 +78,27 @@ def test_level1_is_exact(pipe, eager):
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
 
 
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_geglu_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, eager):
+    from kernels.geglu_cpu import cpu_geglu_ready
+    from models.transformer_2d import GEGLU, geglu_activation
+    from optim.geglu import cpu_geglu_activation
+
+    if cpu_geglu_ready() is not None:
+        pytest.skip(cpu_geglu_ready())
+    optim.optimize(pipe, level=0, precision=True)
+    precision_only = run(pipe)
+    optim.optimize(pipe, level=0, precision=True, geglu=True)
+    ffs = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+    assert ffs and all(m.activation is cpu_geglu_activation for m in ffs)
+    out = run(pipe)
+    assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
+    assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
+    pipe.optimization.revert()
+    assert all(m.activation is geglu_activation for m in ffs)
+    assert np.array_equal(run(pipe), eager["np"])
+
+
 def test_attention_backend_choice_on_cpu(monkeypatch):
     from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend

@@ -1,0 +1,100 @@
+"""Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c).
+
+A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
+the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
+flags; written to a temporary file and renamed, so nothing half-written is ever loaded), then
+loaded with ctypes. OpenMP comes from the libgomp torch's CPU build already loaded, so the
+kernels share torch's thread pool. ``load(source)`` returns the library or why it cannot run here.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+
+FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
+         "-shared", "-fPIC")
+
+_lock = threading.Lock()
+_loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}
+
+
+def kernel_cache_dir() -> Path:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(root) / "diffusion-runtime" / "kernels"
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def _build(compiler: str, source: Path, target: Path) -> str | None:
+    """Compile ``source`` into ``target``; None, or why it failed."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    os.close(fd)
+    try:
+        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+                              timeout=300)
+        if done.returncode != 0:
+            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
+            return f"building {source.name} with {compiler} failed (exit {done.returncode}): {tail}"
+        os.replace(tmp, target)
+        return None
+    except (OSError, subprocess.SubprocessError) as e:
+        return f"building {source.name} with {compiler} failed: {e}"
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def machine_reason() -> str | None:
+    """None when this machine can run the kernels, else why not."""
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        return f"our CPU kernels are for x86-64; this machine is {platform.machine()}"
+    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    if probe is None or not probe():
+        return "this CPU has no AVX512-BF16"
+    return None
+
+
+def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    why = machine_reason()
+    if why:
+        return None, why
+    compiler = _compiler()
+    if compiler is None:
+        return None, "no C compiler found (set CC, or install gcc)"
+    key = hashlib.sha256(source.read_bytes() + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    path = kernel_cache_dir() / f"{source.stem}-{key}.so"
+    if not path.exists():
+        why = _build(compiler, source, path)
+        if why:
+            return None, why
+    try:
+        return ctypes.CDLL(str(path)), None
+    except OSError as e:
+        return None, f"loading {path} failed: {e}"
+
+
+def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library of ``source`` (built on first call), or None and why not. Cached."""
+    name = str(source)
+    if name not in _loaded:
+        with _lock:
+            if name not in _loaded:
+                _loaded[name] = _load(source)
+    return _loaded[name]
+
+
+def forget() -> None:
+    """Drop what ``load`` cached (tests change the machine's answers and call it again)."""
+    _loaded.clear()
