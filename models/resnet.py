@@ -2,12 +2,21 @@
 
 Weight names follow diffusers: ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
 ``conv_shortcut``; samplers hold ``conv``.
+
+Extension point (DESIGN.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
+silu(norm(x))`` for its GroupNorm-then-SiLU steps (default ``group_norm_silu``); a pass sets a fused
+kernel there.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
+    """``silu(norm(x))``: the eager form of a ResnetBlock2D's norm-then-activation."""
+    return F.silu(norm(x))
 
 
 class ResnetBlock2D(nn.Module):
@@ -44,23 +53,24 @@ class ResnetBlock2D(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nonlinearity = nn.SiLU()
+        self.norm_silu = group_norm_silu  # extension point: (GroupNorm, x) -> silu(norm(x)); a pass fuses it
         needs_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias) if needs_shortcut else None
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv1(self.norm_silu(self.norm1, x))
         if self.time_emb_proj is not None and temb is not None:
             t = self.time_emb_proj(self.nonlinearity(temb))[:, :, None, None]  # (B, C, 1, 1)
             if self.time_embedding_norm == "scale_shift":
                 scale, shift = t.chunk(2, dim=1)
-                h = self.norm2(h) * (1 + scale) + shift
+                h = self.nonlinearity(self.norm2(h) * (1 + scale) + shift)
             else:
-                h = self.norm2(h + t)
+                h = self.norm_silu(self.norm2, h + t)
         else:
-            h = self.norm2(h)
-        h = self.conv2(self.dropout(self.nonlinearity(h)))
+            h = self.norm_silu(self.norm2, h)
+        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h

@@ -12,6 +12,7 @@ from .prepack import PrepackPass
 from .deepcache import DeepCachePass
 from .fused_qkv import FusedQKVPass
 from .geglu import GEGLUPass
+from .group_norm import GroupNormPass
 from .memory_format import MemoryFormatPass
 from .precision import PrecisionPass
 from .tgate import TGatePass
@@ -20,13 +21,13 @@ from .tome import ToMePass
 # Every pass, in the order they are applied (compile last: it traces what the others set up).
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (AttentionPass, FusedQKVPass, GEGLUPass, MemoryFormatPass, PrecisionPass, PrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
+    for cls in (AttentionPass, FusedQKVPass, GEGLUPass, GroupNormPass, MemoryFormatPass, PrecisionPass, PrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.
 LEVEL_ADDS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("attention", "fused_qkv", "geglu", "memory_format"),
+    1: ("attention", "fused_qkv", "geglu", "group_norm", "memory_format"),
     2: ("precision", "prepack", "compile"),
     3: ("deepcache", "tgate", "tome"),
 }

@@ -99,6 +99,27 @@ def test_geglu_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, eager)
     assert np.array_equal(run(pipe), eager["np"])
 
 
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_group_norm_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, eager):
+    from kernels.group_norm_cpu import cpu_group_norm_ready
+    from models.resnet import ResnetBlock2D, group_norm_silu
+    from optim.group_norm import cpu_group_norm_silu_step
+
+    if cpu_group_norm_ready() is not None:
+        pytest.skip(cpu_group_norm_ready())
+    optim.optimize(pipe, level=0, precision=True)
+    precision_only = run(pipe)
+    optim.optimize(pipe, level=0, precision=True, group_norm=True)
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, ResnetBlock2D)]
+    assert blocks and all(m.norm_silu is cpu_group_norm_silu_step for m in blocks)
+    out = run(pipe)
+    assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
+    assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
+    pipe.optimization.revert()
+    assert all(m.norm_silu is group_norm_silu for m in blocks)
+    assert np.array_equal(run(pipe), eager["np"])
+
+
 def test_attention_backend_choice_on_cpu(monkeypatch):
     from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend

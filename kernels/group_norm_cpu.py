@@ -1,0 +1,82 @@
+"""Our fused bf16 GroupNorm + SiLU for x86-64 CPUs with AVX512-BF16 (C source: group_norm_cpu.c).
+
+``cpu_group_norm_silu(x, groups, weight, bias, eps)`` is ``silu(group_norm(x))`` for a contiguous
+bf16 NCHW CPU tensor with bf16 affine parameters: fp32 statistics, one rounding to bf16, one
+write. Built and loaded like attention_cpu (cpu_build.py); ``cpu_group_norm_ready()`` says why it
+cannot run here. Under torch.compile it is the opaque custom op ``kernels::cpu_group_norm_silu``.
+
+Reference: the same formula in fp32 (tests/kernels/test_group_norm_cpu.py).
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from . import cpu_build
+
+SOURCE = Path(__file__).with_name("group_norm_cpu.c")
+
+_state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
+
+
+def cpu_group_norm_ready() -> str | None:
+    """None when the kernel runs on this machine (building it on first call), else why not."""
+    if not _state:
+        lib, why = cpu_build.load(SOURCE)
+        if lib is None:
+            _state["why"] = why
+        else:
+            fn = lib.dr_group_norm_silu_bf16
+            fn.restype = None
+            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                                   ctypes.c_float, ctypes.c_int]
+            _state["fn"] = fn
+    return _state.get("why")
+
+
+def cpu_group_norm_supports(x: torch.Tensor, groups: int, weight, bias) -> str | None:
+    """None when ``cpu_group_norm_silu`` computes this call, else why not."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu":
+        return f"the CPU kernel is for bfloat16 CPU tensors, got {x.dtype} on {x.device}"
+    if x.ndim < 2 or x.shape[1] % groups or x.numel() == 0:
+        return f"want (batch, channels, ...) with channels divisible by {groups} groups, got {tuple(x.shape)}"
+    if weight is None or bias is None or weight.dtype != torch.bfloat16 or bias.dtype != torch.bfloat16:
+        return "the CPU kernel needs bf16 affine weight and bias"
+    if not x.is_contiguous() or not weight.is_contiguous() or not bias.is_contiguous():
+        return "the input and parameters must be contiguous"
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
+        return "the CPU kernel is forward-only and an input requires grad"
+    return cpu_group_norm_ready()
+
+
+def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    why = cpu_group_norm_supports(x, groups, weight, bias)
+    if why is not None:
+        raise ValueError(f"cpu_group_norm_silu: {why}")
+    out = torch.empty_like(x)
+    hw = x[0, 0].numel()
+    with torch.profiler.record_function("kernels::cpu_group_norm_silu"):
+        _state["fn"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], hw,
+                     groups, eps, torch.get_num_threads())
+    return out
+
+
+@torch.library.custom_op("kernels::cpu_group_norm_silu", mutates_args=())
+def _cpu_group_norm_silu_op(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                            eps: float) -> torch.Tensor:
+    return _run(x, groups, weight, bias, eps)
+
+
+@_cpu_group_norm_silu_op.register_fake
+def _(x, groups, weight, bias, eps):
+    return torch.empty_like(x)
+
+
+def cpu_group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
+                        eps: float = 1e-5) -> torch.Tensor:
+    """``silu(group_norm(x, groups, weight, bias, eps))`` on bf16 CPU tensors; see the module docstring."""
+    if torch.compiler.is_compiling():
+        return _cpu_group_norm_silu_op(x, groups, weight, bias, eps)
+    return _run(x, groups, weight, bias, eps)
