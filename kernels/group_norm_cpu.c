@@ -75,3 +75,58 @@ void dr_group_norm_silu_bf16(const uint16_t *x, const uint16_t *weight, const ui
         }
     }
 }
+
+/* The same for channels-last x (batch, hw, channels): per-channel sums over pixels reduced to groups
+ * (two passes, fp32), then one pass over pixel rows. scratch: 4 * channels floats per batch item. */
+void dr_group_norm_silu_nhwc_bf16(const uint16_t *x, const uint16_t *weight, const uint16_t *bias, uint16_t *out,
+                                  int batch, int channels, int64_t hw, int groups, float eps, float *scratch,
+                                  int threads) {
+    const int per_group = channels / groups;
+    const float count = (float)per_group * (float)hw;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int b = 0; b < batch; b++) {
+        const uint16_t *xb = x + (int64_t)b * hw * channels;
+        float *sum = scratch + (int64_t)b * 4 * channels, *mean = sum + channels, *scale = mean + channels,
+              *shift = scale + channels;
+        for (int c = 0; c < channels; c++) sum[c] = 0.0f;
+        for (int64_t p = 0; p < hw; p++)
+            for (int c = 0; c < channels; c += 16) {
+                const __mmask16 m = tail_mask(channels - c);
+                _mm512_mask_storeu_ps(sum + c, m, _mm512_add_ps(_mm512_maskz_loadu_ps(m, sum + c),
+                                                                load_bf16(xb + p * channels + c, m)));
+            }
+        for (int g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) s += sum[c];
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) mean[c] = s / count;
+        }
+        for (int c = 0; c < channels; c++) sum[c] = 0.0f;
+        for (int64_t p = 0; p < hw; p++)
+            for (int c = 0; c < channels; c += 16) {
+                const __mmask16 m = tail_mask(channels - c);
+                const __m512 d = _mm512_maskz_sub_ps(m, load_bf16(xb + p * channels + c, m), _mm512_maskz_loadu_ps(m, mean + c));
+                _mm512_mask_storeu_ps(sum + c, m, _mm512_fmadd_ps(d, d, _mm512_maskz_loadu_ps(m, sum + c)));
+            }
+        for (int g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) s += sum[c];
+            const float rstd = 1.0f / sqrtf(s / count + eps);
+            for (int c = g * per_group; c < (g + 1) * per_group; c++) {
+                scale[c] = rstd * bf16_to_float(weight[c]);
+                shift[c] = bf16_to_float(bias[c]) - mean[c] * scale[c];
+            }
+        }
+    }
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t row = 0; row < (int64_t)batch * hw; row++) {
+        const float *scale = scratch + (row / hw) * 4 * channels + 2 * channels, *shift = scale + channels;
+        for (int c = 0; c < channels; c += 16) {
+            const __mmask16 m = tail_mask(channels - c);
+            const __m512 y = _mm512_fmadd_ps(load_bf16(x + row * channels + c, m), _mm512_maskz_loadu_ps(m, scale + c),
+                                             _mm512_maskz_loadu_ps(m, shift + c));
+            const __m512 s = _mm512_div_ps(y, _mm512_add_ps(_mm512_set1_ps(1.0f),
+                                                            exp_ps(_mm512_sub_ps(_mm512_setzero_ps(), y))));
+            _mm256_mask_storeu_epi16(out + row * channels + c, m, (__m256i)_mm512_cvtneps_pbh(s));
+        }
+    }
+}

@@ -1,7 +1,7 @@
 """Our fused bf16 GroupNorm + SiLU for x86-64 CPUs with AVX512-BF16 (C source: group_norm_cpu.c).
 
 ``cpu_group_norm_silu(x, groups, weight, bias, eps)`` is ``silu(group_norm(x))`` for a contiguous
-bf16 NCHW CPU tensor with bf16 affine parameters: fp32 statistics, one rounding to bf16, one
+or channels-last (what oneDNN's packed convolutions return) bf16 CPU tensor with bf16 affine parameters: fp32 statistics, one rounding to bf16, one
 write. Built and loaded like attention_cpu (cpu_build.py); ``cpu_group_norm_ready()`` says why it
 cannot run here. Under torch.compile it is the opaque custom op ``kernels::cpu_group_norm_silu``.
 
@@ -32,8 +32,16 @@ def cpu_group_norm_ready() -> str | None:
             fn.restype = None
             fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
                                                    ctypes.c_float, ctypes.c_int]
-            _state["fn"] = fn
+            nhwc = lib.dr_group_norm_silu_nhwc_bf16
+            nhwc.restype = None
+            nhwc.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
+                                                     ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
+            _state["fn"], _state["nhwc"] = fn, nhwc
     return _state.get("why")
+
+
+def _channels_last(x: torch.Tensor) -> bool:
+    return x.ndim == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
 
 
 def cpu_group_norm_supports(x: torch.Tensor, groups: int, weight, bias) -> str | None:
@@ -44,8 +52,8 @@ def cpu_group_norm_supports(x: torch.Tensor, groups: int, weight, bias) -> str |
         return f"want (batch, channels, ...) with channels divisible by {groups} groups, got {tuple(x.shape)}"
     if weight is None or bias is None or weight.dtype != torch.bfloat16 or bias.dtype != torch.bfloat16:
         return "the CPU kernel needs bf16 affine weight and bias"
-    if not x.is_contiguous() or not weight.is_contiguous() or not bias.is_contiguous():
-        return "the input and parameters must be contiguous"
+    if not (x.is_contiguous() or _channels_last(x)) or not weight.is_contiguous() or not bias.is_contiguous():
+        return "the input must be contiguous or channels-last and the parameters contiguous"
     if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or bias.requires_grad):
         return "the CPU kernel is forward-only and an input requires grad"
     return cpu_group_norm_ready()
@@ -55,11 +63,16 @@ def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
     why = cpu_group_norm_supports(x, groups, weight, bias)
     if why is not None:
         raise ValueError(f"cpu_group_norm_silu: {why}")
-    out = torch.empty_like(x)
+    out = torch.empty_like(x)  # keeps x's memory format
     hw = x[0, 0].numel()
     with torch.profiler.record_function("kernels::cpu_group_norm_silu"):
-        _state["fn"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1], hw,
-                     groups, eps, torch.get_num_threads())
+        if _channels_last(x):
+            scratch = torch.empty(x.shape[0], 4, x.shape[1])
+            _state["nhwc"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                           hw, groups, eps, scratch.data_ptr(), torch.get_num_threads())
+        else:
+            _state["fn"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
+                         hw, groups, eps, torch.get_num_threads())
     return out
 
 

@@ -24,21 +24,29 @@ def inputs(shape, groups=32, seed=0):
 
 @needs_kernel
 @pytest.mark.parametrize("shape", [(2, 128, 32, 32), (2, 512, 8, 8), (1, 64, 5, 7), (3, 32, 17), (2, 256, 16, 16)])
-def test_matches_fp32_and_is_never_worse_than_eager(shape):
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_matches_fp32_and_is_never_worse_than_eager(shape, layout):
     x, groups, w, b = inputs(shape)
+    if layout == "channels_last":
+        if x.ndim != 4:
+            pytest.skip("channels-last is 4-D")
+        x = x.contiguous(memory_format=torch.channels_last)
     ref = F.silu(F.group_norm(x.float(), groups, w.float(), b.float(), 1e-5))
     out = cpu_group_norm_silu(x, groups, w, b, 1e-5)
     eager = F.silu(F.group_norm(x, groups, w, b, 1e-5)).float()
-    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert out.shape == x.shape and out.dtype == torch.bfloat16 and out.stride() == x.stride()
     err = (out.float() - ref).abs().max()
     assert err <= (eager - ref).abs().max()
     assert err <= ref.abs().max() * 2.0 ** -7
 
 
 @needs_kernel
-def test_constant_groups_and_thread_count():
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_constant_groups_and_thread_count(channels_last):
     x, groups, w, b = inputs((2, 64, 9, 9))
     x[:, :2] = 3.0  # a constant group: variance 0, eps keeps it finite
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     out = cpu_group_norm_silu(x, groups, w, b, 1e-5)
     assert torch.isfinite(out.float()).all()
     threads = torch.get_num_threads()
@@ -57,7 +65,7 @@ def test_compiles_as_one_custom_op_without_graph_breaks():
 
 
 @pytest.mark.parametrize("case, match", [("fp32", "bfloat16"), ("groups", "divisible"), ("params", "affine"),
-                                         ("layout", "contiguous")])
+                                         ("layout", "contiguous or channels-last")])
 def test_unsupported_calls_say_why(case, match):
     x, groups, w, b = inputs((2, 64, 4, 4))
     if case == "fp32":
@@ -67,7 +75,7 @@ def test_unsupported_calls_say_why(case, match):
     elif case == "params":
         w = w.float()
     else:
-        x = x.transpose(2, 3)
+        x = x.transpose(2, 3)  # neither contiguous nor channels-last
     why = cpu_group_norm_supports(x, groups, w, b)
     assert why is not None and match in why
     with pytest.raises(ValueError, match=match):

@@ -107,9 +107,9 @@ def test_group_norm_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, e
 
     if cpu_group_norm_ready() is not None:
         pytest.skip(cpu_group_norm_ready())
-    optim.optimize(pipe, level=0, precision=True)
+    optim.optimize(pipe, level=0, precision=True, prepack=True)  # packed convolutions return channels-last
     precision_only = run(pipe)
-    optim.optimize(pipe, level=0, precision=True, group_norm=True)
+    optim.optimize(pipe, level=0, precision=True, prepack=True, group_norm=True)
     blocks = [m for m in pipe.unet.modules() if isinstance(m, ResnetBlock2D)]
     assert blocks and all(m.norm_silu is cpu_group_norm_silu_step for m in blocks)
     out = run(pipe)
