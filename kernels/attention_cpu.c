@@ -13,6 +13,7 @@
  *           instruction, with several independent accumulators (one chain is latency-bound).
  * Threads: OpenMP, which torch's CPU build also uses, so the kernel shares torch's thread pool.
  */
+#include "cpu_math.h"
 #include <immintrin.h>
 #include <math.h>
 #include <stdint.h>
@@ -22,23 +23,6 @@
 #define ROWS 8    /* query rows per task (scores and softmax) */
 #define PVROWS 4  /* rows per pass of the p . v product */
 #define MAX_D 128
-
-/* exp(x) for x <= 0: 2^n * p(r), n = round(x / ln 2), r = x - n ln 2 in two parts, p degree 6. */
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline __m512bh broadcast_pair(const uint16_t *at) {
     uint32_t pair;

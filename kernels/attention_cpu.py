@@ -25,26 +25,14 @@ from . import cpu_build
 SOURCE = Path(__file__).with_name("attention_cpu.c")
 MAX_HEAD_DIM = 128
 
-_state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
-
-
-def _load() -> None:
-    lib, why = cpu_build.load(SOURCE)
-    if lib is None:
-        _state["why"] = why
-        return
-    fn = lib.dr_attention_bf16
-    i64p = ctypes.POINTER(ctypes.c_int64)
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int] * 5 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int]
-    _state["fn"] = fn
+_state: dict = {}  # the loaded entry point by name, or "why": the reason it is unavailable
 
 
 def cpu_attention_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    if not _state:
-        _load()
-    return _state.get("why")
+    i64p = ctypes.POINTER(ctypes.c_int64)
+    return cpu_build.bind(_state, SOURCE, {"dr_attention_bf16": (ctypes.c_int, [ctypes.c_void_p] * 4 + [
+        ctypes.c_int] * 5 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int])})
 
 
 def cpu_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str | None:
@@ -77,7 +65,7 @@ def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     out = torch.empty(b, tq, h, d, dtype=q.dtype).transpose(1, 2)
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
     with torch.profiler.record_function("kernels::cpu_attention"):  # visible to bench/profile_step.py
-        rc = _state["fn"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
+        rc = _state["dr_attention_bf16"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
                           *strides, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_attention: the kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)} "

@@ -73,7 +73,8 @@ def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
-    key = hashlib.sha256(source.read_bytes() + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    parts = [source.read_bytes()] + [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # cpu_math.h
+    key = hashlib.sha256(b"".join(parts) + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
     path = kernel_cache_dir() / f"{source.stem}-{key}.so"
     if not path.exists():
         why = _build(compiler, source, path)
@@ -93,6 +94,21 @@ def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
             if name not in _loaded:
                 _loaded[name] = _load(source)
     return _loaded[name]
+
+
+def bind(state: dict, source: Path, symbols: dict) -> str | None:
+    """Fill ``state`` once with the entry points ``symbols`` (name -> (restype, argtypes)) of
+    ``source``'s library under their names, or with ``"why"``; returns why they are unavailable."""
+    if not state:
+        lib, why = load(source)
+        if lib is None:
+            state["why"] = why
+        else:
+            for name, (restype, argtypes) in symbols.items():
+                fn = getattr(lib, name)
+                fn.restype, fn.argtypes = restype, argtypes
+                state[name] = fn
+    return state.get("why")
 
 
 def forget() -> None:

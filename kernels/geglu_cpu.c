@@ -8,24 +8,9 @@
  * error under 1.2e-7 for every z >= 0), so gelu(g) = g (1 - erfc(g / sqrt 2) / 2) for g >= 0 and
  * g erfc(|g| / sqrt 2) / 2 for g < 0.
  */
+#include "cpu_math.h"
 #include <immintrin.h>
 #include <stdint.h>
-
-static inline __m512 exp_ps(__m512 x) {
-    x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
-    __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                    _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.0f / 720.0f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 
 static inline __m512 gelu_ps(__m512 g) {
     const __m512 z = _mm512_mul_ps(_mm512_abs_ps(g), _mm512_set1_ps(0.70710678118654752f));
@@ -41,10 +26,6 @@ static inline __m512 gelu_ps(__m512 g) {
     return _mm512_mul_ps(g, factor);
 }
 
-static inline __m512 load_bf16(const uint16_t *at, __mmask16 m) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at)), 16));
-}
-
 /* proj: rows x (2n) with row stride proj_stride; out: rows x n with row stride out_stride. */
 void dr_geglu_bf16(const uint16_t *proj, uint16_t *out, int64_t rows, int n, int64_t proj_stride,
                    int64_t out_stride, int threads) {
@@ -53,7 +34,7 @@ void dr_geglu_bf16(const uint16_t *proj, uint16_t *out, int64_t rows, int n, int
         const uint16_t *value = proj + r * proj_stride, *gate = value + n;
         uint16_t *o = out + r * out_stride;
         for (int c = 0; c < n; c += 16) {
-            const __mmask16 m = n - c >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n - c)) - 1u);
+            const __mmask16 m = tail_mask(n - c);
             const __m512 y = _mm512_mul_ps(load_bf16(value + c, m), gelu_ps(load_bf16(gate + c, m)));
             _mm256_mask_storeu_epi16(o + c, m, (__m256i)_mm512_cvtneps_pbh(y));
         }

@@ -18,22 +18,13 @@ from . import cpu_build
 
 SOURCE = Path(__file__).with_name("geglu_cpu.c")
 
-_state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
+_state: dict = {}  # the loaded entry point by name, or "why": the reason it is unavailable
 
 
 def cpu_geglu_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    if not _state:
-        lib, why = cpu_build.load(SOURCE)
-        if lib is None:
-            _state["why"] = why
-        else:
-            fn = lib.dr_geglu_bf16
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64,
-                           ctypes.c_int64, ctypes.c_int]
-            _state["fn"] = fn
-    return _state.get("why")
+    return cpu_build.bind(_state, SOURCE, {"dr_geglu_bf16": (None, [
+        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int])})
 
 
 def cpu_geglu_supports(proj: torch.Tensor) -> str | None:
@@ -58,7 +49,7 @@ def _run(proj: torch.Tensor) -> torch.Tensor:
     rows = proj.numel() // (2 * n) if n else 0
     if rows:
         with torch.profiler.record_function("kernels::cpu_geglu"):
-            _state["fn"](proj.data_ptr(), out.data_ptr(), rows, n, 2 * n, n, torch.get_num_threads())
+            _state["dr_geglu_bf16"](proj.data_ptr(), out.data_ptr(), rows, n, 2 * n, n, torch.get_num_threads())
     return out
 
 

@@ -18,26 +18,14 @@ from . import cpu_build
 
 SOURCE = Path(__file__).with_name("group_norm_cpu.c")
 
-_state: dict = {}  # "fn": the loaded entry point, or "why": the reason it is unavailable
+_state: dict = {}  # the loaded entry points by name, or "why": the reason they are unavailable
 
 
 def cpu_group_norm_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    if not _state:
-        lib, why = cpu_build.load(SOURCE)
-        if lib is None:
-            _state["why"] = why
-        else:
-            fn = lib.dr_group_norm_silu_bf16
-            fn.restype = None
-            fn.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
-                                                   ctypes.c_float, ctypes.c_int]
-            nhwc = lib.dr_group_norm_silu_nhwc_bf16
-            nhwc.restype = None
-            nhwc.argtypes = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int,
-                                                     ctypes.c_float, ctypes.c_void_p, ctypes.c_int]
-            _state["fn"], _state["nhwc"] = fn, nhwc
-    return _state.get("why")
+    shape = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
+    return cpu_build.bind(_state, SOURCE, {"dr_group_norm_silu_bf16": (None, shape + [ctypes.c_int]),
+                                           "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_int])})
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -68,11 +56,12 @@ def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
     with torch.profiler.record_function("kernels::cpu_group_norm_silu"):
         if _channels_last(x):
             scratch = torch.empty(x.shape[0], 4, x.shape[1])
-            _state["nhwc"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-                           hw, groups, eps, scratch.data_ptr(), torch.get_num_threads())
+            _state["dr_group_norm_silu_nhwc_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                                   x.shape[0], x.shape[1], hw, groups, eps, scratch.data_ptr(),
+                                                   torch.get_num_threads())
         else:
-            _state["fn"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(), x.shape[0], x.shape[1],
-                         hw, groups, eps, torch.get_num_threads())
+            _state["dr_group_norm_silu_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                                              x.shape[0], x.shape[1], hw, groups, eps, torch.get_num_threads())
     return out
 
 

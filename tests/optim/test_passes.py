@@ -78,45 +78,36 @@ def test_level1_is_exact(pipe, eager):
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
 
 
-@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
-def test_geglu_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, eager):
+def _fused_slots():
+    """(pass, module class, slot, fused callable, eager callable, kernel readiness) per fusing pass."""
     from kernels.geglu_cpu import cpu_geglu_ready
-    from models.transformer_2d import GEGLU, geglu_activation
-    from optim.geglu import cpu_geglu_activation
-
-    if cpu_geglu_ready() is not None:
-        pytest.skip(cpu_geglu_ready())
-    optim.optimize(pipe, level=0, precision=True)
-    precision_only = run(pipe)
-    optim.optimize(pipe, level=0, precision=True, geglu=True)
-    ffs = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
-    assert ffs and all(m.activation is cpu_geglu_activation for m in ffs)
-    out = run(pipe)
-    assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
-    assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
-    pipe.optimization.revert()
-    assert all(m.activation is geglu_activation for m in ffs)
-    assert np.array_equal(run(pipe), eager["np"])
-
-
-@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
-def test_group_norm_fused_in_bf16_within_the_precision_bound_and_reverts(pipe, eager):
     from kernels.group_norm_cpu import cpu_group_norm_ready
     from models.resnet import ResnetBlock2D, group_norm_silu
+    from models.transformer_2d import GEGLU, geglu_activation
+    from optim.geglu import cpu_geglu_activation
     from optim.group_norm import cpu_group_norm_silu_step
 
-    if cpu_group_norm_ready() is not None:
-        pytest.skip(cpu_group_norm_ready())
-    optim.optimize(pipe, level=0, precision=True, prepack=True)  # packed convolutions return channels-last
-    precision_only = run(pipe)
-    optim.optimize(pipe, level=0, precision=True, prepack=True, group_norm=True)
-    blocks = [m for m in pipe.unet.modules() if isinstance(m, ResnetBlock2D)]
-    assert blocks and all(m.norm_silu is cpu_group_norm_silu_step for m in blocks)
+    return {"geglu": (GEGLU, "activation", cpu_geglu_activation, geglu_activation, cpu_geglu_ready),
+            "group_norm": (ResnetBlock2D, "norm_silu", cpu_group_norm_silu_step, group_norm_silu, cpu_group_norm_ready)}
+
+
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+@pytest.mark.parametrize("name", ["geglu", "group_norm"])
+def test_fused_kernel_in_bf16_within_the_precision_bound_and_reverts(pipe, eager, name):
+    cls, slot, fused, plain, ready = _fused_slots()[name]
+    if ready() is not None:
+        pytest.skip(ready())
+    base = dict(precision=True, prepack=True)  # packed convolutions return channels-last tensors
+    optim.optimize(pipe, level=0, **base)
+    without = run(pipe)
+    optim.optimize(pipe, level=0, **base, **{name: True})
+    modules = [m for m in pipe.unet.modules() if isinstance(m, cls)]
+    assert modules and all(getattr(m, slot) is fused for m in modules)
     out = run(pipe)
     assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
-    assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
+    assert psnr(out, without) >= optim.precision.PrecisionPass.psnr_floor_db
     pipe.optimization.revert()
-    assert all(m.norm_silu is group_norm_silu for m in blocks)
+    assert all(getattr(m, slot) is plain for m in modules)
     assert np.array_equal(run(pipe), eager["np"])
 
 
