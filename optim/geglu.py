@@ -12,8 +12,7 @@ from dataclasses import dataclass
 
 from models.transformer_2d import GEGLU, geglu_activation
 
-from .base import Pass
-from .components import pipeline_device, pipeline_models
+from .slots import CpuKernelSlotPass
 
 
 def cpu_geglu_activation(proj):
@@ -26,28 +25,17 @@ def cpu_geglu_activation(proj):
 
 
 @dataclass(frozen=True)
-class GEGLUPass(Pass):
+class GEGLUPass(CpuKernelSlotPass):
     name = "geglu"
     exact = True
+    module_type = GEGLU
+    slot = "activation"
+    what = "GEGLU feed-forward"
 
-    def _modules(self, pipe):
-        return [m for model in pipeline_models(pipe).values() for m in model.modules() if isinstance(m, GEGLU)]
+    def kernel(self):
+        return cpu_geglu_activation
 
-    def supports(self, pipe) -> str | None:
-        if not self._modules(pipe):
-            return "no GEGLU feed-forward in this pipeline"
-        if pipeline_device(pipe).type != "cpu":
-            return f"the fused GEGLU is a CPU kernel; this pipeline is on {pipeline_device(pipe)}"
+    def ready(self) -> str | None:
         from kernels.geglu_cpu import cpu_geglu_ready
 
         return cpu_geglu_ready()
-
-    def apply(self, pipe) -> None:
-        saved = self._state().setdefault("previous", [])
-        for module in self._modules(pipe):
-            saved.append((module, module.activation))
-            module.activation = cpu_geglu_activation
-
-    def revert(self, pipe) -> None:
-        for module, activation in reversed(self._state().pop("previous", [])):
-            module.activation = activation

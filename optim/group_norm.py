@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from models.resnet import ResnetBlock2D, group_norm_silu
 
-from .base import Pass
-from .components import pipeline_device, pipeline_models
+from .slots import CpuKernelSlotPass
 
 
 def cpu_group_norm_silu_step(norm, x):
@@ -25,28 +24,17 @@ def cpu_group_norm_silu_step(norm, x):
 
 
 @dataclass(frozen=True)
-class GroupNormPass(Pass):
+class GroupNormPass(CpuKernelSlotPass):
     name = "group_norm"
     exact = True
+    module_type = ResnetBlock2D
+    slot = "norm_silu"
+    what = "GroupNorm+SiLU of resnet blocks"
 
-    def _blocks(self, pipe):
-        return [m for model in pipeline_models(pipe).values() for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    def kernel(self):
+        return cpu_group_norm_silu_step
 
-    def supports(self, pipe) -> str | None:
-        if not self._blocks(pipe):
-            return "no resnet blocks in this pipeline"
-        if pipeline_device(pipe).type != "cpu":
-            return f"the fused GroupNorm+SiLU is a CPU kernel; this pipeline is on {pipeline_device(pipe)}"
+    def ready(self) -> str | None:
         from kernels.group_norm_cpu import cpu_group_norm_ready
 
         return cpu_group_norm_ready()
-
-    def apply(self, pipe) -> None:
-        saved = self._state().setdefault("previous", [])
-        for block in self._blocks(pipe):
-            saved.append((block, block.norm_silu))
-            block.norm_silu = cpu_group_norm_silu_step
-
-    def revert(self, pipe) -> None:
-        for block, step in reversed(self._state().pop("previous", [])):
-            block.norm_silu = step
