@@ -6,8 +6,9 @@ Each operation lives in its own file with its kernel, autotune configs, host wra
 this package never needs Triton; without it every entry point raises ``TritonUnavailableError``
 and ``triton_available()`` is False. The references always work.
 
-``cpu_attention``, ``cpu_geglu`` and ``cpu_group_norm_silu`` are not Triton: C kernels for bf16 on CPUs with AVX512-BF16, built
-with the system compiler on first use (cpu_build.py says how and when they are unavailable).
+``cpu_attention``, ``cpu_geglu`` and ``cpu_group_norm_silu`` are not Triton: C kernels for bf16 on CPUs
+with AVX512-BF16, built with the system compiler on first use (cpu_build.py says how and when they are
+unavailable).
 """
 from .attention import attention, attention_ref, attention_supports
 from .attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports

@@ -30,9 +30,8 @@ _state: dict = {}  # the loaded entry point by name, or "why": the reason it is 
 
 def cpu_attention_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    i64p = ctypes.POINTER(ctypes.c_int64)
-    return cpu_build.bind(_state, SOURCE, {"dr_attention_bf16": (ctypes.c_int, [ctypes.c_void_p] * 4 + [
-        ctypes.c_int] * 5 + [i64p] * 4 + [ctypes.c_float, ctypes.c_int])})
+    return cpu_build.bind(_state, SOURCE, lambda: {"dr_attention_bf16": (ctypes.c_int, [ctypes.c_void_p] * 4 + [
+        ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int64)] * 4 + [ctypes.c_float, ctypes.c_int])})
 
 
 def cpu_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str | None:
@@ -57,20 +56,25 @@ def cpu_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ma
     return cpu_attention_ready()
 
 
-def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    why = cpu_attention_supports(q, k, v)
-    if why is not None:
-        raise ValueError(f"cpu_attention: {why}")
+def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """The kernel on a call ``cpu_attention_supports`` accepted."""
     b, h, tq, d = q.shape
     out = torch.empty(b, tq, h, d, dtype=q.dtype).transpose(1, 2)
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
     with torch.profiler.record_function("kernels::cpu_attention"):  # visible to bench/profile_step.py
-        rc = _state["dr_attention_bf16"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq, k.shape[2], d,
-                          *strides, d ** -0.5, torch.get_num_threads())
+        rc = _state["dr_attention_bf16"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq,
+                                         k.shape[2], d, *strides, d ** -0.5, torch.get_num_threads())
     if rc != 0:
         raise RuntimeError(f"cpu_attention: the kernel returned {rc} for q {tuple(q.shape)}, k {tuple(k.shape)} "
                            "(1: unsupported shape, 2: out of memory)")
     return out
+
+
+def _run(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    why = cpu_attention_supports(q, k, v)
+    if why is not None:
+        raise ValueError(f"cpu_attention: {why}")
+    return _launch(q, k, v)
 
 
 @torch.library.custom_op("kernels::cpu_attention", mutates_args=())
@@ -89,3 +93,10 @@ def cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Te
     if torch.compiler.is_compiling():
         return _cpu_attention_op(q, k, v)
     return _run(q, k, v)
+
+
+def try_cpu_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> torch.Tensor | None:
+    """``cpu_attention(q, k, v)`` where the kernel supports the call, else None (one check per call)."""
+    if cpu_attention_supports(q, k, v, mask) is not None:
+        return None
+    return _cpu_attention_op(q, k, v) if torch.compiler.is_compiling() else _launch(q, k, v)

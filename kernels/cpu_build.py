@@ -1,4 +1,5 @@
-"""Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c).
+"""Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
+group_norm_cpu.c; shared helpers in cpu_math.h).
 
 A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
@@ -96,15 +97,16 @@ def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
     return _loaded[name]
 
 
-def bind(state: dict, source: Path, symbols: dict) -> str | None:
-    """Fill ``state`` once with the entry points ``symbols`` (name -> (restype, argtypes)) of
-    ``source``'s library under their names, or with ``"why"``; returns why they are unavailable."""
+def bind(state: dict, source: Path, symbols) -> str | None:
+    """Fill ``state`` once with the entry points of ``source``'s library named by ``symbols()``
+    (name -> (restype, argtypes)), or with ``"why"``; returns why they are unavailable. After the
+    first call it only reads ``state`` (it runs once per kernel call)."""
     if not state:
         lib, why = load(source)
         if lib is None:
             state["why"] = why
         else:
-            for name, (restype, argtypes) in symbols.items():
+            for name, (restype, argtypes) in symbols().items():
                 fn = getattr(lib, name)
                 fn.restype, fn.argtypes = restype, argtypes
                 state[name] = fn

@@ -23,7 +23,7 @@ _state: dict = {}  # the loaded entry point by name, or "why": the reason it is 
 
 def cpu_geglu_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    return cpu_build.bind(_state, SOURCE, {"dr_geglu_bf16": (None, [
+    return cpu_build.bind(_state, SOURCE, lambda: {"dr_geglu_bf16": (None, [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int])})
 
 
@@ -40,10 +40,8 @@ def cpu_geglu_supports(proj: torch.Tensor) -> str | None:
     return cpu_geglu_ready()
 
 
-def _run(proj: torch.Tensor) -> torch.Tensor:
-    why = cpu_geglu_supports(proj)
-    if why is not None:
-        raise ValueError(f"cpu_geglu: {why}")
+def _launch(proj: torch.Tensor) -> torch.Tensor:
+    """The kernel on a call ``cpu_geglu_supports`` accepted."""
     n = proj.shape[-1] // 2
     out = proj.new_empty(*proj.shape[:-1], n)
     rows = proj.numel() // (2 * n) if n else 0
@@ -51,6 +49,13 @@ def _run(proj: torch.Tensor) -> torch.Tensor:
         with torch.profiler.record_function("kernels::cpu_geglu"):
             _state["dr_geglu_bf16"](proj.data_ptr(), out.data_ptr(), rows, n, 2 * n, n, torch.get_num_threads())
     return out
+
+
+def _run(proj: torch.Tensor) -> torch.Tensor:
+    why = cpu_geglu_supports(proj)
+    if why is not None:
+        raise ValueError(f"cpu_geglu: {why}")
+    return _launch(proj)
 
 
 @torch.library.custom_op("kernels::cpu_geglu", mutates_args=())
@@ -68,3 +73,10 @@ def cpu_geglu(proj: torch.Tensor) -> torch.Tensor:
     if torch.compiler.is_compiling():
         return _cpu_geglu_op(proj)
     return _run(proj)
+
+
+def try_cpu_geglu(proj: torch.Tensor) -> torch.Tensor | None:
+    """``cpu_geglu(proj)`` where the kernel supports the call, else None (one check per call)."""
+    if cpu_geglu_supports(proj) is not None:
+        return None
+    return _cpu_geglu_op(proj) if torch.compiler.is_compiling() else _launch(proj)

@@ -1,9 +1,10 @@
 """Our fused bf16 GroupNorm + SiLU for x86-64 CPUs with AVX512-BF16 (C source: group_norm_cpu.c).
 
 ``cpu_group_norm_silu(x, groups, weight, bias, eps)`` is ``silu(group_norm(x))`` for a contiguous
-or channels-last (what oneDNN's packed convolutions return) bf16 CPU tensor with bf16 affine parameters: fp32 statistics, one rounding to bf16, one
-write. Built and loaded like attention_cpu (cpu_build.py); ``cpu_group_norm_ready()`` says why it
-cannot run here. Under torch.compile it is the opaque custom op ``kernels::cpu_group_norm_silu``.
+or channels-last (what oneDNN's packed convolutions return) bf16 CPU tensor with bf16 affine
+parameters: fp32 statistics, one rounding to bf16, one write. Built and loaded like attention_cpu
+(cpu_build.py); ``cpu_group_norm_ready()`` says why it cannot run here. Under torch.compile it is the
+opaque custom op ``kernels::cpu_group_norm_silu``.
 
 Reference: the same formula in fp32 (tests/kernels/test_group_norm_cpu.py).
 """
@@ -23,9 +24,12 @@ _state: dict = {}  # the loaded entry points by name, or "why": the reason they 
 
 def cpu_group_norm_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    shape = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
-    return cpu_build.bind(_state, SOURCE, {"dr_group_norm_silu_bf16": (None, shape + [ctypes.c_int]),
-                                           "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_int])})
+    def symbols():
+        shape = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
+        return {"dr_group_norm_silu_bf16": (None, shape + [ctypes.c_int]),
+                "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_int])}
+
+    return cpu_build.bind(_state, SOURCE, symbols)
 
 
 def _channels_last(x: torch.Tensor) -> bool:
@@ -47,10 +51,8 @@ def cpu_group_norm_supports(x: torch.Tensor, groups: int, weight, bias) -> str |
     return cpu_group_norm_ready()
 
 
-def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
-    why = cpu_group_norm_supports(x, groups, weight, bias)
-    if why is not None:
-        raise ValueError(f"cpu_group_norm_silu: {why}")
+def _launch(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    """The kernel on a call ``cpu_group_norm_supports`` accepted."""
     out = torch.empty_like(x)  # keeps x's memory format
     hw = x[0, 0].numel()
     with torch.profiler.record_function("kernels::cpu_group_norm_silu"):
@@ -63,6 +65,13 @@ def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor,
             _state["dr_group_norm_silu_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                               x.shape[0], x.shape[1], hw, groups, eps, torch.get_num_threads())
     return out
+
+
+def _run(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tensor, eps: float) -> torch.Tensor:
+    why = cpu_group_norm_supports(x, groups, weight, bias)
+    if why is not None:
+        raise ValueError(f"cpu_group_norm_silu: {why}")
+    return _launch(x, groups, weight, bias, eps)
 
 
 @torch.library.custom_op("kernels::cpu_group_norm_silu", mutates_args=())
@@ -82,3 +91,12 @@ def cpu_group_norm_silu(x: torch.Tensor, groups: int, weight: torch.Tensor, bias
     if torch.compiler.is_compiling():
         return _cpu_group_norm_silu_op(x, groups, weight, bias, eps)
     return _run(x, groups, weight, bias, eps)
+
+
+def try_cpu_group_norm_silu(x: torch.Tensor, groups: int, weight, bias, eps: float) -> torch.Tensor | None:
+    """``cpu_group_norm_silu(...)`` where the kernel supports the call, else None (one check per call)."""
+    if cpu_group_norm_supports(x, groups, weight, bias) is not None:
+        return None
+    if torch.compiler.is_compiling():
+        return _cpu_group_norm_silu_op(x, groups, weight, bias, eps)
+    return _launch(x, groups, weight, bias, eps)

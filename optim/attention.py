@@ -31,11 +31,10 @@ def triton_backend(q, k, v, mask=None):
 
 def cpu_backend(q, k, v, mask=None):
     """Our bf16 CPU kernel where it supports the call (bf16, no mask), SDPA where it does not."""
-    from kernels.attention_cpu import cpu_attention, cpu_attention_supports
+    from kernels.attention_cpu import try_cpu_attention
 
-    if cpu_attention_supports(q, k, v, mask) is None:
-        return cpu_attention(q, k, v)
-    return sdpa_backend(q, k, v, mask)
+    out = try_cpu_attention(q, k, v, mask)
+    return out if out is not None else sdpa_backend(q, k, v, mask)
 
 
 def _cpu_kernel_ready() -> str | None:

@@ -17,11 +17,10 @@ from .slots import CpuKernelSlotPass
 
 def cpu_geglu_activation(proj):
     """Our bf16 CPU kernel where it supports the call, the eager formula where it does not."""
-    from kernels.geglu_cpu import cpu_geglu, cpu_geglu_supports
+    from kernels.geglu_cpu import try_cpu_geglu
 
-    if cpu_geglu_supports(proj) is None:
-        return cpu_geglu(proj)
-    return geglu_activation(proj)
+    out = try_cpu_geglu(proj)
+    return out if out is not None else geglu_activation(proj)
 
 
 @dataclass(frozen=True)

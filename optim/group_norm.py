@@ -16,11 +16,10 @@ from .slots import CpuKernelSlotPass
 
 def cpu_group_norm_silu_step(norm, x):
     """Our bf16 CPU kernel where it supports the call, the eager form where it does not."""
-    from kernels.group_norm_cpu import cpu_group_norm_silu, cpu_group_norm_supports
+    from kernels.group_norm_cpu import try_cpu_group_norm_silu
 
-    if cpu_group_norm_supports(x, norm.num_groups, norm.weight, norm.bias) is None:
-        return cpu_group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
-    return group_norm_silu(norm, x)
+    out = try_cpu_group_norm_silu(x, norm.num_groups, norm.weight, norm.bias, norm.eps)
+    return out if out is not None else group_norm_silu(norm, x)
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,8 @@ from .tome import ToMePass
 # Every pass, in the order they are applied (compile last: it traces what the others set up).
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (AttentionPass, FusedQKVPass, GEGLUPass, GroupNormPass, MemoryFormatPass, PrecisionPass, PrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
+    for cls in (AttentionPass, FusedQKVPass, GEGLUPass, GroupNormPass, MemoryFormatPass, PrecisionPass, PrepackPass,
+                ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.

@@ -115,8 +115,8 @@ class PrepackPass(Pass):
 
     def _targets(self, pipe):
         dtypes = PACKED_DTYPES if self.fp32 else (torch.bfloat16,)
-        return [(m, _packer(m)) for model in pipeline_models(pipe).values() for m in model.modules()
-                if _packer(m) is not None and "forward" not in m.__dict__ and m.weight.dtype in dtypes]
+        return [(m, packer) for model in pipeline_models(pipe).values() for m in model.modules()
+                if (packer := _packer(m)) is not None and "forward" not in m.__dict__ and m.weight.dtype in dtypes]
 
     def supports(self, pipe) -> str | None:
         if pipeline_device(pipe).type != "cpu":
@@ -125,7 +125,8 @@ class PrepackPass(Pass):
         if why:
             return why
         if not self._targets(pipe):
-            kinds = "bf16 or fp32" if self.fp32 else "bf16 (precision off?; fp32 packing measured no faster, fp32=True forces it)"
+            kinds = ("bf16 or fp32" if self.fp32
+                     else "bf16 (precision off?; fp32 packing measured no faster, fp32=True forces it)")
             return f"no {kinds} convolutions or linears in this pipeline"
         return None
 

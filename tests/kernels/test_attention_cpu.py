@@ -127,6 +127,10 @@ def test_compiles_as_one_custom_op_without_graph_breaks():
 
     compiled = torch.compile(f, fullgraph=True, backend="inductor")
     assert torch.equal(compiled(q, k, v), f(q, k, v))
+    # the backends' path: one support check, then the op (traced) or the kernel (eager); None when unsupported
+    tried = torch.compile(lambda q, k, v: attention_cpu.try_cpu_attention(q, k, v) * 2, fullgraph=True)
+    assert torch.equal(tried(q, k, v), cpu_attention(q, k, v) * 2)
+    assert attention_cpu.try_cpu_attention(q.float(), k.float(), v.float()) is None
 
 
 def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
