@@ -56,9 +56,14 @@ class ModelMixin(nn.Module, ConfigMixin):
         """Every submodule with an attention ``backend`` slot (ours and the CLIP encoder's)."""
         return [m for m in self.modules() if isinstance(m, Attention) or hasattr(m, "backend")]
 
-    def announce_step(self, index: int, count: int, timestep: float) -> None:
+    # ``None`` or a callable ``(index, count) -> bool`` the pipelines ask before each denoising step
+    # of a guided call: True runs that step on the conditional half alone and takes its prediction
+    # unguided (TGATE drops classifier-free guidance after its gate; optim/tgate.py).
+    guidance_gate = None
+
+    def announce_step(self, index: int, count: int, timestep: float, guided: bool = False) -> None:
         """Called by pipelines before each denoising step (per thread; see step_context.py)."""
-        self._step_announcer().set(StepContext(int(index), int(count), float(timestep)))
+        self._step_announcer().set(StepContext(int(index), int(count), float(timestep), bool(guided)))
 
     def clear_step(self) -> None:
         self._step_announcer().set(None)

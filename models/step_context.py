@@ -1,7 +1,8 @@
 """The step context: which denoising step a model is being called for (DESIGN.md §3).
 
 The pipeline announces each step before calling the model (index, count, timestep as a Python
-number), so passes never search the schedule or call ``.item()``. The context is per thread:
+number, and whether the batch holds classifier-free guidance's [unconditional, conditional]
+halves), so passes never search the schedule or call ``.item()``. The context is per thread:
 concurrent calls on one pipeline run in different threads and each sees its own step.
 """
 from __future__ import annotations
@@ -15,6 +16,7 @@ class StepContext:
     index: int  # 0-based step of this call's denoising loop
     count: int  # number of steps in this call's loop
     timestep: float  # the scheduler's timestep as a Python number
+    guided: bool = False  # the batch is [unconditional, conditional] halves (classifier-free guidance)
 
 
 class StepAnnouncer:

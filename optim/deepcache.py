@@ -70,11 +70,20 @@ class DeepCacheSlot:
 
     @property
     def features(self):
-        return getattr(self._local, "features", None)
+        """The stored features; stored on a guided step and read on an unguided one (TGATE dropped
+        guidance), the mean of their unconditional and conditional halves."""
+        features = getattr(self._local, "features", None)
+        ctx = self.model.step_context
+        if features is not None and getattr(self._local, "guided", False) and ctx is not None and not ctx.guided:
+            uncond, cond = features.chunk(2)
+            features = self.features = (uncond + cond) / 2
+        return features
 
     @features.setter
     def features(self, value) -> None:
+        ctx = self.model.step_context
         self._local.features = value
+        self._local.guided = ctx is not None and ctx.guided
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,8 @@
 
 Per step: (duplicate for guidance) -> scheduler.scale_model_input -> [model_input hook] ->
 announce the step -> UNet -> guidance -> scheduler.step -> [after_step hook] -> callback.
+Where the UNet's ``guidance_gate`` says so (TGATE after its gate), a guided step runs the
+conditional half of the batch alone and takes its prediction as is.
 The Python timestep values come from one ``timesteps.tolist()`` before the loop: nothing in the
 loop calls ``.item()`` or searches the schedule (DESIGN.md §3).
 """
@@ -40,6 +42,17 @@ def guide(noise_pred: torch.Tensor, guidance_scale: float, guidance_rescale: flo
     return guided
 
 
+def conditional_half(value, batch: int):
+    """``value`` with every tensor of ``2 * batch`` rows cut to its second (conditional) half."""
+    if torch.is_tensor(value):
+        return value[batch:] if value.ndim and value.shape[0] == 2 * batch else value
+    if isinstance(value, dict):
+        return {k: conditional_half(v, batch) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(conditional_half(v, batch) for v in value)
+    return value
+
+
 def denoise(
     pipe,
     scheduler,
@@ -65,6 +78,7 @@ def denoise(
     warmup = count - num_inference_steps * scheduler.order
     announce = getattr(unet, "announce_step", None)
     unet_dtype = unet.dtype
+    gate = getattr(unet, "guidance_gate", None) if do_cfg else None
     try:
         with pipe.progress_bar(total=num_inference_steps) as bar:
             for i, t in enumerate(timesteps):
@@ -73,11 +87,15 @@ def denoise(
                 x = scheduler.scale_model_input(x, t)
                 if model_input is not None:
                     x = model_input(state, x)
+                kwargs = unet_kwargs(state)
+                guided = do_cfg and not (gate is not None and gate(i, count))
+                if do_cfg and not guided:  # the conditional half alone, unguided
+                    x, kwargs = x[len(latents):], conditional_half(kwargs, len(latents))
                 if announce is not None:
-                    announce(i, count, values[i])
+                    announce(i, count, values[i], guided)
                 # dtype rule: the UNet runs in its own dtype; latents and scheduler math stay in theirs (fp32)
-                noise_pred = unet(x.to(unet_dtype), t, return_dict=False, **unet_kwargs(state))[0].to(latents.dtype)
-                if do_cfg:
+                noise_pred = unet(x.to(unet_dtype), t, return_dict=False, **kwargs)[0].to(latents.dtype)
+                if guided:
                     noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
                 state["latents"] = scheduler.step(noise_pred, t, latents, return_dict=False, **extra_step_kwargs)[0]
                 if after_step is not None:
