@@ -90,37 +90,67 @@ static void attend_rows(const uint16_t *q, int64_t q_stride, int nr, int d, int 
                         uint16_t *o, int64_t o_stride) {
     const int pairs_d = (d + 1) / 2, npairs = (tk + 1) / 2, prow = tk16 + 2;
     float inv[ROWS];
-    /* the rows' q as dim pairs, zero past d: one 32-bit broadcast per product step */
+    /* the rows' q as dim pairs, zero past d and for rows past nr: one 32-bit broadcast per product
+     * step, and every block computes all ROWS rows (a fixed trip count keeps the accumulators in
+     * registers; the padding rows' scores are never read) */
     uint32_t qpairs[ROWS * (MAX_D / 2)];
-    for (int r = 0; r < nr; r++)
+    for (int r = 0; r < ROWS; r++)
         for (int dp = 0; dp < pairs_d; dp++) {
-            uint32_t pair = q[r * q_stride + 2 * dp];
-            if (2 * dp + 1 < d) pair |= (uint32_t)q[r * q_stride + 2 * dp + 1] << 16;
+            uint32_t pair = 0;
+            if (r < nr) {
+                pair = q[r * q_stride + 2 * dp];
+                if (2 * dp + 1 < d) pair |= (uint32_t)q[r * q_stride + 2 * dp + 1] << 16;
+            }
             qpairs[r * pairs_d + dp] = pair;
         }
-    /* raw scores */
-    for (int j = 0; j < tk16; j += 16) {
+    /* raw scores and each row's maximum, two blocks of 16 keys at a time (each q broadcast feeds
+     * two products); the zero-padded keys past tk are left out of the maximum */
+    __m512 mx[ROWS];
+    for (int r = 0; r < ROWS; r++) mx[r] = _mm512_set1_ps(-INFINITY);
+    int j = 0;
+    for (; j + 32 <= tk; j += 32) {
+        __m512 acc0[ROWS], acc1[ROWS];
+        for (int r = 0; r < ROWS; r++) acc0[r] = acc1[r] = _mm512_setzero_ps();
+        for (int dp = 0; dp < pairs_d; dp++) {
+            const __m512bh k0 = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j) * 2);
+            const __m512bh k1 = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j + 16) * 2);
+            for (int r = 0; r < ROWS; r++) {
+                const __m512bh qb = (__m512bh)_mm512_set1_epi32((int)qpairs[r * pairs_d + dp]);
+                acc0[r] = _mm512_dpbf16_ps(acc0[r], qb, k0);
+                acc1[r] = _mm512_dpbf16_ps(acc1[r], qb, k1);
+            }
+        }
+        for (int r = 0; r < ROWS; r++) {
+            _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc0[r]);
+            _mm512_storeu_ps(s + (size_t)r * tk16 + j + 16, acc1[r]);
+            mx[r] = _mm512_max_ps(mx[r], _mm512_max_ps(acc0[r], acc1[r]));
+        }
+    }
+    for (; j < tk16; j += 16) {
         __m512 acc[ROWS];
         for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
         for (int dp = 0; dp < pairs_d; dp++) {
-            __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j) * 2);
-            for (int r = 0; r < nr; r++)
+            const __m512bh kv = (__m512bh)_mm512_loadu_si512(kp + ((size_t)dp * tk16 + j) * 2);
+            for (int r = 0; r < ROWS; r++)
                 acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_set1_epi32((int)qpairs[r * pairs_d + dp]), kv);
         }
-        for (int r = 0; r < nr; r++) _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc[r]);
+        const __mmask16 valid = tail_mask(tk - j);
+        for (int r = 0; r < ROWS; r++) {
+            _mm512_storeu_ps(s + (size_t)r * tk16 + j, acc[r]);
+            mx[r] = _mm512_mask_max_ps(mx[r], valid, mx[r], acc[r]);
+        }
     }
-    /* softmax numerators exp(scale * (s - max)) as bf16 (zero past tk), 1 / sum in fp32 */
-    const __m512 scale_v = _mm512_set1_ps(scale);
+    /* exp(scale * (s - max)) = 2^(s * scale * log2(e) - max * scale * log2(e)) */
+    const float scale2 = scale * 1.44269504088896341f;
+    const __m512 scale_v = _mm512_set1_ps(scale2);
     for (int r = 0; r < nr; r++) {
         float *sr = s + (size_t)r * tk16;
         uint16_t *pr = p16 + (size_t)r * prow;
-        for (int j = tk; j < tk16; j++) sr[j] = -INFINITY;
-        __m512 m = _mm512_set1_ps(-INFINITY);
-        for (int j = 0; j < tk16; j += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(sr + j));
-        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(m) * scale);
+        const __m512 shift = _mm512_set1_ps(_mm512_reduce_max_ps(mx[r]) * scale2);
         __m512 sum = _mm512_setzero_ps();
         for (int j = 0; j < tk16; j += 16) {
-            __m512 e = exp_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale_v, shift));
+            /* the padding keys' scores are masked to 0 below */
+            __m512 e = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sr + j), scale_v, shift));
             if (j + 16 > tk) e = _mm512_maskz_mov_ps((__mmask16)((1u << (tk - j)) - 1u), e);
             sum = _mm512_add_ps(sum, e);
             _mm256_storeu_si256((__m256i *)(pr + j), (__m256i)_mm512_cvtneps_pbh(e));

@@ -60,6 +60,19 @@ def test_matches_fp32_reference_within_bf16_sdpa_error(shape):
 
 
 @needs_kernel
+@pytest.mark.parametrize("tk", [19, 64])
+def test_all_scores_far_below_zero(tk):
+    """Every score below -250 (a row maximum far below the zero-padded keys' scores, which must stay
+    out of the maximum): the softmax still normalizes to the reference."""
+    q, k, v = qkv(1, 2, 21, tk, 16, seed=5)
+    q, k = q.abs() * 20, -k.abs() * 20  # every row maximum below -250
+    out = cpu_attention(q, k, v)
+    ours, sdpa, vmax = errors(out, q, k, v)
+    assert torch.isfinite(out).all()
+    assert ours.max().item() <= max(2 * sdpa.max().item(), vmax * 2.0 ** -8)
+
+
+@needs_kernel
 def test_output_is_heads_last_memory_so_merging_heads_is_free():
     q, k, v = qkv(2, 8, 40, 77, 16)
     out = cpu_attention(q, k, v)
