@@ -3,9 +3,10 @@
 Weight names follow diffusers: ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
 ``conv_shortcut``; samplers hold ``conv``.
 
-Extension point (DESIGN.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
+Extension points (DESIGN.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
 silu(norm(x))`` for its GroupNorm-then-SiLU steps (default ``group_norm_silu``); a pass sets a fused
-kernel there.
+kernel there. ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
+for the doubling-then-conv step (optim/upsample.py folds the upsampling into the conv).
 """
 from __future__ import annotations
 
@@ -104,8 +105,11 @@ class Upsample2D(nn.Module):
         super().__init__()
         out_channels = out_channels or channels
         self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.conv_2x = None
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:
+        if output_size is None and self.conv is not None and self.conv_2x is not None:
+            return self.conv_2x(self, x)
         if output_size is None:
             x = F.interpolate(x, scale_factor=2.0, mode="nearest")
         else:

@@ -58,11 +58,18 @@ def test_level0_changes_nothing(pipe, eager):
     assert np.array_equal(run(pipe), eager["np"])
 
 
+def upsamplers(pipe):
+    from models.resnet import Upsample2D
+
+    return [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
+
+
 @pytest.mark.parametrize("name, settings, proof", [
     ("attention", {"backend": "sdpa"}, lambda p: all(a.backend is not None for a in p.unet.attention_modules())),
     ("fused_qkv", {}, lambda p: all(a.fused in ("qkv", "kv") for a in p.unet.attention_modules())),
     ("memory_format", {"channels_last": "on"},
      lambda p: p.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)),
+    ("upsample", {}, lambda p: len(ups := upsamplers(p)) >= 2 and all(m.conv_2x is not None for m in ups)),
 ])
 def test_exact_pass_matches_eager(pipe, eager, name, settings, proof):
     optim.optimize(pipe, level=0, **{name: settings})
@@ -73,7 +80,7 @@ def test_exact_pass_matches_eager(pipe, eager, name, settings, proof):
 
 def test_level1_is_exact(pipe, eager):
     optim.optimize(pipe, level=1)
-    assert {p.name for p in pipe.optimization.applied} >= {"attention", "fused_qkv"}
+    assert {p.name for p in pipe.optimization.applied} >= {"attention", "fused_qkv", "upsample"}
     assert "memory_format" in pipe.optimization.skipped  # measured no faster on CPU: says why
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
 
@@ -252,7 +259,7 @@ def test_deepcache_with_img2img(pipe):
 
 
 # ---- lifecycle -------------------------------------------------------------------------------
-ALL_ON = {"attention": {}, "fused_qkv": {}, "memory_format": {"channels_last": "on"}, "precision": {},
+ALL_ON = {"attention": {}, "fused_qkv": {}, "memory_format": {"channels_last": "on"}, "precision": {}, "upsample": {},
           "tome": TOME_ON, "tgate": {}, "deepcache": {}}
 
 
