@@ -38,7 +38,7 @@ def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
-def _fresh(cache: dict, w: torch.Tensor) -> dict:
+def weight_cache(cache: dict, w: torch.Tensor) -> dict:
     """``cache``, emptied when the weight is not the one its entries were packed from."""
     # inference tensors (weights converted inside inference_mode) have no version counter
     owner = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
@@ -58,7 +58,7 @@ def packed_conv_forward(conv: nn.Conv2d):
         if _plain(x, w) or x.ndim != 4:
             return conv._conv_forward(x, w, conv.bias)
         key = tuple(x.shape)
-        packed = _fresh(cache, w).get(key)
+        packed = weight_cache(cache, w).get(key)
         if packed is None:
             packed = cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
@@ -77,7 +77,7 @@ def packed_linear_forward(linear: nn.Linear):
         w = linear.weight
         if _plain(x, w):
             return F.linear(x, w, linear.bias)
-        packed = _fresh(cache, w).get("packed")
+        packed = weight_cache(cache, w).get("packed")
         if packed is None:  # the row count only hints oneDNN's choice of layout
             packed = cache["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), x.numel() // x.shape[-1])
         return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")

@@ -85,9 +85,9 @@ class TGatePass(Pass):
     # model (48 held-out prompts, bench/RESULTS.md) a gate at half the steps *with* the drop reads
     # back as well as eager or better (overall, TGATE alone: 0.98 against 0.88 at 20 steps; level 3:
     # 0.88 against 0.87 at 10 steps, 0.97 against 0.88 at 20 and 50): late guidance at 7.5 only
-    # over-sharpens there. Without the drop that gate turns colours wrong
-    # (0.83 -> 0.65), so ``drop_cfg=False`` wants ``gate_step=0.8``. PSNR against eager is ~23 dB
-    # with the drop: it draws a cleaner image, not the same one.
+    # over-sharpens there. Without the drop that gate turns colours wrong (0.83 -> 0.65), so
+    # ``drop_cfg=False`` wants ``gate_step=0.8``. PSNR against eager is ~23 dB with the drop: it
+    # draws a cleaner image, not the same one.
     psnr_floor_db: ClassVar[float] = 30.0
     gate_step: int | float = 0.5
     drop_cfg: bool = True

@@ -27,7 +27,7 @@ from models.resnet import Upsample2D
 
 from .base import Pass
 from .components import pipeline_models
-from .prepack import mkldnn_usable, packed_conv_forward
+from .prepack import mkldnn_usable, packed_conv_forward, weight_cache
 
 # FOLD[a] (2 x 3): which 3x3 kernel rows (columns) feed the two window rows (columns) of phase a.
 FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
@@ -59,18 +59,18 @@ class FoldedUpsampleConv:
         conv = module.conv
         self.folded = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
                                 device="meta")
-        self.owner = None
+        self.cache: dict = {}  # emptied by weight_cache when the conv weight changes
         self.packed = packed_conv_forward(self.folded)
+        self.onednn = mkldnn_usable() is None
 
     def _refresh(self, conv: nn.Conv2d) -> None:
-        w = conv.weight
-        owner = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype, w.device)
-        if owner != self.owner:
+        cache = weight_cache(self.cache, conv.weight)
+        if "folded" not in cache:
             with torch.no_grad():
-                self.folded.weight = nn.Parameter(fold_weight(w), requires_grad=False)
+                self.folded.weight = nn.Parameter(fold_weight(conv.weight), requires_grad=False)
                 if conv.bias is not None:
                     self.folded.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
-            self.owner = owner
+            cache["folded"] = True
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv
@@ -78,7 +78,7 @@ class FoldedUpsampleConv:
             # traced (inductor fuses on its own) or training (gradients): the eager ops
             return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         self._refresh(conv)
-        fast = x.device.type == "cpu" and x.dtype == torch.bfloat16 and mkldnn_usable() is None
+        fast = self.onednn and x.device.type == "cpu" and x.dtype == torch.bfloat16
         g = self.packed(x) if fast else self.folded(x)
         return interleave_phases(g, conv.out_channels)
 
