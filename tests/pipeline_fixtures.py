@@ -195,6 +195,13 @@ def sdxl_folder(tmp_path_factory) -> Path:
     return build_sdxl(tmp_path_factory.mktemp("pipelines"))
 
 
+def quiet_pipeline(cls, folder):
+    """``cls.from_pretrained(folder)`` with its progress bar off (what the optim tests run)."""
+    pipe = cls.from_pretrained(str(folder))
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
 def generator(seed: int = SEED) -> torch.Generator:
     return torch.Generator("cpu").manual_seed(seed)
 

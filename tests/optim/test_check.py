@@ -11,6 +11,7 @@ import optim
 import runtime
 from models.errors import OptimizationError
 from optim.parity import psnr
+from pipeline_fixtures import quiet_pipeline
 
 CALL = {"prompt": "a red circle on a blue square", "num_inference_steps": 10}
 APPROXIMATE = {"deepcache": {}, "tgate": {}, "tome": {"max_downsample": 2}}
@@ -18,8 +19,7 @@ APPROXIMATE = {"deepcache": {}, "tgate": {}, "tome": {"max_downsample": 2}}
 
 @pytest.fixture(scope="module")
 def pipe(sd_folder, one_thread):
-    p = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
-    p.set_progress_bar_config(disable=True)
+    p = quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
     yield p
     if getattr(p, "optimization", None) is not None:
         p.optimization.revert()

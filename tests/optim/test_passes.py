@@ -15,7 +15,7 @@ import runtime
 from models.errors import OptimizationError
 from optim.prepack import packed_conv_forward, packed_linear_forward
 from optim.parity import max_abs, psnr
-from pipeline_fixtures import assert_same_state, pipeline_state as state
+from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
 STEPS = 10
 PROMPT = "a red circle on a blue square"
@@ -32,9 +32,7 @@ def run(pipe, output_type="np", seed=0, steps=STEPS, **kw):
 
 @pytest.fixture(scope="module")
 def pipe(sd_folder, one_thread):
-    p = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
 
 
 @pytest.fixture(scope="module")

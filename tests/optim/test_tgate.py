@@ -10,7 +10,7 @@ import optim
 import runtime
 from models.errors import OptimizationError
 from optim.parity import psnr
-from pipeline_fixtures import test_image
+from pipeline_fixtures import quiet_pipeline, test_image
 
 STEPS = 10
 PROMPT = "a red circle on a blue square"
@@ -23,9 +23,7 @@ def run(pipe, steps=STEPS, **kw):
 
 @pytest.fixture(scope="module")
 def pipe(sd_folder, one_thread):
-    p = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
 
 
 @pytest.fixture(autouse=True)
@@ -53,16 +51,12 @@ class BatchLog:
 
 @pytest.fixture(scope="module")
 def inpaint(sd_inpaint_folder, one_thread):
-    p = runtime.StableDiffusionInpaintPipeline.from_pretrained(str(sd_inpaint_folder))
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline(runtime.StableDiffusionInpaintPipeline, sd_inpaint_folder)
 
 
 @pytest.fixture(scope="module")
 def sdxl(sdxl_folder, one_thread):
-    p = runtime.StableDiffusionXLPipeline.from_pretrained(str(sdxl_folder))
-    p.set_progress_bar_config(disable=True)
-    return p
+    return quiet_pipeline(runtime.StableDiffusionXLPipeline, sdxl_folder)
 
 
 @pytest.mark.parametrize("which", ["pipe", "inpaint", "sdxl"])
