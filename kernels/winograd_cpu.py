@@ -1,0 +1,94 @@
+"""A 3x3 convolution as Winograd F(2x2, 3x3) for bf16 CPU tensors (C transforms: winograd_cpu.c).
+
+A direct 3x3 convolution makes 36 multiply-adds per input and output channel pair for each 2x2
+block of outputs; Winograd's minimal filtering makes 16: the input's 4x4 window around the block
+and the kernel are each transformed into 16 numbers, multiplied position by position (summed over
+input channels: 16 independent matmuls, run as one ``torch.bmm`` on oneDNN's bf16 units) and the
+16 products transformed back into the 2x2 block. On this CPU the direct bf16 convolutions already
+run at the matmul units' rate, so this is the way to fewer seconds: 2.25x fewer multiplies for two
+memory-bound transform passes.
+
+``winograd_weight(w)`` is the transformed kernel (16, C_in, C_out) in bf16, computed from ``w`` in
+fp32 once. ``cpu_winograd_conv3x3(x, u, bias)`` is ``conv2d(x, w, bias, padding=1)`` for a
+channels-last or contiguous bf16 (N, C, H, W) input; the result is channels-last, like oneDNN's.
+The error is about twice that of the direct bf16 convolution: the transformed input and the 16
+products are rounded to bf16 (tests/kernels/test_winograd_cpu.py holds it to a bound against the
+fp32 convolution). ``cpu_winograd_ready()`` says why the kernels cannot run here.
+"""
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from . import cpu_build
+
+SOURCE = Path(__file__).with_name("winograd_cpu.c")
+
+_state: dict = {}
+TILES_PER_TASK = 8  # WR in winograd_cpu.c
+CHUNK_BYTES = 4 << 20
+
+# G of F(2x2, 3x3): U = G g G^T.
+_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
+
+
+def cpu_winograd_ready() -> str | None:
+    """None when the transform kernels run on this machine (building them on first call), else why not."""
+    def symbols():
+        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int]
+        return {"dr_winograd_conv3x3_bf16": (None, args)}
+
+    return cpu_build.bind(_state, SOURCE, symbols)
+
+
+def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+    """The transformed kernel ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in fp64, rounded to
+    bf16 and packed for the products kernel: by blocks of 32 output channels, in pairs of input channels
+    (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2)."""
+    if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
+        raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
+                         f"of 32, got {tuple(w.shape)}")
+    co, ci = w.shape[:2]
+    u = torch.einsum("ak,oikl,bl->abio", _G, w.detach().double().cpu(), _G)  # (4, 4, C_in, C_out)
+    u = u.reshape(16, ci // 2, 2, co // 32, 32).permute(3, 0, 1, 4, 2)
+    return u.to(torch.bfloat16).contiguous()
+
+
+def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> str | None:
+    """None when ``cpu_winograd_conv3x3`` computes this call, else why not."""
+    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.ndim != 4:
+        return f"want a 4-D bf16 CPU input, got {x.ndim}-D {x.dtype} on {x.device}"
+    if (u.dtype != torch.bfloat16 or u.ndim != 5 or u.shape[1:] != (16, x.shape[1] // 2, 32, 2)
+            or x.shape[1] % 2 or not u.is_contiguous()):
+        return (f"want an even channel count ({x.shape[1]}) and a contiguous bf16 (C_out / 32, 16, "
+                f"{x.shape[1] // 2}, 32, 2) transformed weight, got {tuple(u.shape)} {u.dtype}")
+    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (32 * u.shape[0],)
+                             or not bias.is_contiguous()):
+        return f"want a contiguous bf16 bias of {32 * u.shape[0]} values, got {tuple(bias.shape)} {bias.dtype}"
+    if x.numel() == 0:
+        return "empty input"
+    return cpu_winograd_ready()
+
+
+def cpu_winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv2d(x, w, bias, padding=1)`` with ``u = winograd_weight(w)``; see the module docstring."""
+    why = cpu_winograd_supports(x, u, bias)
+    if why is not None:
+        raise ValueError(f"cpu_winograd_conv3x3: {why}")
+    n, c, h, w = x.shape
+    co = 32 * u.shape[0]
+    xl = x.contiguous(memory_format=torch.channels_last)
+    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
+    # Transformed input in chunks of at most CHUNK_BYTES: each chunk is multiplied while in cache, and
+    # the scratch stays small enough for the heap (a fresh mmap of tens of MB costs its page faults).
+    chunk = max(TILES_PER_TASK, CHUNK_BYTES // (32 * c) // TILES_PER_TASK * TILES_PER_TASK)
+    chunk = min(chunk, -(-tiles // TILES_PER_TASK) * TILES_PER_TASK)
+    with torch.profiler.record_function("kernels::cpu_winograd_conv3x3"):
+        scratch = torch.empty(16 * chunk * c, dtype=torch.bfloat16)
+        y = torch.empty(n, co, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        _state["dr_winograd_conv3x3_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
+                                           y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, chunk,
+                                           torch.get_num_threads())
+    return y
