@@ -1,21 +1,17 @@
-/* Winograd F(2x2, 3x3) transforms for a 3x3, stride-1, padding-1 convolution over channels-last bf16
- * tensors, for x86-64 CPUs with AVX512-BF16 (kernels/winograd_cpu.py does the weight transform and
- * runs the 16 products between these two kernels as one batched matmul).
+/* A 3x3, stride-1, padding-1 convolution as Winograd F(2x2, 3x3) over channels-last bf16 tensors, for
+ * x86-64 CPUs with AVX512-BF16 (kernels/winograd_cpu.py transforms and packs the kernel).
  *
- * Each 2x2 output tile reads the 4x4 input window around it. With B^T = [1 0 -1 0; 0 1 1 0;
+ * Each 2x2 output tile reads the 4x4 input window d around it. With B^T = [1 0 -1 0; 0 1 1 0;
  * 0 -1 1 0; 0 1 0 -1] and A^T = [1 1 1 0; 0 1 -1 -1] (Lavin & Gray 2015), the tile is
- * A^T [ U (.) (B^T d B) ] A where U = G g G^T is the transformed 3x3 kernel: 16 products per input
- * and output channel pair for 4 outputs instead of 36.
- *
- * dr_winograd_input_bf16: x (N, H, W, C) -> v (16, T_pad, C), T = N * ceil(H/2) * ceil(W/2) tiles in
- *   (n, row, column) order, T_pad = T rounded up to WR (those rows zero), v[k] the k-th (row-major)
- *   element of B^T d B; zero outside the image.
- * dr_winograd_output_bf16: m (16, T, Co) -> y (N, H, W, Co) = A^T m A + bias, the rows and columns
- *   past H and W (odd sizes) dropped. Transforms in fp32, one rounding to bf16 on the way out.
+ * A^T [ U (.) (B^T d B) ] A where U = G g G^T is the transformed kernel: 16 products per input and
+ * output channel pair for 4 outputs instead of 36. The products are summed over input channels:
+ * 16 independent matmuls (tiles x C) by (C x Co). The input transform is rounded to bf16 (what the
+ * matmul units take); the sums stay fp32 through the output transform; one rounding on the way out.
  */
 #include "cpu_math.h"
 #include <immintrin.h>
 #include <stdint.h>
+#include <omp.h>
 #include <string.h>
 
 static inline __m512bh broadcast_pair(const uint16_t *at) {
@@ -24,61 +20,58 @@ static inline __m512bh broadcast_pair(const uint16_t *at) {
     return (__m512bh)_mm512_set1_epi32((int)pair);
 }
 
-#define WR 8  /* tiles per task of the products; v has its tile count rounded up to it */
+#define WR 8  /* tiles per block of the products */
 
 static inline void store_bf16(uint16_t *at, __m512 v, __mmask16 m) {
     _mm256_mask_storeu_epi16(at, m, (__m256i)_mm512_cvtneps_pbh(v));
 }
 
-static void input_phase(const uint16_t *x, uint16_t *v, int64_t first, int64_t count, int h, int w, int c,
-                        int threads) {
+/* Transforms tiles first.. first+count-1 into v (16, count rounded up to WR, C), the padding rows zero. */
+static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64_t count, int h, int w, int c) {
     const int th = (h + 1) / 2, tw = (w + 1) / 2;
     const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
     for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(uint16_t) * (padded - count) * c);
-#pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t i = 0; i < count; i++) {
         const int64_t t = first + i;
         const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
         const int r0 = 2 * (rest / tw) - 1, c0 = 2 * (rest % tw) - 1;
         const uint16_t *rows[4];
-        for (int i = 0; i < 4; i++) {
-            const int r = r0 + i;
-            rows[i] = (r >= 0 && r < h) ? x + (((int64_t)n * h + r) * w) * c : 0;
-        }
         int col[4];
-        for (int j = 0; j < 4; j++) col[j] = (c0 + j >= 0 && c0 + j < w) ? c0 + j : -1;
+        for (int a = 0; a < 4; a++) {
+            rows[a] = (r0 + a >= 0 && r0 + a < h) ? x + (((int64_t)n * h + r0 + a) * w) * c : 0;
+            col[a] = (c0 + a >= 0 && c0 + a < w) ? c0 + a : -1;
+        }
         uint16_t *out = v + i * c;
         for (int ch = 0; ch < c; ch += 16) {
             const __mmask16 m = tail_mask(c - ch);
             __m512 d[4][4];
-            for (int i = 0; i < 4; i++)
-                for (int j = 0; j < 4; j++)
-                    d[i][j] = (rows[i] && col[j] >= 0) ? load_bf16(rows[i] + (int64_t)col[j] * c + ch, m)
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++)
+                    d[a][b] = (rows[a] && col[b] >= 0) ? load_bf16(rows[a] + (int64_t)col[b] * c + ch, m)
                                                        : _mm512_setzero_ps();
             __m512 e[4][4];  /* B^T d: combine rows */
-            for (int j = 0; j < 4; j++) {
-                e[0][j] = _mm512_sub_ps(d[0][j], d[2][j]);
-                e[1][j] = _mm512_add_ps(d[1][j], d[2][j]);
-                e[2][j] = _mm512_sub_ps(d[2][j], d[1][j]);
-                e[3][j] = _mm512_sub_ps(d[1][j], d[3][j]);
+            for (int b = 0; b < 4; b++) {
+                e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
+                e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
+                e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
+                e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
             }
-            for (int i = 0; i < 4; i++) {  /* (B^T d) B: combine columns */
-                uint16_t *o = out + (int64_t)(4 * i) * plane + ch;
-                store_bf16(o, _mm512_sub_ps(e[i][0], e[i][2]), m);
-                store_bf16(o + plane, _mm512_add_ps(e[i][1], e[i][2]), m);
-                store_bf16(o + 2 * plane, _mm512_sub_ps(e[i][2], e[i][1]), m);
-                store_bf16(o + 3 * plane, _mm512_sub_ps(e[i][1], e[i][3]), m);
+            for (int a = 0; a < 4; a++) {  /* (B^T d) B: combine columns */
+                uint16_t *o = out + (int64_t)(4 * a) * plane + ch;
+                store_bf16(o, _mm512_sub_ps(e[a][0], e[a][2]), m);
+                store_bf16(o + plane, _mm512_add_ps(e[a][1], e[a][2]), m);
+                store_bf16(o + 2 * plane, _mm512_sub_ps(e[a][2], e[a][1]), m);
+                store_bf16(o + 3 * plane, _mm512_sub_ps(e[a][1], e[a][3]), m);
             }
         }
     }
 }
 
-
-/* Stores the output transform of the fp32 products acc[k][r][0..31] (position k, tile r of the
- * task) for tiles t0.. of this task: 32 output channels from ch0, bias added, rounded to bf16. */
-static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *y, int64_t t0, int64_t tiles,
+/* Stores the output transform of the fp32 products acc[k][r][0..31] (position k, tile t0 + r) for
+ * the tiles before ``end``: 32 output channels from ch0, bias added, rounded to bf16. */
+static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *y, int64_t t0, int64_t end,
                          int th, int tw, int h, int w, int co, int ch0) {
-    for (int r = 0; r < WR && t0 + r < tiles; r++) {
+    for (int r = 0; r < WR && t0 + r < end; r++) {
         const int64_t t = t0 + r;
         const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
         const int r0 = 2 * (rest / tw), c0 = 2 * (rest % tw);
@@ -105,57 +98,64 @@ static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *
     }
 }
 
-/* The 16 products and the output transform, fused: v (16, T_pad, C) from dr_winograd_input_bf16
- * (T_pad = T rounded up to WR, the rows past T zero), up the transformed kernel packed by blocks of
- * 32 output channels and in pairs of input channels (Co/32, 16, C/2, 32, 2), y (N, H, W, Co). Each task multiplies WR tiles by 32 output
- * channels for all 16 positions on vdpbf16ps (fp32 sums, kept in a 16 KiB block, never rounded) and
- * transforms them into the tiles' outputs. C even, Co a multiple of 32. */
-static void products_phase(const uint16_t *v, const uint16_t *up, const uint16_t *bias, uint16_t *y, int64_t first,
-                           int64_t count, int h, int w, int c, int co, int threads) {
-    const int th = (h + 1) / 2, tw = (w + 1) / 2;
-    const int64_t blocks = (count + WR - 1) / WR, vplane = blocks * WR * c;
-    const int col_blocks = co / 32, pairs = c / 2;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int64_t task = 0; task < blocks * col_blocks; task++) {
-        const int cb = (int)(task / blocks);
-        const int64_t rb = task % blocks;
-        float acc_block[16][WR][32] __attribute__((aligned(64)));
-        for (int k = 0; k < 16; k++) {
-            const uint16_t *vk = v + k * vplane + rb * WR * c;
-            const uint16_t *uk = up + ((int64_t)cb * 16 + k) * pairs * 64;
-            __m512 acc[WR][2];
+/* The 16 products of WR transformed tiles (rows row0.. of v, whose planes are vplane apart) by the
+ * transformed kernel's output channels 32 cb.. 32 cb + 31, on vdpbf16ps: fp32 sums, never rounded. */
+static void multiply_block(const uint16_t *v, int64_t vplane, int64_t row0, const uint16_t *up, int cb, int c,
+                           float acc_block[16][WR][32]) {
+    const int pairs = c / 2;
+    for (int k = 0; k < 16; k++) {
+        const uint16_t *vk = v + k * vplane + row0 * c;
+        const uint16_t *uk = up + ((int64_t)cb * 16 + k) * pairs * 64;
+        __m512 acc[WR][2];
 #pragma GCC unroll 8
-            for (int r = 0; r < WR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
-            for (int p = 0; p < pairs; p++) {
-                const __m512bh b0 = (__m512bh)_mm512_loadu_si512(uk + (int64_t)p * 64);
-                const __m512bh b1 = (__m512bh)_mm512_loadu_si512(uk + (int64_t)p * 64 + 32);
-#pragma GCC unroll 8
-                for (int r = 0; r < WR; r++) {
-                    const __m512bh a = broadcast_pair(vk + (int64_t)r * c + 2 * p);
-                    acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
-                    acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
-                }
-            }
+        for (int r = 0; r < WR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int p = 0; p < pairs; p++) {
+            const __m512bh b0 = (__m512bh)_mm512_loadu_si512(uk + (int64_t)p * 64);
+            const __m512bh b1 = (__m512bh)_mm512_loadu_si512(uk + (int64_t)p * 64 + 32);
 #pragma GCC unroll 8
             for (int r = 0; r < WR; r++) {
-                _mm512_store_ps(&acc_block[k][r][0], acc[r][0]);
-                _mm512_store_ps(&acc_block[k][r][16], acc[r][1]);
+                const __m512bh a = broadcast_pair(vk + (int64_t)r * c + 2 * p);
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], a, b0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], a, b1);
             }
         }
-        output_tiles(acc_block, bias, y, first + rb * WR, first + count, th, tw, h, w, co, 32 * cb);
+#pragma GCC unroll 8
+        for (int r = 0; r < WR; r++) {
+            _mm512_store_ps(&acc_block[k][r][0], acc[r][0]);
+            _mm512_store_ps(&acc_block[k][r][16], acc[r][1]);
+        }
     }
 }
 
 /* y = conv2d(x, g, bias, padding=1) for channels-last bf16 x (N, H, W, C) and y (N, H, W, Co), with
- * up the packed transformed kernel; the tiles in chunks of ``chunk`` (a multiple of WR), each chunk
- * transformed into ``scratch`` (16 * chunk * C values) and multiplied while it is in cache. */
+ * up = G g G^T packed by blocks of 32 output channels and in pairs of input channels
+ * (Co/32, 16, C/2, 32, 2); C even, Co a multiple of 32. Each task takes ``group`` tiles (a multiple
+ * of WR) and a share 1/col_parts of the output channels: it transforms its tiles into its thread's
+ * part of ``scratch`` (16 * group * C values per thread), then multiplies them by its channels' kernel
+ * and transforms the products into outputs. A task's transformed tiles never leave its core. */
 void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
-                              uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t chunk,
-                              int threads) {
-    const int64_t tiles = (int64_t)n_batch * ((h + 1) / 2) * ((w + 1) / 2);
-    for (int64_t first = 0; first < tiles; first += chunk) {
-        const int64_t count = tiles - first < chunk ? tiles - first : chunk;
-        input_phase(x, scratch, first, count, h, w, c, threads);
-        products_phase(scratch, up, bias, y, first, count, h, w, c, co, threads);
+                              uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
+                              int col_parts, int threads) {
+    const int th = (h + 1) / 2, tw = (w + 1) / 2;
+    const int64_t tiles = (int64_t)n_batch * th * tw, groups = (tiles + group - 1) / group;
+    const int col_blocks = co / 32, per_part = (col_blocks + col_parts - 1) / col_parts;
+#pragma omp parallel num_threads(threads)
+    {
+        uint16_t *v = scratch + (int64_t)omp_get_thread_num() * 16 * group * c;
+        float acc_block[16][WR][32] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < groups * col_parts; task++) {
+            const int64_t first = task / col_parts * group;
+            const int64_t count = tiles - first < group ? tiles - first : group;
+            const int64_t vplane = (count + WR - 1) / WR * WR * c;
+            const int part = (int)(task % col_parts);
+            transform_tiles(x, v, first, count, h, w, c);
+            const int cb_end = (part + 1) * per_part < col_blocks ? (part + 1) * per_part : col_blocks;
+            for (int cb = part * per_part; cb < cb_end; cb++)
+                for (int64_t row0 = 0; row0 < count; row0 += WR) {
+                    multiply_block(v, vplane, row0, up, cb, c, acc_block);
+                    output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
+                }
+        }
     }
 }

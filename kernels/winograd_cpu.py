@@ -27,8 +27,8 @@ from . import cpu_build
 SOURCE = Path(__file__).with_name("winograd_cpu.c")
 
 _state: dict = {}
-TILES_PER_TASK = 8  # WR in winograd_cpu.c
-CHUNK_BYTES = 4 << 20
+BLOCK = 8  # WR in winograd_cpu.c: tiles per block of the products
+GROUP = 64  # tiles per task: each pass over the kernel's weights serves this many tiles
 
 # G of F(2x2, 3x3): U = G g G^T.
 _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
@@ -37,7 +37,7 @@ _G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0
 def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
     def symbols():
-        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int]
+        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         return {"dr_winograd_conv3x3_bf16": (None, args)}
 
     return cpu_build.bind(_state, SOURCE, symbols)
@@ -54,6 +54,14 @@ def winograd_weight(w: torch.Tensor) -> torch.Tensor:
     u = torch.einsum("ak,oikl,bl->abio", _G, w.detach().double().cpu(), _G)  # (4, 4, C_in, C_out)
     u = u.reshape(16, ci // 2, 2, co // 32, 32).permute(3, 0, 1, 4, 2)
     return u.to(torch.bfloat16).contiguous()
+
+
+def work_split(tiles: int, col_blocks: int, threads: int) -> tuple[int, int]:
+    """(tiles per task, parts the output channels are split into): GROUP tiles per task where there
+    are enough tiles for every thread; fewer tiles and split channels where there are not."""
+    group = min(GROUP, -(-tiles // threads // BLOCK) * BLOCK or BLOCK)
+    groups = -(-tiles // group)
+    return group, max(1, min(col_blocks, -(-threads // groups)))
 
 
 def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> str | None:
@@ -80,15 +88,12 @@ def cpu_winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | 
     n, c, h, w = x.shape
     co = 32 * u.shape[0]
     xl = x.contiguous(memory_format=torch.channels_last)
-    tiles = n * ((h + 1) // 2) * ((w + 1) // 2)
-    # Transformed input in chunks of at most CHUNK_BYTES: each chunk is multiplied while in cache, and
-    # the scratch stays small enough for the heap (a fresh mmap of tens of MB costs its page faults).
-    chunk = max(TILES_PER_TASK, CHUNK_BYTES // (32 * c) // TILES_PER_TASK * TILES_PER_TASK)
-    chunk = min(chunk, -(-tiles // TILES_PER_TASK) * TILES_PER_TASK)
+    threads = torch.get_num_threads()
+    group, col_parts = work_split(n * ((h + 1) // 2) * ((w + 1) // 2), co // 32, threads)
     with torch.profiler.record_function("kernels::cpu_winograd_conv3x3"):
-        scratch = torch.empty(16 * chunk * c, dtype=torch.bfloat16)
+        scratch = torch.empty(threads * 16 * group * c, dtype=torch.bfloat16)
         y = torch.empty(n, co, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
         _state["dr_winograd_conv3x3_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
-                                           y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, chunk,
-                                           torch.get_num_threads())
+                                           y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts,
+                                           threads)
     return y

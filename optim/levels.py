@@ -18,19 +18,20 @@ from .precision import PrecisionPass
 from .tgate import TGatePass
 from .tome import ToMePass
 from .upsample import UpsamplePass
+from .winograd import WinogradPass
 
 # Every pass, in the order they are applied (compile last: it traces what the others set up).
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
     for cls in (AttentionPass, FusedQKVPass, GEGLUPass, GroupNormPass, UpsamplePass, MemoryFormatPass, PrecisionPass,
-                PrepackPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
+                PrepackPass, WinogradPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.
 LEVEL_ADDS: dict[int, tuple[str, ...]] = {
     0: (),
     1: ("attention", "fused_qkv", "geglu", "group_norm", "upsample", "memory_format"),
-    2: ("precision", "prepack", "compile"),
+    2: ("precision", "prepack", "winograd", "compile"),
     3: ("deepcache", "tgate", "tome"),
 }
 

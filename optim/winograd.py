@@ -1,0 +1,93 @@
+"""3x3 convolutions as Winograd F(2x2, 3x3) in bf16 on CPU (level 2, exact class: rounding only).
+
+At level 2 the bf16 convolutions already run at this CPU's matmul rate (bench/RESULTS.md, session 12),
+so the way to fewer seconds is fewer multiplies: Winograd's minimal filtering computes each 2x2 block
+of outputs with 16 multiply-adds per channel pair instead of 36 (kernels/winograd_cpu.py). This pass
+gives each bf16 3x3, stride-1, padding-1 ``nn.Conv2d`` of the pipeline's models whose channel counts
+the kernel takes (input even and at least ``min_channels``, output a multiple of 32) a forward that
+runs it that way; other calls (fp32, autograd, torch.compile tracing, other devices) go to the
+forward it had before (prepack's, when that pass ran first).
+
+The transformed kernel (16/9 the size of the weight, bf16) is computed once and rebuilt when the
+weight's storage, version or dtype changes, as prepack does. The result differs from the direct
+bf16 convolution by rounding only, about twice its error against fp32 (tests/kernels/
+test_winograd_cpu.py). Revert restores the previous forward.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from kernels.winograd_cpu import cpu_winograd_conv3x3, cpu_winograd_ready, winograd_weight
+
+from .base import Pass
+from .components import pipeline_device, pipeline_models
+from .prepack import weight_cache
+
+
+def winograd_conv_forward(conv: nn.Conv2d, previous):
+    """A forward for ``conv`` that runs bf16 CPU calls as Winograd and the rest through ``previous``."""
+    cache: dict = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        w = conv.weight
+        if (torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16
+                or x.device.type != "cpu" or x.ndim != 4 or x.numel() == 0
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return previous(x)
+        entry = weight_cache(cache, w)
+        if "u" not in entry:
+            entry["u"] = winograd_weight(w)
+            entry["bias"] = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16).contiguous()
+        return cpu_winograd_conv3x3(x, entry["u"], entry["bias"])
+
+    forward.winograd_cache = cache
+    return forward
+
+
+@dataclass(frozen=True)
+class WinogradPass(Pass):
+    name = "winograd"
+    exact = True
+    # Below this many input channels the transforms cost more than the multiplies they save (the
+    # UNet's first conv reads 4 channels).
+    min_channels: int = 32
+
+    def _targets(self, pipe):
+        return [m for model in pipeline_models(pipe).values() for m in model.modules() if self._takes(m)]
+
+    def _takes(self, m: nn.Module) -> bool:
+        return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
+                and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
+                and m.weight.dtype == torch.bfloat16 and m.in_channels % 2 == 0
+                and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
+
+    def supports(self, pipe) -> str | None:
+        if pipeline_device(pipe).type != "cpu":
+            return f"the Winograd kernels are for CPU; this pipeline is on {pipeline_device(pipe)}"
+        why = cpu_winograd_ready()
+        if why:
+            return why
+        if not self._targets(pipe):
+            return (f"no bf16 3x3 stride-1 convolutions with an even input channel count of at least "
+                    f"{self.min_channels} and output channels a multiple of 32 (precision off?)")
+        return None
+
+    def apply(self, pipe) -> None:
+        patched = self._state().setdefault("patched", [])
+        for module in self._targets(pipe):
+            had = module.__dict__.get("forward")
+            module.forward = winograd_conv_forward(module, had or type(module).forward.__get__(module))
+            patched.append((module, had))
+
+    def describe(self) -> str:
+        return f"{len(self._state().get('patched', []))} 3x3 convolutions run as Winograd F(2x2, 3x3)"
+
+    def revert(self, pipe) -> None:
+        for module, had in reversed(self._state().pop("patched", [])):
+            if had is None:
+                del module.__dict__["forward"]
+            else:
+                module.forward = had
