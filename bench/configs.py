@@ -10,7 +10,7 @@ import copy
 from dataclasses import dataclass, field
 from typing import Callable
 
-OUR_PASSES = ("attention", "fused_qkv", "geglu", "group_norm", "upsample", "memory_format", "precision", "prepack", "tome", "tgate", "deepcache", "compile")
+OUR_PASSES = ("attention", "fused_qkv", "geglu", "group_norm", "upsample", "memory_format", "precision", "prepack", "winograd", "tome", "tgate", "deepcache", "compile")
 BASELINE, OURS_EAGER = "diffusers-eager", "ours-eager"
 
 

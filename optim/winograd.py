@@ -20,15 +20,22 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from kernels.winograd_cpu import cpu_winograd_conv3x3, cpu_winograd_ready, winograd_weight
-
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .prepack import weight_cache
 
 
+def cpu_winograd_ready() -> str | None:
+    # imported here: importing ``kernels`` reads TRITON_INTERPRET, which the kernel tests set first
+    from kernels.winograd_cpu import cpu_winograd_ready as ready
+
+    return ready()
+
+
 def winograd_conv_forward(conv: nn.Conv2d, previous):
     """A forward for ``conv`` that runs bf16 CPU calls as Winograd and the rest through ``previous``."""
+    from kernels.winograd_cpu import cpu_winograd_conv3x3, winograd_weight
+
     cache: dict = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:

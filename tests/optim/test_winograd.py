@@ -1,0 +1,118 @@
+"""The winograd pass on a tiny diffusers-built SD pipeline: bf16 results within the precision bound,
+every eligible convolution run through the kernel, revert back to what ran before, skip reasons."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import optim
+import runtime
+from kernels.winograd_cpu import cpu_winograd_ready
+from optim.parity import psnr
+from optim.winograd import WinogradPass, winograd_conv_forward
+from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
+
+needs_kernel = pytest.mark.skipif(
+    not optim.hardware.cpu_has_native_bf16() or cpu_winograd_ready() is not None,
+    reason=f"needs native bf16 and the kernel: {cpu_winograd_ready()}")
+PROMPT = "a red circle on a blue square"
+
+
+def run(pipe, output_type="np"):
+    return pipe(PROMPT, num_inference_steps=10, generator=torch.Generator().manual_seed(0),
+                output_type=output_type).images
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder, one_thread):
+    return quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
+
+
+@pytest.fixture(scope="module")
+def eager(pipe):
+    return run(pipe)
+
+
+@pytest.fixture(autouse=True)
+def always_revert(pipe):
+    yield
+    if pipe.optimization is not None:
+        pipe.optimization.revert()
+
+
+def eligible(pipe):
+    """The 3x3 stride-1 convolutions of the models text-to-image runs that the pass takes."""
+    models = (pipe.unet, pipe.vae.decoder)
+    taker = WinogradPass()
+    return [m for model in models for m in model.modules() if isinstance(m, nn.Conv2d) and taker._takes(m)]
+
+
+@needs_kernel
+@pytest.mark.parametrize("with_prepack", [True, False])
+def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pipe, eager, with_prepack):
+    base = dict(precision=True, prepack=with_prepack)
+    optim.optimize(pipe, level=0, **base)
+    without = run(pipe)
+    optim.optimize(pipe, level=0, **base, winograd=True)
+    assert "3x3 convolutions run as Winograd" in str(pipe.optimization)
+    out = run(pipe)
+    convs = eligible(pipe)
+    assert convs and all(m.forward.winograd_cache for m in convs)  # every one ran through the kernel
+    assert not np.array_equal(out, without)  # a different rounding: it did run
+    assert psnr(out, eager) >= optim.precision.PrecisionPass.psnr_floor_db
+    assert psnr(out, without) >= optim.precision.PrecisionPass.psnr_floor_db
+    # revert the winograd pass alone: each conv has the forward it had (prepack's or none)
+    winograd = next(p for p in pipe.optimization.applied if p.name == "winograd")
+    winograd.revert(pipe)
+    pipe.optimization.applied.remove(winograd)
+    if with_prepack:
+        assert all(hasattr(m.forward, "packed_cache") for m in convs)
+    else:
+        assert not any("forward" in m.__dict__ for m in convs)
+    assert np.array_equal(run(pipe), without)
+
+
+@needs_kernel
+def test_level2_plans_it_and_revert_is_bit_exact(pipe, eager):
+    before = state(pipe)
+    optim.optimize(pipe, level=2, compile=False)
+    assert "winograd" in [p.name for p in pipe.optimization.applied]
+    assert "winograd" not in optim.levels.passes_for_level(1)
+    run(pipe)
+    optim.optimize(pipe, level=2, compile=False)  # applying twice reverts first
+    run(pipe)
+    pipe.optimization.revert()
+    assert not any("forward" in m.__dict__ for m in eligible(pipe))
+    assert_same_state(state(pipe), before)
+    assert np.array_equal(run(pipe), eager)
+
+
+@needs_kernel
+def test_follows_weight_changes_and_leaves_fp32_calls_to_the_previous_forward():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    conv.forward = winograd_conv_forward(conv, type(conv).forward.__get__(conv))
+    x = torch.randn(1, 32, 6, 6).to(torch.bfloat16)
+    first = conv(x)
+    with torch.no_grad():
+        conv.weight.mul_(2)  # in place: the version counter moves, the transformed kernel is rebuilt
+        conv.bias.zero_()
+    ref = torch.nn.functional.conv2d(x.double(), conv.weight.double(), None, padding=1)
+    again = conv(x)
+    assert not torch.equal(again, first)
+    assert (again.double() - ref).abs().max() <= ref.abs().max() * 2.0 ** -6
+    conv.float()
+    xf = x.float()
+    assert torch.equal(conv(xf), torch.nn.functional.conv2d(xf, conv.weight, conv.bias, padding=1))
+
+
+def test_fp32_pipelines_and_machines_without_the_kernel_are_skipped_with_the_reason(pipe, monkeypatch):
+    optim.optimize(pipe, level=0, winograd=True)
+    assert pipe.optimization.applied == []
+    assert "precision off?" in pipe.optimization.skipped["winograd"] or cpu_winograd_ready() is not None
+    monkeypatch.setattr(optim.winograd, "cpu_winograd_ready", lambda: "this CPU has no AVX512-BF16")
+    optim.optimize(pipe, level=0, winograd=True)
+    assert pipe.optimization.skipped["winograd"] == "this CPU has no AVX512-BF16"
+    assert not any("forward" in m.__dict__ for m in eligible(pipe))
