@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 FAMILIES = (  # first match wins: (family, substrings of the aten op name)
     ("attention", ("scaled_dot_product", "flash_attention", "_efficient_attention", "softmax", "bmm", "baddbmm",
                    "cpu_attention")),
-    ("convolution", ("convolution", "conv2d", "mkldnn_convolution", "_convolution", "_convolution_pointwise")),
+    ("convolution", ("convolution", "conv2d", "mkldnn_convolution", "_convolution", "_convolution_pointwise",
+                     "winograd")),
     ("linear/matmul", ("linear", "addmm", "mm", "matmul", "_linear_pointwise")),
     ("normalisation", ("group_norm", "layer_norm", "native_group_norm", "native_layer_norm")),
     ("copies/casts", ("copy_", "to", "_to_copy", "contiguous", "clone", "cat", "permute", "transpose", "view",
