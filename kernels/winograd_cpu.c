@@ -98,14 +98,15 @@ static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *
     }
 }
 
-/* The 16 products of WR transformed tiles (rows row0.. of v, whose planes are vplane apart) by the
- * transformed kernel's output channels 32 cb.. 32 cb + 31, on vdpbf16ps: fp32 sums, never rounded. */
+/* The products at the npos transformed positions of WR tiles (rows row0.. of v, whose planes are
+ * vplane apart) by the transformed kernel's output channels 32 cb.. 32 cb + 31, on vdpbf16ps: fp32
+ * sums, never rounded. */
 static void multiply_block(const uint16_t *v, int64_t vplane, int64_t row0, const uint16_t *up, int cb, int c,
-                           float acc_block[16][WR][32]) {
+                           int npos, float acc_block[16][WR][32]) {
     const int pairs = c / 2;
-    for (int k = 0; k < 16; k++) {
+    for (int k = 0; k < npos; k++) {
         const uint16_t *vk = v + k * vplane + row0 * c;
-        const uint16_t *uk = up + ((int64_t)cb * 16 + k) * pairs * 64;
+        const uint16_t *uk = up + ((int64_t)cb * npos + k) * pairs * 64;
         __m512 acc[WR][2];
 #pragma GCC unroll 8
         for (int r = 0; r < WR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
@@ -127,16 +128,85 @@ static void multiply_block(const uint16_t *v, int64_t vplane, int64_t row0, cons
     }
 }
 
-/* y = conv2d(x, g, bias, padding=1) for channels-last bf16 x (N, H, W, C) and y (N, H, W, Co), with
- * up = G g G^T packed by blocks of 32 output channels and in pairs of input channels
- * (Co/32, 16, C/2, 32, 2); C even, Co a multiple of 32. Each task takes ``group`` tiles (a multiple
- * of WR) and a share 1/col_parts of the output channels: it transforms its tiles into its thread's
- * part of ``scratch`` (16 * group * C values per thread), then multiplies them by its channels' kernel
- * and transforms the products into outputs. A task's transformed tiles never leave its core. */
-void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
-                              uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
-                              int col_parts, int threads) {
-    const int th = (h + 1) / 2, tw = (w + 1) / 2;
+/* Nearest 2x upsampling then the 3x3 convolution, one output tile per input pixel: the 4x4 window
+ * of the doubled map around output block (2i, 2j) has input rows i-1, i, i, i+1 (columns alike), so
+ * B^T d has rows x[i-1] - x[i], 2 x[i], 0, x[i] - x[i+1]: 9 of the 16 positions are nonzero. v holds
+ * those 9 (positions (a, b) for a, b in {0, 1, 3}), in (9, count rounded up to WR, C). */
+static void transform_tiles_up2(const uint16_t *x, uint16_t *v, int64_t first, int64_t count, int h, int w, int c) {
+    const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
+    for (int k = 0; k < 9; k++) memset(v + k * plane + count * c, 0, sizeof(uint16_t) * (padded - count) * c);
+    const __m512 two = _mm512_set1_ps(2.0f);
+    for (int64_t t = 0; t < count; t++) {
+        const int64_t tile = first + t;
+        const int n = (int)(tile / ((int64_t)h * w)), rest = (int)(tile % ((int64_t)h * w));
+        const int i = rest / w, j = rest % w;
+        const uint16_t *rows[3];
+        int col[3];
+        for (int a = 0; a < 3; a++) {
+            rows[a] = (i - 1 + a >= 0 && i - 1 + a < h) ? x + (((int64_t)n * h + i - 1 + a) * w) * c : 0;
+            col[a] = (j - 1 + a >= 0 && j - 1 + a < w) ? j - 1 + a : -1;
+        }
+        uint16_t *out = v + t * c;
+        for (int ch = 0; ch < c; ch += 16) {
+            const __mmask16 m = tail_mask(c - ch);
+            __m512 d[3][3];
+            for (int a = 0; a < 3; a++)
+                for (int b = 0; b < 3; b++)
+                    d[a][b] = (rows[a] && col[b] >= 0) ? load_bf16(rows[a] + (int64_t)col[b] * c + ch, m)
+                                                       : _mm512_setzero_ps();
+            __m512 e[3][3];  /* rows: x[i-1] - x[i], 2 x[i], x[i] - x[i+1] */
+            for (int b = 0; b < 3; b++) {
+                e[0][b] = _mm512_sub_ps(d[0][b], d[1][b]);
+                e[1][b] = _mm512_mul_ps(d[1][b], two);
+                e[2][b] = _mm512_sub_ps(d[1][b], d[2][b]);
+            }
+            for (int a = 0; a < 3; a++) {  /* columns alike */
+                uint16_t *o = out + (int64_t)(3 * a) * plane + ch;
+                store_bf16(o, _mm512_sub_ps(e[a][0], e[a][1]), m);
+                store_bf16(o + plane, _mm512_mul_ps(e[a][1], two), m);
+                store_bf16(o + 2 * plane, _mm512_sub_ps(e[a][1], e[a][2]), m);
+            }
+        }
+    }
+}
+
+/* The output transform of the 9 nonzero positions (acc[3 a' + b'], a', b' standing for rows and
+ * columns 0, 1, 3) into the 2x2 block at (2i, 2j) of the doubled map, bias added. */
+static void output_tiles_up2(float acc[16][WR][32], const uint16_t *bias, uint16_t *y, int64_t t0, int64_t end,
+                             int h, int w, int co, int ch0) {
+    for (int r = 0; r < WR && t0 + r < end; r++) {
+        const int64_t t = t0 + r;
+        const int n = (int)(t / ((int64_t)h * w)), rest = (int)(t % ((int64_t)h * w));
+        uint16_t *base = y + (((int64_t)n * 2 * h + 2 * (rest / w)) * 2 * w + 2 * (rest % w)) * co + ch0;
+        for (int half = 0; half < 2; half++) {
+            const int ch = 16 * half;
+            const __m512 b = bias ? load_bf16(bias + ch0 + ch, 0xFFFF) : _mm512_setzero_ps();
+            __m512 s[2][3];  /* A^T m with row 2 zero: m0 + m1, m1 - m3 */
+            for (int j = 0; j < 3; j++) {
+                const __m512 m0 = _mm512_load_ps(&acc[j][r][ch]), m1 = _mm512_load_ps(&acc[3 + j][r][ch]);
+                const __m512 m3 = _mm512_load_ps(&acc[6 + j][r][ch]);
+                s[0][j] = _mm512_add_ps(m0, m1);
+                s[1][j] = _mm512_sub_ps(m1, m3);
+            }
+            for (int i = 0; i < 2; i++) {
+                uint16_t *o = base + (int64_t)i * 2 * w * co + ch;
+                store_bf16(o, _mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), b), 0xFFFF);
+                store_bf16(o + co, _mm512_add_ps(_mm512_sub_ps(s[i][1], s[i][2]), b), 0xFFFF);
+            }
+        }
+    }
+}
+
+/* Both convolutions: ``up2`` 0 for conv2d(x, g, padding=1), y (N, H, W, Co); 1 for the convolution of
+ * x doubled by nearest upsampling, y (N, 2H, 2W, Co). up = G g G^T at the 16 (9 for up2) positions,
+ * packed by blocks of 32 output channels and in pairs of input channels (Co/32, 16 or 9, C/2, 32, 2);
+ * C even, Co a multiple of 32. Each task takes ``group`` tiles (a multiple of WR) and a share
+ * 1/col_parts of the output channels: it transforms its tiles into its thread's part of ``scratch``
+ * (16 * group * C values per thread), then multiplies them by its channels' kernel and transforms
+ * the products into outputs. A task's transformed tiles never leave its core. */
+static void winograd(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y, uint16_t *scratch,
+                     int n_batch, int h, int w, int c, int co, int64_t group, int col_parts, int threads, int up2) {
+    const int th = up2 ? h : (h + 1) / 2, tw = up2 ? w : (w + 1) / 2, npos = up2 ? 9 : 16;
     const int64_t tiles = (int64_t)n_batch * th * tw, groups = (tiles + group - 1) / group;
     const int col_blocks = co / 32, per_part = (col_blocks + col_parts - 1) / col_parts;
 #pragma omp parallel num_threads(threads)
@@ -149,13 +219,31 @@ void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint1
             const int64_t count = tiles - first < group ? tiles - first : group;
             const int64_t vplane = (count + WR - 1) / WR * WR * c;
             const int part = (int)(task % col_parts);
-            transform_tiles(x, v, first, count, h, w, c);
+            if (up2)
+                transform_tiles_up2(x, v, first, count, h, w, c);
+            else
+                transform_tiles(x, v, first, count, h, w, c);
             const int cb_end = (part + 1) * per_part < col_blocks ? (part + 1) * per_part : col_blocks;
             for (int cb = part * per_part; cb < cb_end; cb++)
                 for (int64_t row0 = 0; row0 < count; row0 += WR) {
-                    multiply_block(v, vplane, row0, up, cb, c, acc_block);
-                    output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
+                    multiply_block(v, vplane, row0, up, cb, c, npos, acc_block);
+                    if (up2)
+                        output_tiles_up2(acc_block, bias, y, first + row0, first + count, h, w, co, 32 * cb);
+                    else
+                        output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
                 }
         }
     }
+}
+
+void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
+                              uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
+                              int col_parts, int threads) {
+    winograd(x, up, bias, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 0);
+}
+
+void dr_winograd_up2_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
+                                  uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
+                                  int col_parts, int threads) {
+    winograd(x, up, bias, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 1);
 }

@@ -39,22 +39,30 @@ def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
     def symbols():
         args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        return {"dr_winograd_conv3x3_bf16": (None, args)}
+        return {"dr_winograd_conv3x3_bf16": (None, args), "dr_winograd_up2_conv3x3_bf16": (None, args)}
 
     return cpu_build.bind(_state, SOURCE, symbols)
 
 
-def winograd_weight(w: torch.Tensor) -> torch.Tensor:
+# After nearest 2x upsampling, row and column 2 of every transformed input window are zero: the
+# positions (a, b), a and b in {0, 1, 3}, are the ones left.
+UP2_POSITIONS = (0, 1, 3, 4, 5, 7, 12, 13, 15)
+
+
+def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
     """The transformed kernel ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in fp64, rounded to
     bf16 and packed for the products kernel: by blocks of 32 output channels, in pairs of input channels
-    (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2)."""
+    (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2); ``up2``: only the 9 positions
+    ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2, 32, 2)."""
     if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
         raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
                          f"of 32, got {tuple(w.shape)}")
     co, ci = w.shape[:2]
     u = torch.einsum("ak,oikl,bl->abio", _G, w.detach().double().cpu(), _G)  # (4, 4, C_in, C_out)
-    u = u.reshape(16, ci // 2, 2, co // 32, 32).permute(3, 0, 1, 4, 2)
-    return u.to(torch.bfloat16).contiguous()
+    u = u.reshape(16, ci // 2, 2, co // 32, 32)
+    if up2:
+        u = u[list(UP2_POSITIONS)]
+    return u.permute(3, 0, 1, 4, 2).to(torch.bfloat16).contiguous()
 
 
 def work_split(tiles: int, col_blocks: int, threads: int) -> tuple[int, int]:
@@ -65,13 +73,16 @@ def work_split(tiles: int, col_blocks: int, threads: int) -> tuple[int, int]:
     return group, max(1, min(col_blocks, -(-threads // groups)))
 
 
-def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> str | None:
-    """None when ``cpu_winograd_conv3x3`` computes this call, else why not."""
+def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+                          up2: bool = False) -> str | None:
+    """None when ``cpu_winograd_conv3x3`` (``up2``: ``cpu_winograd_up2_conv3x3``) computes this call,
+    else why not."""
     if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.ndim != 4:
         return f"want a 4-D bf16 CPU input, got {x.ndim}-D {x.dtype} on {x.device}"
-    if (u.dtype != torch.bfloat16 or u.ndim != 5 or u.shape[1:] != (16, x.shape[1] // 2, 32, 2)
+    positions = 9 if up2 else 16
+    if (u.dtype != torch.bfloat16 or u.ndim != 5 or u.shape[1:] != (positions, x.shape[1] // 2, 32, 2)
             or x.shape[1] % 2 or not u.is_contiguous()):
-        return (f"want an even channel count ({x.shape[1]}) and a contiguous bf16 (C_out / 32, 16, "
+        return (f"want an even channel count ({x.shape[1]}) and a contiguous bf16 (C_out / 32, {positions}, "
                 f"{x.shape[1] // 2}, 32, 2) transformed weight, got {tuple(u.shape)} {u.dtype}")
     if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (32 * u.shape[0],)
                              or not bias.is_contiguous()):
@@ -81,20 +92,34 @@ def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor |
     return cpu_winograd_ready()
 
 
-def cpu_winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``conv2d(x, w, bias, padding=1)`` with ``u = winograd_weight(w)``; see the module docstring."""
-    why = cpu_winograd_supports(x, u, bias)
+def _launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool) -> torch.Tensor:
+    name = "cpu_winograd_up2_conv3x3" if up2 else "cpu_winograd_conv3x3"
+    why = cpu_winograd_supports(x, u, bias, up2)
     if why is not None:
-        raise ValueError(f"cpu_winograd_conv3x3: {why}")
+        raise ValueError(f"{name}: {why}")
     n, c, h, w = x.shape
     co = 32 * u.shape[0]
     xl = x.contiguous(memory_format=torch.channels_last)
     threads = torch.get_num_threads()
-    group, col_parts = work_split(n * ((h + 1) // 2) * ((w + 1) // 2), co // 32, threads)
-    with torch.profiler.record_function("kernels::cpu_winograd_conv3x3"):
+    tiles = n * h * w if up2 else n * ((h + 1) // 2) * ((w + 1) // 2)
+    group, col_parts = work_split(tiles, co // 32, threads)
+    scale = 2 if up2 else 1
+    with torch.profiler.record_function(f"kernels::{name}"):
         scratch = torch.empty(threads * 16 * group * c, dtype=torch.bfloat16)
-        y = torch.empty(n, co, h, w, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        _state["dr_winograd_conv3x3_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
-                                           y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts,
-                                           threads)
+        y = torch.empty(n, co, scale * h, scale * w, dtype=torch.bfloat16, memory_format=torch.channels_last)
+        _state[f"dr_{name[4:]}_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
+                                      y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts, threads)
     return y
+
+
+def cpu_winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv2d(x, w, bias, padding=1)`` with ``u = winograd_weight(w)``; see the module docstring."""
+    return _launch(x, u, bias, up2=False)
+
+
+def cpu_winograd_up2_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``conv2d(interpolate(x, scale_factor=2, mode="nearest"), w, bias, padding=1)`` with
+    ``u = winograd_weight(w, up2=True)``: one 2x2 output block per input pixel, 9 multiply-adds per
+    input pixel and channel pair (folding the doubling into a 2x2 kernel takes 16, the plain
+    convolution of the doubled map 36). The result (N, C_out, 2H, 2W) is channels-last."""
+    return _launch(x, u, bias, up2=True)

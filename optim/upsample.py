@@ -83,7 +83,8 @@ class FoldedUpsampleConv:
         return interleave_phases(g, conv.out_channels)
 
 
-def _foldable(module: nn.Module) -> bool:
+def foldable(module: nn.Module) -> bool:
+    """An Upsample2D whose conv is 3x3, stride 1, padding 1, ungrouped, zero-padded."""
     conv = getattr(module, "conv", None)
     return (isinstance(module, Upsample2D) and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
             and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
@@ -96,7 +97,7 @@ class UpsamplePass(Pass):
     exact = True
 
     def _modules(self, pipe):
-        return [m for model in pipeline_models(pipe).values() for m in model.modules() if _foldable(m)]
+        return [m for model in pipeline_models(pipe).values() for m in model.modules() if foldable(m)]
 
     def supports(self, pipe) -> str | None:
         if not self._modules(pipe):

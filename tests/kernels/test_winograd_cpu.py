@@ -10,7 +10,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.winograd_cpu import cpu_winograd_conv3x3, cpu_winograd_ready, winograd_weight, work_split
+from kernels.winograd_cpu import (cpu_winograd_conv3x3, cpu_winograd_ready, cpu_winograd_up2_conv3x3, winograd_weight,
+                                  work_split)
 
 needs_kernel = pytest.mark.skipif(cpu_winograd_ready() is not None, reason=f"CPU kernel: {cpu_winograd_ready()}")
 
@@ -47,6 +48,22 @@ def test_matches_fp64_within_the_budget(shape, layout):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape", [(2, 64, 8, 8, 64), (1, 32, 5, 7, 96), (1, 2, 1, 1, 32), (3, 40, 3, 2, 32)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_upsampled_matches_fp64_within_the_budget(shape, bias):
+    n, c, h, w, co = shape
+    x, wt, b = inputs(n, c, h, w, co, bias=bias)
+    doubled = F.interpolate(x.double(), scale_factor=2.0, mode="nearest")
+    ref = F.conv2d(doubled, wt.double(), None if b is None else b.double(), padding=1)
+    direct = F.conv2d(doubled.to(torch.bfloat16), wt, b, padding=1)
+    out = cpu_winograd_up2_conv3x3(x, winograd_weight(wt, up2=True), b)
+    assert out.shape == (n, co, 2 * h, 2 * w) and out.is_contiguous(memory_format=torch.channels_last)
+    err = out.double() - ref
+    assert rms(err) <= 3.5 * rms(direct.double() - ref)
+    assert err.abs().max() <= ref.abs().max() * 2.0 ** -6
+
+
+@needs_kernel
 def test_without_bias_and_every_thread_count_give_the_same_bits():
     x, wt, _ = inputs(2, 64, 13, 11, 64, bias=False)
     u = winograd_weight(wt)
@@ -76,6 +93,7 @@ def test_winograd_weight_is_g_w_gt_packed():
     wt = torch.randn(64, 4, 3, 3, generator=g)
     u = winograd_weight(wt)
     assert u.shape == (2, 16, 2, 32, 2) and u.dtype == torch.bfloat16
+    assert torch.equal(winograd_weight(wt, up2=True), u[:, [0, 1, 3, 4, 5, 7, 12, 13, 15]])
     gm = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]], dtype=torch.float64)
     full = gm @ wt.double() @ gm.T  # (64, 4, 4, 4): per output, input channel
     # output channel 33 = block 1, lane 1; input channel 3 = pair 1, slot 1; position (2, 1) = 9
@@ -96,3 +114,5 @@ def test_bad_calls_name_what_is_wrong():
         cpu_winograd_conv3x3(x[:, :16], u, b)
     with pytest.raises(ValueError, match="bias of 32 values, got \\(16,\\)"):
         cpu_winograd_conv3x3(x, u, b[:16])
+    with pytest.raises(ValueError, match=r"cpu_winograd_up2_conv3x3: .*\(C_out / 32, 9, 16, 32, 2\)"):
+        cpu_winograd_up2_conv3x3(x, u, b)  # the 16-position kernel

@@ -10,8 +10,10 @@ from torch import nn
 import optim
 import runtime
 from kernels.winograd_cpu import cpu_winograd_ready
+from models.resnet import Upsample2D
 from optim.parity import psnr
-from optim.winograd import WinogradPass, winograd_conv_forward
+from optim.upsample import FoldedUpsampleConv
+from optim.winograd import WinogradPass, WinogradUpsampleConv, winograd_conv_forward
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
 needs_kernel = pytest.mark.skipif(
@@ -43,16 +45,23 @@ def always_revert(pipe):
 
 
 def eligible(pipe):
-    """The 3x3 stride-1 convolutions of the models text-to-image runs that the pass takes."""
+    """The 3x3 stride-1 convolutions of the models text-to-image runs that the pass takes, but those
+    of upsamplers (which run through ``conv_2x``)."""
     models = (pipe.unet, pipe.vae.decoder)
     taker = WinogradPass()
-    return [m for model in models for m in model.modules() if isinstance(m, nn.Conv2d) and taker._takes(m)]
+    inside = {id(m.conv) for m in upsamplers(pipe)}
+    return [m for model in models for m in model.modules()
+            if isinstance(m, nn.Conv2d) and taker._takes(m) and id(m) not in inside]
+
+
+def upsamplers(pipe):
+    return [m for model in (pipe.unet, pipe.vae.decoder) for m in model.modules() if isinstance(m, Upsample2D)]
 
 
 @needs_kernel
 @pytest.mark.parametrize("with_prepack", [True, False])
 def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pipe, eager, with_prepack):
-    base = dict(precision=True, prepack=with_prepack)
+    base = dict(precision=True, prepack=with_prepack, upsample=True)
     optim.optimize(pipe, level=0, **base)
     without = run(pipe)
     optim.optimize(pipe, level=0, **base, winograd=True)
@@ -60,6 +69,8 @@ def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pip
     out = run(pipe)
     convs = eligible(pipe)
     assert convs and all(m.forward.winograd_cache for m in convs)  # every one ran through the kernel
+    ups = upsamplers(pipe)
+    assert len(ups) >= 2 and all(isinstance(m.conv_2x, WinogradUpsampleConv) and m.conv_2x.cache for m in ups)
     assert not np.array_equal(out, without)  # a different rounding: it did run
     assert psnr(out, eager) >= optim.precision.PrecisionPass.psnr_floor_db
     assert psnr(out, without) >= optim.precision.PrecisionPass.psnr_floor_db
@@ -71,6 +82,7 @@ def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pip
         assert all(hasattr(m.forward, "packed_cache") for m in convs)
     else:
         assert not any("forward" in m.__dict__ for m in convs)
+    assert all(isinstance(m.conv_2x, FoldedUpsampleConv) for m in ups)  # level 0 + upsample: the fold
     assert np.array_equal(run(pipe), without)
 
 
@@ -85,6 +97,7 @@ def test_level2_plans_it_and_revert_is_bit_exact(pipe, eager):
     run(pipe)
     pipe.optimization.revert()
     assert not any("forward" in m.__dict__ for m in eligible(pipe))
+    assert all(m.conv_2x is None for m in upsamplers(pipe))
     assert_same_state(state(pipe), before)
     assert np.array_equal(run(pipe), eager)
 
