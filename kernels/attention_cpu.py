@@ -61,7 +61,7 @@ def _launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     b, h, tq, d = q.shape
     out = torch.empty(b, tq, h, d, dtype=q.dtype).transpose(1, 2)
     strides = [(ctypes.c_int64 * 4)(*t.stride()) for t in (q, k, v, out)]
-    with torch.profiler.record_function("kernels::cpu_attention"):  # visible to bench/profile_step.py
+    with cpu_build.profiled("kernels::cpu_attention"):  # visible to bench/profile_step.py
         rc = _state["dr_attention_bf16"](q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), b, h, tq,
                                          k.shape[2], d, *strides, d ** -0.5, torch.get_num_threads())
     if rc != 0:

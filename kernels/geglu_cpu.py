@@ -46,7 +46,7 @@ def _launch(proj: torch.Tensor) -> torch.Tensor:
     out = proj.new_empty(*proj.shape[:-1], n)
     rows = proj.numel() // (2 * n) if n else 0
     if rows:
-        with torch.profiler.record_function("kernels::cpu_geglu"):
+        with cpu_build.profiled("kernels::cpu_geglu"):
             _state["dr_geglu_bf16"](proj.data_ptr(), out.data_ptr(), rows, n, 2 * n, n, torch.get_num_threads())
     return out
 

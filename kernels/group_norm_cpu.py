@@ -55,7 +55,7 @@ def _launch(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tens
     """The kernel on a call ``cpu_group_norm_supports`` accepted."""
     out = torch.empty_like(x)  # keeps x's memory format
     hw = x[0, 0].numel()
-    with torch.profiler.record_function("kernels::cpu_group_norm_silu"):
+    with cpu_build.profiled("kernels::cpu_group_norm_silu"):
         if _channels_last(x):
             scratch = torch.empty(x.shape[0], 4, x.shape[1])
             _state["dr_group_norm_silu_nhwc_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),

@@ -104,7 +104,7 @@ def _launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bo
     tiles = n * h * w if up2 else n * ((h + 1) // 2) * ((w + 1) // 2)
     group, col_parts = work_split(tiles, co // 32, threads)
     scale = 2 if up2 else 1
-    with torch.profiler.record_function(f"kernels::{name}"):
+    with cpu_build.profiled(f"kernels::{name}"):
         scratch = torch.empty(threads * 16 * group * c, dtype=torch.bfloat16)
         y = torch.empty(n, co, scale * h, scale * w, dtype=torch.bfloat16, memory_format=torch.channels_last)
         _state[f"dr_{name[4:]}_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
