@@ -31,8 +31,6 @@ _state: dict = {}
 BLOCK = 8  # WR in winograd_cpu.c: tiles per block of the products
 GROUP = 64  # tiles per task: each pass over the kernel's weights serves this many tiles
 
-# G of F(2x2, 3x3): U = G g G^T.
-_G = torch.tensor([[1.0, 0.0, 0.0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0.0, 0.0, 1.0]], dtype=torch.float64)
 
 
 def cpu_winograd_ready() -> str | None:
@@ -49,20 +47,26 @@ def cpu_winograd_ready() -> str | None:
 UP2_POSITIONS = (0, 1, 3, 4, 5, 7, 12, 13, 15)
 
 
+def _g_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
+    """G t along ``dim`` (3 -> 4) with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]."""
+    g0, g1, g2 = t.unbind(dim)
+    return torch.stack([g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2], dim)
+
+
 def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
-    """The transformed kernel ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in fp64, rounded to
-    bf16 and packed for the products kernel: by blocks of 32 output channels, in pairs of input channels
-    (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2); ``up2``: only the 9 positions
-    ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2, 32, 2)."""
+    """The transformed kernel ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in fp32 (its rounding
+    far below bf16's), rounded to bf16 and packed for the products kernel: by blocks of 32 output
+    channels, in pairs of input channels (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2);
+    ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2, 32, 2)."""
     if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
         raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
                          f"of 32, got {tuple(w.shape)}")
     co, ci = w.shape[:2]
-    u = torch.einsum("ak,oikl,bl->abio", _G, w.detach().double().cpu(), _G)  # (4, 4, C_in, C_out)
-    u = u.reshape(16, ci // 2, 2, co // 32, 32)
+    u = _g_rows(_g_rows(w.detach().cpu().float().permute(2, 3, 1, 0), 0), 1)  # (4, 4, C_in, C_out)
+    u = u.to(torch.bfloat16).reshape(16, ci // 2, 2, co // 32, 32)
     if up2:
         u = u[list(UP2_POSITIONS)]
-    return u.permute(3, 0, 1, 4, 2).to(torch.bfloat16).contiguous()
+    return u.permute(3, 0, 1, 4, 2).contiguous()
 
 
 def work_split(tiles: int, col_blocks: int, threads: int) -> tuple[int, int]:
