@@ -37,7 +37,8 @@ def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
     def symbols():
         args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        return {"dr_winograd_conv3x3_bf16": (None, args), "dr_winograd_up2_conv3x3_bf16": (None, args)}
+        return {"dr_winograd_conv3x3_bf16": (None, args), "dr_winograd_up2_conv3x3_bf16": (None, args),
+                "dr_winograd_weight_bf16": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4)}
 
     return cpu_build.bind(_state, SOURCE, symbols)
 
@@ -47,26 +48,23 @@ def cpu_winograd_ready() -> str | None:
 UP2_POSITIONS = (0, 1, 3, 4, 5, 7, 12, 13, 15)
 
 
-def _g_rows(t: torch.Tensor, dim: int) -> torch.Tensor:
-    """G t along ``dim`` (3 -> 4) with G = [1 0 0; 1/2 1/2 1/2; 1/2 -1/2 1/2; 0 0 1]."""
-    g0, g1, g2 = t.unbind(dim)
-    return torch.stack([g0, (g0 + g1 + g2) * 0.5, (g0 - g1 + g2) * 0.5, g2], dim)
-
-
 def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
-    """The transformed kernel ``G w G^T`` of a (C_out, C_in, 3, 3) weight, computed in fp32 (its rounding
-    far below bf16's), rounded to bf16 and packed for the products kernel: by blocks of 32 output
-    channels, in pairs of input channels (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2, 32, 2);
-    ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2, 32, 2)."""
+    """The transformed kernel ``G w G^T`` of a bf16 (C_out, C_in, 3, 3) weight, computed in fp32 (its
+    rounding far below bf16's), rounded to bf16 and packed for the products kernel: by blocks of 32
+    output channels, in pairs of input channels (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2,
+    32, 2); ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2,
+    32, 2). In C: SD 1.5's biggest kernel takes milliseconds (torch ops took 0.4-0.8 s, 22 s over its UNet)."""
     if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
         raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
                          f"of 32, got {tuple(w.shape)}")
+    why = cpu_winograd_ready()
+    if why is not None:
+        raise ValueError(f"winograd_weight: {why}")
     co, ci = w.shape[:2]
-    u = _g_rows(_g_rows(w.detach().cpu().float().permute(2, 3, 1, 0), 0), 1)  # (4, 4, C_in, C_out)
-    u = u.to(torch.bfloat16).reshape(16, ci // 2, 2, co // 32, 32)
-    if up2:
-        u = u[list(UP2_POSITIONS)]
-    return u.permute(3, 0, 1, 4, 2).contiguous()
+    src = w.detach().to(device="cpu", dtype=torch.bfloat16).contiguous()
+    u = torch.empty(co // 32, 9 if up2 else 16, ci // 2, 32, 2, dtype=torch.bfloat16)
+    _state["dr_winograd_weight_bf16"](src.data_ptr(), u.data_ptr(), co, ci, int(up2), torch.get_num_threads())
+    return u
 
 
 def work_split(tiles: int, col_blocks: int, threads: int) -> tuple[int, int]:

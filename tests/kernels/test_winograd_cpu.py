@@ -88,16 +88,19 @@ def test_work_split_uses_every_thread():
     assert work_split(3, 1, 4) == (8, 1)  # nothing to split
 
 
+@needs_kernel
 def test_winograd_weight_is_g_w_gt_packed():
     g = torch.Generator().manual_seed(1)
-    wt = torch.randn(64, 4, 3, 3, generator=g)
+    wt = torch.randn(64, 4, 3, 3, generator=g).to(torch.bfloat16)
     u = winograd_weight(wt)
     assert u.shape == (2, 16, 2, 32, 2) and u.dtype == torch.bfloat16
     assert torch.equal(winograd_weight(wt, up2=True), u[:, [0, 1, 3, 4, 5, 7, 12, 13, 15]])
     gm = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]], dtype=torch.float64)
-    full = gm @ wt.double() @ gm.T  # (64, 4, 4, 4): per output, input channel
+    full = (gm @ wt.double() @ gm.T).reshape(2, 32, 2, 2, 16)  # (C_out / 32, 32, C_in / 2, 2, position)
+    want = full.permute(0, 4, 2, 1, 3)
+    assert ((u.double() - want).abs() <= want.abs() * 2.0 ** -8).all()  # one bf16 rounding
     # output channel 33 = block 1, lane 1; input channel 3 = pair 1, slot 1; position (2, 1) = 9
-    assert u[1, 9, 1, 1, 1].item() == pytest.approx(full[33, 3, 2, 1].item(), rel=2.0 ** -8)
+    assert u[1, 9, 1, 1, 1].item() == pytest.approx((gm @ wt[33, 3].double() @ gm.T)[2, 1].item(), rel=2.0 ** -8)
     with pytest.raises(ValueError, match=r"\(C_out, C_in, 3, 3\).*got \(64, 4, 5, 5\)"):
         winograd_weight(torch.zeros(64, 4, 5, 5))
     with pytest.raises(ValueError, match="multiple of 32"):
