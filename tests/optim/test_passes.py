@@ -40,15 +40,6 @@ def eager(pipe):
     return {"np": run(pipe), "latent": run(pipe, "latent")}
 
 
-@pytest.fixture(autouse=True)
-def always_revert(request):
-    yield
-    if "pipe" in request.fixturenames:
-        p = request.getfixturevalue("pipe")
-        if getattr(p, "optimization", None) is not None:
-            p.optimization.revert()
-
-
 # ---- level 0 and the exact passes ---------------------------------------------------------------
 def test_level0_changes_nothing(pipe, eager):
     optim.optimize(pipe, level=0)

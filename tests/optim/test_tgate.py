@@ -26,15 +26,6 @@ def pipe(sd_folder, one_thread):
     return quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
 
 
-@pytest.fixture(autouse=True)
-def always_revert(request):
-    yield
-    if "pipe" in request.fixturenames:
-        p = request.getfixturevalue("pipe")
-        if getattr(p, "optimization", None) is not None:
-            p.optimization.revert()
-
-
 class BatchLog:
     """Records the batch of every UNet call."""
 

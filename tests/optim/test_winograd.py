@@ -37,13 +37,6 @@ def eager(pipe):
     return run(pipe)
 
 
-@pytest.fixture(autouse=True)
-def always_revert(pipe):
-    yield
-    if pipe.optimization is not None:
-        pipe.optimization.revert()
-
-
 def eligible(pipe):
     """The 3x3 stride-1 convolutions of the models text-to-image runs that the pass takes, but those
     of upsamplers (which run through ``conv_2x``)."""
