@@ -8,8 +8,8 @@ back into the 2x2 block. On this CPU the direct bf16 convolutions already run at
 rate, so this is the way to fewer seconds: 2.25x fewer multiplies for two transforms that cost
 little (measured 1.5-2x faster than oneDNN's direct convolution, bench/RESULTS.md).
 
-``winograd_weight(w)`` is the transformed kernel, computed from ``w`` in fp64 once, rounded to bf16
-and packed for the kernel (16/9 the size of ``w``). ``cpu_winograd_conv3x3(x, u, bias)`` is
+``winograd_weight(w)`` is the transformed kernel, computed from ``w`` once (in C, fp32), rounded to
+bf16 and packed for the kernel (16/9 the size of ``w``). ``cpu_winograd_conv3x3(x, u, bias)`` is
 ``conv2d(x, w, bias, padding=1)`` for a channels-last or contiguous bf16 (N, C, H, W) input; the
 result is channels-last, like oneDNN's. The transformed input and kernel are rounded to bf16 where
 the direct bf16 convolution rounds only its output, so its error against fp32 is about 2.5x the
@@ -32,7 +32,6 @@ BLOCK = 8  # WR in winograd_cpu.c: tiles per block of the products
 GROUP = 64  # tiles per task: each pass over the kernel's weights serves this many tiles
 
 
-
 def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
     def symbols():
@@ -44,7 +43,7 @@ def cpu_winograd_ready() -> str | None:
 
 
 # After nearest 2x upsampling, row and column 2 of every transformed input window are zero: the
-# positions (a, b), a and b in {0, 1, 3}, are the ones left.
+# positions (a, b), a and b in {0, 1, 3}, are the ones left (up2_positions in winograd_cpu.c).
 UP2_POSITIONS = (0, 1, 3, 4, 5, 7, 12, 13, 15)
 
 
