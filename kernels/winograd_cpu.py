@@ -42,17 +42,13 @@ def cpu_winograd_ready() -> str | None:
     return cpu_build.bind(_state, SOURCE, symbols)
 
 
-# After nearest 2x upsampling, row and column 2 of every transformed input window are zero: the
-# positions (a, b), a and b in {0, 1, 3}, are the ones left (up2_positions in winograd_cpu.c).
-UP2_POSITIONS = (0, 1, 3, 4, 5, 7, 12, 13, 15)
-
-
 def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
     """The transformed kernel ``G w G^T`` of a bf16 (C_out, C_in, 3, 3) weight, computed in fp32 (its
     rounding far below bf16's), rounded to bf16 and packed for the products kernel: by blocks of 32
     output channels, in pairs of input channels (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2,
-    32, 2); ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies, (C_out / 32, 9, C_in / 2,
-    32, 2). In C: SD 1.5's biggest kernel takes milliseconds (torch ops took 0.4-0.8 s, 22 s over its UNet)."""
+    32, 2); ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies (after nearest doubling,
+    row and column 2 of every transformed window are zero: positions 4a + b, a and b in {0, 1, 3}),
+    (C_out / 32, 9, C_in / 2, 32, 2). In C: SD 1.5's biggest kernel takes milliseconds (torch ops took 0.4-0.8 s, 22 s over its UNet)."""
     if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
         raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
                          f"of 32, got {tuple(w.shape)}")
@@ -93,11 +89,10 @@ def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor |
     return cpu_winograd_ready()
 
 
-def _launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool) -> torch.Tensor:
+def winograd_launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool) -> torch.Tensor:
+    """The kernel without ``cpu_winograd_supports``: for a caller that made ``u`` and ``bias`` from the
+    conv itself and checked ``x`` (optim/winograd.py, once per call)."""
     name = "cpu_winograd_up2_conv3x3" if up2 else "cpu_winograd_conv3x3"
-    why = cpu_winograd_supports(x, u, bias, up2)
-    if why is not None:
-        raise ValueError(f"{name}: {why}")
     n, c, h, w = x.shape
     co = 32 * u.shape[0]
     xl = x.contiguous(memory_format=torch.channels_last)
@@ -113,9 +108,16 @@ def _launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bo
     return y
 
 
+def _checked(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool) -> torch.Tensor:
+    why = cpu_winograd_supports(x, u, bias, up2)
+    if why is not None:
+        raise ValueError(f"{'cpu_winograd_up2_conv3x3' if up2 else 'cpu_winograd_conv3x3'}: {why}")
+    return winograd_launch(x, u, bias, up2)
+
+
 def cpu_winograd_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``conv2d(x, w, bias, padding=1)`` with ``u = winograd_weight(w)``; see the module docstring."""
-    return _launch(x, u, bias, up2=False)
+    return _checked(x, u, bias, up2=False)
 
 
 def cpu_winograd_up2_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -123,4 +125,4 @@ def cpu_winograd_up2_conv3x3(x: torch.Tensor, u: torch.Tensor, bias: torch.Tenso
     ``u = winograd_weight(w, up2=True)``: one 2x2 output block per input pixel, 9 multiply-adds per
     input pixel and channel pair (folding the doubling into a 2x2 kernel takes 16, the plain
     convolution of the doubled map 36). The result (N, C_out, 2H, 2W) is channels-last."""
-    return _launch(x, u, bias, up2=True)
+    return _checked(x, u, bias, up2=True)

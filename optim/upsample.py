@@ -83,12 +83,15 @@ class FoldedUpsampleConv:
         return interleave_phases(g, conv.out_channels)
 
 
+def plain_3x3(conv) -> bool:
+    """A 3x3, stride-1, padding-1, undilated, ungrouped, zero-padded ``nn.Conv2d``."""
+    return (isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3) and conv.padding == (1, 1)
+            and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1 and conv.padding_mode == "zeros")
+
+
 def foldable(module: nn.Module) -> bool:
-    """An Upsample2D whose conv is 3x3, stride 1, padding 1, ungrouped, zero-padded."""
-    conv = getattr(module, "conv", None)
-    return (isinstance(module, Upsample2D) and isinstance(conv, nn.Conv2d) and conv.kernel_size == (3, 3)
-            and conv.padding == (1, 1) and conv.stride == (1, 1) and conv.dilation == (1, 1) and conv.groups == 1
-            and conv.padding_mode == "zeros")
+    """An Upsample2D whose conv is a plain 3x3 one."""
+    return isinstance(module, Upsample2D) and plain_3x3(module.conv)
 
 
 @dataclass(frozen=True)

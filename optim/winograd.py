@@ -32,7 +32,7 @@ from models.resnet import Upsample2D
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .prepack import weight_cache
-from .upsample import foldable
+from .upsample import plain_3x3
 
 
 def cpu_winograd_ready() -> str | None:
@@ -43,9 +43,11 @@ def cpu_winograd_ready() -> str | None:
 
 
 def _fast(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether this call runs the kernel (else the previous forward: compiling, autograd, fp32, ...)."""
+    """Whether this call runs the kernel (else the previous forward: compiling, autograd, fp32, ...); the
+    only check per call: the kernel's own (``cpu_winograd_supports``) holds by construction, and a
+    channel mismatch goes to the previous forward, which raises torch's error."""
     return not (torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16
-                or x.device.type != "cpu" or x.ndim != 4 or x.numel() == 0
+                or x.device.type != "cpu" or x.ndim != 4 or x.numel() == 0 or x.shape[1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
@@ -62,14 +64,14 @@ def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
 
 def winograd_conv_forward(conv: nn.Conv2d, previous):
     """A forward for ``conv`` that runs bf16 CPU calls as Winograd and the rest through ``previous``."""
-    from kernels.winograd_cpu import cpu_winograd_conv3x3
+    from kernels.winograd_cpu import winograd_launch
 
     cache: dict = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not _fast(x, conv.weight):
             return previous(x)
-        return cpu_winograd_conv3x3(x, *_transformed(cache, conv, up2=False))
+        return winograd_launch(x, *_transformed(cache, conv, up2=False), up2=False)
 
     forward.winograd_cache = cache
     return forward
@@ -81,14 +83,14 @@ class WinogradUpsampleConv:
     calls go to the ``conv_2x`` it replaced (None: the eager doubling, then the conv)."""
 
     def __init__(self, previous):
-        from kernels.winograd_cpu import cpu_winograd_up2_conv3x3
+        from kernels.winograd_cpu import winograd_launch
 
-        self.previous, self.cache, self.kernel = previous, {}, cpu_winograd_up2_conv3x3
+        self.previous, self.cache, self.kernel = previous, {}, winograd_launch
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv
         if _fast(x, conv.weight):
-            return self.kernel(x, *_transformed(self.cache, conv, up2=True))
+            return self.kernel(x, *_transformed(self.cache, conv, up2=True), up2=True)
         if self.previous is not None:
             return self.previous(module, x)
         return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
@@ -106,12 +108,10 @@ class WinogradPass(Pass):
         """The convolutions it takes and the upsamplers whose conv it takes."""
         modules = [m for model in pipeline_models(pipe).values() for m in model.modules()]
         return ([m for m in modules if self._takes(m)],
-                [m for m in modules if isinstance(m, Upsample2D) and foldable(m) and self._takes(m.conv)])
+                [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)])
 
     def _takes(self, m: nn.Module) -> bool:
-        return (isinstance(m, nn.Conv2d) and m.kernel_size == (3, 3) and m.stride == (1, 1) and m.padding == (1, 1)
-                and m.dilation == (1, 1) and m.groups == 1 and m.padding_mode == "zeros"
-                and m.weight.dtype == torch.bfloat16 and m.in_channels % 2 == 0
+        return (plain_3x3(m) and m.weight.dtype == torch.bfloat16 and m.in_channels % 2 == 0
                 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
 
     def supports(self, pipe) -> str | None:

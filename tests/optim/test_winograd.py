@@ -122,3 +122,11 @@ def test_fp32_pipelines_and_machines_without_the_kernel_are_skipped_with_the_rea
     optim.optimize(pipe, level=0, winograd=True)
     assert pipe.optimization.skipped["winograd"] == "this CPU has no AVX512-BF16"
     assert not any("forward" in m.__dict__ for m in eligible(pipe))
+
+
+@needs_kernel
+def test_a_channel_mismatch_gets_torchs_error_not_the_kernel():
+    conv = nn.Conv2d(32, 32, 3, padding=1).to(torch.bfloat16).requires_grad_(False)
+    conv.forward = winograd_conv_forward(conv, type(conv).forward.__get__(conv))
+    with pytest.raises(RuntimeError, match="expected input.*to have 32 channels"):
+        conv(torch.randn(1, 16, 4, 4).to(torch.bfloat16))
