@@ -19,6 +19,10 @@ from . import cpu_build
 
 SOURCE = Path(__file__).with_name("group_norm_cpu.c")
 
+# Pixels per partial sum in the channels-last statistics (CHUNK in the C source): a split fixed by the
+# shape, not the thread count, so results are the same with any number of threads.
+NHWC_CHUNK = 256
+
 _state: dict = {}  # the loaded entry points by name, or "why": the reason they are unavailable
 
 
@@ -27,7 +31,7 @@ def cpu_group_norm_ready() -> str | None:
     def symbols():
         shape = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
         return {"dr_group_norm_silu_bf16": (None, shape + [ctypes.c_int]),
-                "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_int])}
+                "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])}
 
     return cpu_build.bind(_state, SOURCE, symbols)
 
@@ -58,9 +62,10 @@ def _launch(x: torch.Tensor, groups: int, weight: torch.Tensor, bias: torch.Tens
     with cpu_build.profiled("kernels::cpu_group_norm_silu"):
         if _channels_last(x):
             scratch = torch.empty(x.shape[0], 4, x.shape[1])
+            part = torch.empty(x.shape[0], -(-hw // NHWC_CHUNK), x.shape[1])  # per-chunk partial sums
             _state["dr_group_norm_silu_nhwc_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                                    x.shape[0], x.shape[1], hw, groups, eps, scratch.data_ptr(),
-                                                   torch.get_num_threads())
+                                                   part.data_ptr(), torch.get_num_threads())
         else:
             _state["dr_group_norm_silu_bf16"](x.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
                                               x.shape[0], x.shape[1], hw, groups, eps, torch.get_num_threads())

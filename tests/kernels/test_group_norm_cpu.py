@@ -23,7 +23,8 @@ def inputs(shape, groups=32, seed=0):
 
 
 @needs_kernel
-@pytest.mark.parametrize("shape", [(2, 128, 32, 32), (2, 512, 8, 8), (1, 64, 5, 7), (3, 32, 17), (2, 256, 16, 16)])
+@pytest.mark.parametrize("shape", [(2, 128, 32, 32), (2, 512, 8, 8), (1, 64, 5, 7), (3, 32, 17), (2, 256, 16, 16),
+                                   (1, 64, 17, 19)])  # the last: 323 pixels, two uneven chunks
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 def test_matches_fp32_and_is_never_worse_than_eager(shape, layout):
     x, groups, w, b = inputs(shape)
