@@ -36,6 +36,13 @@ static inline __m512 exp2_ps(__m512 t) {
     return _mm512_scalef_ps(p, n);
 }
 
+/* 1 / d for finite d > 0 (to 1e38): vrcp14ps refined by one Newton step, relative error about 2^-27, at a
+ * fraction of a division's cost. */
+static inline __m512 recip_ps(__m512 d) {
+    const __m512 r0 = _mm512_rcp14_ps(d);
+    return _mm512_fmadd_ps(r0, _mm512_fnmadd_ps(d, r0, _mm512_set1_ps(1.0f)), r0);
+}
+
 /* Up to 16 bf16 values (lanes in m) as fp32. */
 static inline __m512 load_bf16(const uint16_t *at, __mmask16 m) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, at)), 16));
