@@ -6,7 +6,7 @@ Before a transformer block's self-attention, ``ratio`` of the tokens are merged 
 after it they are copied back out. Only blocks whose token grid is downsampled at most
 ``max_downsample`` times from the latent are merged (the high-resolution ones, where attention
 costs most). The matching algorithm is the ``tomesd`` package's, run by optim/token_merge.py
-(row copies, 2.4x faster than tomesd's gathers on CPU, same choices); this file plugs it into the
+(row copies, 2.2-2.5x faster than tomesd's gathers on CPU, same choices); this file plugs it into the
 transformer blocks' ``token_merge`` slot (DESIGN.md §3) and never copies a forward.
 
 Randomness (which token of each cell is the destination) comes from a generator seeded with
@@ -26,11 +26,7 @@ from models.errors import OptimizationError
 
 from .base import Pass
 from .components import denoiser
-from .token_merge import bipartite_merge
-
-
-def _identity(x, mode=None):
-    return x
+from .token_merge import bipartite_merge, identity
 
 
 class _MergeHook:
@@ -54,7 +50,7 @@ class _MergeHook:
         h, w = self.state.latent_hw
         downsample = int(math.ceil(math.sqrt(h * w // x.shape[1])))
         if downsample > cfg.max_downsample or cfg.ratio <= 0:
-            return (_identity,) * 6
+            return (identity,) * 6
         gh, gw = int(math.ceil(h / downsample)), int(math.ceil(w / downsample))
         # Odd batches cannot keep cond/uncond halves aligned under random cells (tomesd's rule).
         no_rand = (not cfg.use_rand) or x.shape[0] % 2 == 1
@@ -62,8 +58,8 @@ class _MergeHook:
             x, gw, gh, cfg.sx, cfg.sy, int(x.shape[1] * cfg.ratio), generator=None if no_rand else self._generator(),
         )
         attn = (merge, unmerge)
-        cross = attn if cfg.merge_crossattn else (_identity, _identity)
-        mlp = attn if cfg.merge_mlp else (_identity, _identity)
+        cross = attn if cfg.merge_crossattn else (identity, identity)
+        mlp = attn if cfg.merge_mlp else (identity, identity)
         return attn[0], attn[1], cross[0], cross[1], mlp[0], mlp[1]
 
 

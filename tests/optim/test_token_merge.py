@@ -4,7 +4,11 @@ import torch
 
 from optim.token_merge import bipartite_merge
 
-tomesd_merge = pytest.importorskip("tomesd.merge")
+
+@pytest.fixture
+def tomesd_merge():
+    return pytest.importorskip("tomesd.merge")
+
 
 # (batch, grid h, grid w, channels, sx, sy, random cells): square and odd grids, a grid that the
 # cells do not divide (its last row and column stay sources), and tomesd's no_rand.
@@ -12,7 +16,7 @@ CASES = [(2, 32, 32, 128, 2, 2, True), (1, 16, 16, 64, 2, 2, False), (2, 15, 17,
          (3, 12, 8, 40, 2, 3, True), (2, 8, 8, 16, 1, 2, False)]
 
 
-def _pair(x, h, w, sx, sy, rand, r, seed=3):
+def _pair(tomesd_merge, x, h, w, sx, sy, rand, r, seed=3):
     ref = tomesd_merge.bipartite_soft_matching_random2d(
         x, w, h, sx, sy, r, no_rand=not rand, generator=torch.Generator().manual_seed(seed))
     ours = bipartite_merge(x, w, h, sx, sy, r, generator=torch.Generator().manual_seed(seed) if rand else None)
@@ -21,24 +25,24 @@ def _pair(x, h, w, sx, sy, rand, r, seed=3):
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c[:4])) + ("-rand" if c[6] else "-fixed"))
 @pytest.mark.parametrize("ratio", [0.3, 0.5, 0.9])
-def test_fp32_matches_tomesd_exactly(case, ratio):
+def test_fp32_matches_tomesd_exactly(tomesd_merge, case, ratio):
     B, h, w, C, sx, sy, rand = case
     torch.manual_seed(0)
     x = torch.randn(B, h * w, C)
-    (m_ref, u_ref), (m, u) = _pair(x, h, w, sx, sy, rand, int(h * w * ratio))
+    (m_ref, u_ref), (m, u) = _pair(tomesd_merge, x, h, w, sx, sy, rand, int(h * w * ratio))
     merged = m(x)
     assert torch.equal(merged, m_ref(x))  # same tokens chosen, same order, same means
     y = torch.randn_like(merged)
     assert torch.equal(u(y), u_ref(y))
 
 
-def test_bf16_means_are_summed_in_fp32():
+def test_bf16_means_are_summed_in_fp32(tomesd_merge):
     """tomesd averages in bf16; ours sums in fp32 and rounds once: at least as close to fp32."""
     torch.manual_seed(1)
     x = torch.randn(2, 32 * 32, 128)
-    (m32, _), _ = _pair(x, 32, 32, 2, 2, True, 512)
+    (m32, _), _ = _pair(tomesd_merge, x, 32, 32, 2, 2, True, 512)
     exact = m32(x)
-    (m_ref, u_ref), (m, u) = _pair(x.bfloat16(), 32, 32, 2, 2, True, 512)
+    (m_ref, u_ref), (m, u) = _pair(tomesd_merge, x.bfloat16(), 32, 32, 2, 2, True, 512)
     err_ours = (m(x.bfloat16()).float() - exact).abs().max()
     err_ref = (m_ref(x.bfloat16()).float() - exact).abs().max()
     assert err_ours <= err_ref
