@@ -46,6 +46,10 @@ def _pil_batch(images: list[PIL.Image.Image], height: int, width: int, grayscale
         im = im.resize((width, height), resample=PIL.Image.LANCZOS)
         if grayscale:
             im = im.convert("L")
+        elif im.mode != "RGB":
+            # RGBA, CMYK, L, P...: what the VAE takes is RGB. Left as they are, a 4-channel image would
+            # pass for latents and skip the encoder; a 1-channel one would fail inside the VAE.
+            im = im.convert("RGB")
         arrays.append(np.array(im).astype(np.float32) / 255.0)
     batch = np.stack(arrays, axis=0)
     if batch.ndim == 3:  # (B, H, W) -> (B, H, W, 1)
