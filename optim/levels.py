@@ -30,8 +30,8 @@ PASSES: dict[str, type[Pass]] = {
 # Which passes each level adds on top of the level below.
 LEVEL_ADDS: dict[int, tuple[str, ...]] = {
     0: (),
-    1: ("attention", "fused_qkv", "geglu", "group_norm", "upsample", "memory_format"),
-    2: ("precision", "prepack", "winograd", "compile"),
+    1: ("attention", "fused_qkv", "geglu", "group_norm", "upsample", "memory_format", "winograd"),
+    2: ("precision", "prepack", "compile"),
     3: ("deepcache", "tgate", "tome"),
 }
 

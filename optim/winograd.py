@@ -1,22 +1,24 @@
-"""3x3 convolutions as Winograd F(2x2, 3x3) in bf16 on CPU (level 2, exact class: rounding only).
+"""3x3 convolutions as Winograd F(2x2, 3x3) on CPU, bf16 or fp32 (level 1, exact class: rounding only).
 
-At level 2 the bf16 convolutions already run at this CPU's matmul rate (bench/RESULTS.md, session 12),
-so the way to fewer seconds is fewer multiplies: Winograd's minimal filtering computes each 2x2 block
-of outputs with 16 multiply-adds per channel pair instead of 36 (kernels/winograd_cpu.py). This pass
-gives each bf16 3x3, stride-1, padding-1 ``nn.Conv2d`` of the pipeline's models whose channel counts
-the kernel takes (input even and at least ``min_channels``, output a multiple of 32) a forward that
-runs it that way, and each ``Upsample2D`` whose conv it takes a ``conv_2x`` that runs the nearest
-doubling and the conv in one kernel (9 multiply-adds per input pixel and channel pair: 7 of the
-16 transformed positions are zero on a doubled map; the upsample pass's fold takes 16). Other calls
-(fp32, autograd, torch.compile tracing, other devices) go to what ran before (prepack's forward, the
-upsample pass's fold, when those passes ran first).
+The direct convolutions run at this CPU's matmul rate (bench/RESULTS.md, sessions 12 and 15), so the way
+to fewer seconds is fewer multiplies: Winograd's minimal filtering computes each 2x2 block of outputs
+with 16 multiply-adds per channel pair instead of 36 (kernels/winograd_cpu.py for bf16,
+kernels/winograd_f32_cpu.py for fp32). This pass gives each bf16 or fp32 3x3, stride-1, padding-1
+``nn.Conv2d`` of the pipeline's models whose channel counts the kernels take (input even and at least
+``min_channels``, output a multiple of 32) a forward that runs it that way, and each ``Upsample2D``
+whose conv it takes a ``conv_2x`` that runs the nearest doubling and the conv in one kernel, in bf16
+(9 multiply-adds per input pixel and channel pair: 7 of the 16 transformed positions are zero on a
+doubled map; the upsample pass's fold takes 16). Other calls (autograd, torch.compile tracing, other
+devices, a dtype other than the weight's; fp32 upsampling) go to what ran before (prepack's forward,
+the upsample pass's fold, when those passes ran first).
 
-The transformed kernel is computed once and rebuilt when the weight's storage, version or dtype
-changes, as prepack does. Costs memory: 16/9 of each weight it takes, in bf16, beside the weight
-(1.9 GB for SD 1.5's UNet), in place of prepack's packed copies of the same weights, which are then
-never made: SD 1.5 at level 2 peaks at 10.2 GB RSS against 9.5 GB without the pass (``winograd=False``
-when memory is short). The result differs from the direct bf16 convolution by
-rounding only: 2.5x its rms error against fp32, 1.5-2x its max (tests/kernels/test_winograd_cpu.py).
+The transformed kernel is computed on first use and rebuilt when the weight's storage, version or dtype
+changes, as prepack does. Costs memory: 16/9 of each weight it takes, in the weight's dtype, beside the
+weight (SD 1.5's UNet: 1.9 GB in bf16, 3.8 GB in fp32), in place of prepack's packed copies of the same
+weights, which are then never made: SD 1.5 at level 2 peaks at 10.2 GB RSS against 9.5 GB without the
+pass (``winograd=False`` when memory is short). In bf16 the result differs from the direct convolution
+by rounding only: 2.5x its rms error against fp32, 1.5-2x its max (tests/kernels/test_winograd_cpu.py);
+in fp32 its error against fp64 is that of the direct fp32 convolution (tests/kernels/test_winograd_f32_cpu.py).
 Revert restores the previous forward.
 """
 from __future__ import annotations
@@ -35,42 +37,57 @@ from .prepack import weight_cache
 from .upsample import plain_3x3
 
 
-def cpu_winograd_ready() -> str | None:
-    # imported here: importing ``kernels`` reads TRITON_INTERPRET, which the kernel tests set first
-    from kernels.winograd_cpu import cpu_winograd_ready as ready
+DTYPES = (torch.bfloat16, torch.float32)
 
+
+def kernel_ready(dtype: torch.dtype) -> str | None:
+    """None when the kernel for ``dtype`` runs here, else why not."""
+    # imported here: importing ``kernels`` reads TRITON_INTERPRET, which the kernel tests set first
+    if dtype == torch.float32:
+        from kernels.winograd_f32_cpu import cpu_winograd_f32_ready as ready
+    else:
+        from kernels.winograd_cpu import cpu_winograd_ready as ready
     return ready()
 
 
 def _fast(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether this call runs the kernel (else the previous forward: compiling, autograd, fp32, ...); the
-    only check per call: the kernel's own (``cpu_winograd_supports``) holds by construction, and a
+    """Whether this call runs a kernel (else the previous forward: compiling, autograd, mixed dtypes...);
+    the only check per call: the kernel's own (``cpu_winograd_supports``) holds by construction, and a
     channel mismatch goes to the previous forward, which raises torch's error."""
-    return not (torch.compiler.is_compiling() or x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16
+    return not (torch.compiler.is_compiling() or x.dtype != w.dtype or w.dtype not in DTYPES
                 or x.device.type != "cpu" or x.ndim != 4 or x.numel() == 0 or x.shape[1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
 def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
-    """(transformed kernel, bf16 bias) of ``conv``, from ``cache`` while its weight is the same."""
-    from kernels.winograd_cpu import winograd_weight
-
+    """(transformed kernel, bias in the weight's dtype) of ``conv``, from ``cache`` while its weight is the same."""
     entry = weight_cache(cache, conv.weight)
     if "u" not in entry:
-        entry["u"] = winograd_weight(conv.weight, up2=up2)
-        entry["bias"] = None if conv.bias is None else conv.bias.detach().to(torch.bfloat16).contiguous()
+        dtype = conv.weight.dtype
+        if dtype == torch.float32:
+            from kernels.winograd_f32_cpu import winograd_weight_f32
+
+            entry["u"] = winograd_weight_f32(conv.weight)
+        else:
+            from kernels.winograd_cpu import winograd_weight
+
+            entry["u"] = winograd_weight(conv.weight, up2=up2)
+        entry["bias"] = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
     return entry["u"], entry["bias"]
 
 
 def winograd_conv_forward(conv: nn.Conv2d, previous):
-    """A forward for ``conv`` that runs bf16 CPU calls as Winograd and the rest through ``previous``."""
+    """A forward for ``conv`` that runs bf16 and fp32 CPU calls as Winograd and the rest through ``previous``."""
     from kernels.winograd_cpu import winograd_launch
+    from kernels.winograd_f32_cpu import winograd_launch_f32
 
     cache: dict = {}
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         if not _fast(x, conv.weight):
             return previous(x)
+        if x.dtype == torch.float32:
+            return winograd_launch_f32(x, *_transformed(cache, conv, up2=False))
         return winograd_launch(x, *_transformed(cache, conv, up2=False), up2=False)
 
     forward.winograd_cache = cache
@@ -89,7 +106,7 @@ class WinogradUpsampleConv:
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv
-        if _fast(x, conv.weight):
+        if _fast(x, conv.weight) and x.dtype == torch.bfloat16:  # no fp32 kernel for the doubling
             return self.kernel(x, *_transformed(self.cache, conv, up2=True), up2=True)
         if self.previous is not None:
             return self.previous(module, x)
@@ -105,24 +122,25 @@ class WinogradPass(Pass):
     min_channels: int = 32
 
     def _targets(self, pipe):
-        """The convolutions it takes and the upsamplers whose conv it takes."""
+        """The convolutions it takes and the upsamplers whose conv it takes (bf16 only)."""
         modules = [m for model in pipeline_models(pipe).values() for m in model.modules()]
         return ([m for m in modules if self._takes(m)],
-                [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)])
+                [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)
+                 and m.conv.weight.dtype == torch.bfloat16])
 
     def _takes(self, m: nn.Module) -> bool:
-        return (plain_3x3(m) and m.weight.dtype == torch.bfloat16 and m.in_channels % 2 == 0
-                and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
+        return (plain_3x3(m) and m.weight.dtype in DTYPES and kernel_ready(m.weight.dtype) is None
+                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
 
     def supports(self, pipe) -> str | None:
         if pipeline_device(pipe).type != "cpu":
             return f"the Winograd kernels are for CPU; this pipeline is on {pipeline_device(pipe)}"
-        why = cpu_winograd_ready()
-        if why:
+        why = kernel_ready(torch.bfloat16)
+        if why and kernel_ready(torch.float32):
             return why
         if not self._targets(pipe)[0]:
-            return (f"no bf16 3x3 stride-1 convolutions with an even input channel count of at least "
-                    f"{self.min_channels} and output channels a multiple of 32 (precision off?)")
+            return (f"no bf16 or fp32 3x3 stride-1 convolutions with an even input channel count of at least "
+                    f"{self.min_channels} and output channels a multiple of 32")
         return None
 
     def apply(self, pipe) -> None:

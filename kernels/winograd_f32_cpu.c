@@ -1,0 +1,162 @@
+/* The fp32 sibling of winograd_cpu.c: a 3x3, stride-1, padding-1 convolution as Winograd F(2x2, 3x3) over
+ * channels-last fp32 tensors, for x86-64 CPUs with AVX-512 (kernels/winograd_cpu.py packs the kernel).
+ *
+ * Same transforms and task layout as the bf16 kernel (see there): per task up to ``group`` tiles are
+ * transformed into the thread's scratch, multiplied by the transformed kernel in blocks of WR tiles x 32
+ * output channels at all 16 positions, and transformed back into the output with the bias. Everything
+ * stays fp32: the products are FMAs (one input value broadcast against 32 output channels), and the
+ * result's error against fp64 is below the direct fp32 convolution's (bench/RESULTS.md, session 15).
+ */
+#include "cpu_math.h"
+#include <immintrin.h>
+#include <stdint.h>
+#include <omp.h>
+#include <string.h>
+
+#define WR 8  /* tiles per block of the products (BLOCK in winograd_cpu.py) */
+
+/* Transforms tiles first.. first+count-1 into v (16, count rounded up to WR, C), the padding rows zero. */
+static void transform_tiles(const float *x, float *v, int64_t first, int64_t count, int h, int w, int c) {
+    const int th = (h + 1) / 2, tw = (w + 1) / 2;
+    const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
+    for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(float) * (padded - count) * c);
+    for (int64_t i = 0; i < count; i++) {
+        const int64_t t = first + i;
+        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
+        const int r0 = 2 * (rest / tw) - 1, c0 = 2 * (rest % tw) - 1;
+        const float *rows[4];
+        int col[4];
+        for (int a = 0; a < 4; a++) {
+            rows[a] = (r0 + a >= 0 && r0 + a < h) ? x + (((int64_t)n * h + r0 + a) * w) * c : 0;
+            col[a] = (c0 + a >= 0 && c0 + a < w) ? c0 + a : -1;
+        }
+        float *out = v + i * c;
+        for (int ch = 0; ch < c; ch += 16) {
+            const __mmask16 m = tail_mask(c - ch);
+            __m512 d[4][4], e[4][4];
+            for (int a = 0; a < 4; a++)
+                for (int b = 0; b < 4; b++)
+                    d[a][b] = (rows[a] && col[b] >= 0) ? _mm512_maskz_loadu_ps(m, rows[a] + (int64_t)col[b] * c + ch)
+                                                       : _mm512_setzero_ps();
+            for (int b = 0; b < 4; b++) {  /* B^T d: combine rows */
+                e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
+                e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
+                e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
+                e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
+            }
+            for (int a = 0; a < 4; a++) {  /* (B^T d) B: combine columns */
+                float *o = out + (int64_t)(4 * a) * plane + ch;
+                _mm512_mask_storeu_ps(o, m, _mm512_sub_ps(e[a][0], e[a][2]));
+                _mm512_mask_storeu_ps(o + plane, m, _mm512_add_ps(e[a][1], e[a][2]));
+                _mm512_mask_storeu_ps(o + 2 * plane, m, _mm512_sub_ps(e[a][2], e[a][1]));
+                _mm512_mask_storeu_ps(o + 3 * plane, m, _mm512_sub_ps(e[a][1], e[a][3]));
+            }
+        }
+    }
+}
+
+/* The products at the 16 positions of WR tiles (rows row0.. of v) by output channels 32 cb.. 32 cb + 31. */
+static void multiply_block(const float *v, int64_t vplane, int64_t row0, const float *up, int cb, int c,
+                           float acc_block[16][WR][32]) {
+    for (int k = 0; k < 16; k++) {
+        const float *vk = v + k * vplane + row0 * c;
+        const float *uk = up + ((int64_t)cb * 16 + k) * c * 32;
+        __m512 acc[WR][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < WR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int p = 0; p < c; p++) {
+            const __m512 b0 = _mm512_loadu_ps(uk + (int64_t)p * 32), b1 = _mm512_loadu_ps(uk + (int64_t)p * 32 + 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < WR; r++) {
+                const __m512 a = _mm512_set1_ps(vk[(int64_t)r * c + p]);
+                acc[r][0] = _mm512_fmadd_ps(a, b0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(a, b1, acc[r][1]);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < WR; r++) {
+            _mm512_store_ps(&acc_block[k][r][0], acc[r][0]);
+            _mm512_store_ps(&acc_block[k][r][16], acc[r][1]);
+        }
+    }
+}
+
+/* A^T m A of the products of tiles t0.. (those before ``end``) into y: 32 output channels from ch0, bias added. */
+static void output_tiles(float acc[16][WR][32], const float *bias, float *y, int64_t t0, int64_t end,
+                         int th, int tw, int h, int w, int co, int ch0) {
+    for (int r = 0; r < WR && t0 + r < end; r++) {
+        const int64_t t = t0 + r;
+        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
+        const int r0 = 2 * (rest / tw), c0 = 2 * (rest % tw);
+        const int rows = r0 + 1 < h ? 2 : 1, cols = c0 + 1 < w ? 2 : 1;
+        float *base = y + (((int64_t)n * h + r0) * w + c0) * co + ch0;
+        for (int half = 0; half < 2; half++) {
+            const int ch = 16 * half;
+            const __m512 b = bias ? _mm512_loadu_ps(bias + ch0 + ch) : _mm512_setzero_ps();
+            __m512 s[2][4];  /* A^T m: combine rows */
+            for (int j = 0; j < 4; j++) {
+                const __m512 m0 = _mm512_load_ps(&acc[j][r][ch]), m1 = _mm512_load_ps(&acc[4 + j][r][ch]);
+                const __m512 m2 = _mm512_load_ps(&acc[8 + j][r][ch]), m3 = _mm512_load_ps(&acc[12 + j][r][ch]);
+                s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
+                s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
+            }
+            for (int i = 0; i < rows; i++) {  /* (A^T m) A: combine columns */
+                float *o = base + (int64_t)i * w * co + ch;
+                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), b));
+                if (cols == 2)
+                    _mm512_storeu_ps(o + co, _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), b));
+            }
+        }
+    }
+}
+
+/* conv2d(x, g, bias, padding=1), y (N, H, W, Co); up = G g G^T packed (Co/32, 16, C, 32). scratch:
+ * 16 * group * C floats per thread. Tasks as in winograd_cpu.c. */
+void dr_winograd_conv3x3_f32(const float *x, const float *up, const float *bias, float *y, float *scratch,
+                             int n_batch, int h, int w, int c, int co, int64_t group, int col_parts, int threads) {
+    const int th = (h + 1) / 2, tw = (w + 1) / 2;
+    const int64_t tiles = (int64_t)n_batch * th * tw, groups = (tiles + group - 1) / group;
+    const int col_blocks = co / 32, per_part = (col_blocks + col_parts - 1) / col_parts;
+#pragma omp parallel num_threads(threads)
+    {
+        float *v = scratch + (int64_t)omp_get_thread_num() * 16 * group * c;
+        float acc_block[16][WR][32] __attribute__((aligned(64)));
+#pragma omp for schedule(static)
+        for (int64_t task = 0; task < groups * col_parts; task++) {
+            const int64_t first = task / col_parts * group;
+            const int64_t count = tiles - first < group ? tiles - first : group;
+            const int64_t vplane = (count + WR - 1) / WR * WR * c;
+            const int part = (int)(task % col_parts);
+            transform_tiles(x, v, first, count, h, w, c);
+            const int cb_end = (part + 1) * per_part < col_blocks ? (part + 1) * per_part : col_blocks;
+            for (int cb = part * per_part; cb < cb_end; cb++)
+                for (int64_t row0 = 0; row0 < count; row0 += WR) {
+                    multiply_block(v, vplane, row0, up, cb, c, acc_block);
+                    output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
+                }
+        }
+    }
+}
+
+/* G g G^T of a (Co, Ci, 3, 3) fp32 weight, packed as the products read it: (Co/32, 16, Ci, 32). */
+void dr_winograd_weight_f32(const float *w, float *u, int co, int ci, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int ob = 0; ob < co / 32; ob++)
+        for (int i = 0; i < ci; i++)
+            for (int o = 0; o < 32; o++) {
+                const float *g = w + ((int64_t)(32 * ob + o) * ci + i) * 9;
+                float t[4][3];
+                for (int c = 0; c < 3; c++) {  /* G g: rows */
+                    t[0][c] = g[c];
+                    t[1][c] = (g[c] + g[3 + c] + g[6 + c]) * 0.5f;
+                    t[2][c] = (g[c] - g[3 + c] + g[6 + c]) * 0.5f;
+                    t[3][c] = g[6 + c];
+                }
+                for (int r = 0; r < 4; r++) {  /* (G g) G^T: columns */
+                    const float full[4] = {t[r][0], (t[r][0] + t[r][1] + t[r][2]) * 0.5f,
+                                           (t[r][0] - t[r][1] + t[r][2]) * 0.5f, t[r][2]};
+                    for (int b = 0; b < 4; b++)
+                        u[(((int64_t)ob * 16 + 4 * r + b) * ci + i) * 32 + o] = full[b];
+                }
+            }
+}
