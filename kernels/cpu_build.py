@@ -1,5 +1,5 @@
 """Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
-group_norm_cpu.c; shared helpers in cpu_math.h).
+group_norm_cpu.c, winograd_cpu.c, winograd_f32_cpu.c; shared helpers in cpu_math.h).
 
 A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
