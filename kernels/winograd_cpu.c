@@ -9,6 +9,7 @@
  * matmul units take); the sums stay fp32 through the output transform; one rounding on the way out.
  */
 #include "cpu_math.h"
+#include "winograd_math.h"
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>
@@ -32,9 +33,8 @@ static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64
     const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
     for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(uint16_t) * (padded - count) * c);
     for (int64_t i = 0; i < count; i++) {
-        const int64_t t = first + i;
-        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
-        const int r0 = 2 * (rest / tw) - 1, c0 = 2 * (rest % tw) - 1;
+        int n, r0, c0;
+        tile_window(first + i, th, tw, &n, &r0, &c0);
         const uint16_t *rows[4];
         int col[4];
         for (int a = 0; a < 4; a++) {
@@ -44,25 +44,12 @@ static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64
         uint16_t *out = v + i * c;
         for (int ch = 0; ch < c; ch += 16) {
             const __mmask16 m = tail_mask(c - ch);
-            __m512 d[4][4];
+            __m512 d[4][4], t[16];
             for (int a = 0; a < 4; a++)
                 for (int b = 0; b < 4; b++)
-                    d[a][b] = (rows[a] && col[b] >= 0) ? load_bf16(rows[a] + (int64_t)col[b] * c + ch, m)
-                                                       : _mm512_setzero_ps();
-            __m512 e[4][4];  /* B^T d: combine rows */
-            for (int b = 0; b < 4; b++) {
-                e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
-                e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
-                e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
-                e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
-            }
-            for (int a = 0; a < 4; a++) {  /* (B^T d) B: combine columns */
-                uint16_t *o = out + (int64_t)(4 * a) * plane + ch;
-                store_bf16(o, _mm512_sub_ps(e[a][0], e[a][2]), m);
-                store_bf16(o + plane, _mm512_add_ps(e[a][1], e[a][2]), m);
-                store_bf16(o + 2 * plane, _mm512_sub_ps(e[a][2], e[a][1]), m);
-                store_bf16(o + 3 * plane, _mm512_sub_ps(e[a][1], e[a][3]), m);
-            }
+                    d[a][b] = (rows[a] && col[b] >= 0) ? load_bf16(rows[a] + (int64_t)col[b] * c + ch, m) : _mm512_setzero_ps();
+            winograd_input(d, t);
+            for (int k = 0; k < 16; k++) store_bf16(out + (int64_t)k * plane + ch, t[k], m);
         }
     }
 }
@@ -72,28 +59,22 @@ static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64
 static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *y, int64_t t0, int64_t end,
                          int th, int tw, int h, int w, int co, int ch0) {
     for (int r = 0; r < WR && t0 + r < end; r++) {
-        const int64_t t = t0 + r;
-        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
-        const int r0 = 2 * (rest / tw), c0 = 2 * (rest % tw);
+        int n, r0, c0;
+        tile_window(t0 + r, th, tw, &n, &r0, &c0);
+        r0++, c0++;  /* the tile's first output row and column */
         const int rows = r0 + 1 < h ? 2 : 1, cols = c0 + 1 < w ? 2 : 1;
         uint16_t *base = y + (((int64_t)n * h + r0) * w + c0) * co + ch0;
         for (int half = 0; half < 2; half++) {
             const int ch = 16 * half;
             const __m512 b = bias ? load_bf16(bias + ch0 + ch, 0xFFFF) : _mm512_setzero_ps();
-            __m512 s[2][4];  /* A^T m: combine rows */
-            for (int j = 0; j < 4; j++) {
-                const __m512 m0 = _mm512_load_ps(&acc[j][r][ch]), m1 = _mm512_load_ps(&acc[4 + j][r][ch]);
-                const __m512 m2 = _mm512_load_ps(&acc[8 + j][r][ch]), m3 = _mm512_load_ps(&acc[12 + j][r][ch]);
-                s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-                s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-            }
-            for (int i = 0; i < rows; i++) {  /* (A^T m) A: combine columns */
-                uint16_t *o = base + (int64_t)i * w * co + ch;
-                store_bf16(o, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), b), 0xFFFF);
-                if (cols == 2)
-                    store_bf16(o + co, _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), b),
-                               0xFFFF);
-            }
+            __m512 m[16], out[4];
+            for (int k = 0; k < 16; k++) m[k] = _mm512_load_ps(&acc[k][r][ch]);
+            winograd_output(m, b, out);
+            for (int i = 0; i < rows; i++)
+                for (int j = 0; j < cols; j++) {
+                    uint16_t *o = base + (int64_t)i * w * co + ch;
+                    store_bf16(o + j * co, out[2 * i + j], 0xFFFF);
+                }
         }
     }
 }

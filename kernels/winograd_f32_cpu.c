@@ -8,6 +8,7 @@
  * result's error against fp64 is below the direct fp32 convolution's (bench/RESULTS.md, session 15).
  */
 #include "cpu_math.h"
+#include "winograd_math.h"
 #include <immintrin.h>
 #include <stdint.h>
 #include <omp.h>
@@ -21,9 +22,8 @@ static void transform_tiles(const float *x, float *v, int64_t first, int64_t cou
     const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
     for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(float) * (padded - count) * c);
     for (int64_t i = 0; i < count; i++) {
-        const int64_t t = first + i;
-        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
-        const int r0 = 2 * (rest / tw) - 1, c0 = 2 * (rest % tw) - 1;
+        int n, r0, c0;
+        tile_window(first + i, th, tw, &n, &r0, &c0);
         const float *rows[4];
         int col[4];
         for (int a = 0; a < 4; a++) {
@@ -33,24 +33,12 @@ static void transform_tiles(const float *x, float *v, int64_t first, int64_t cou
         float *out = v + i * c;
         for (int ch = 0; ch < c; ch += 16) {
             const __mmask16 m = tail_mask(c - ch);
-            __m512 d[4][4], e[4][4];
+            __m512 d[4][4], t[16];
             for (int a = 0; a < 4; a++)
                 for (int b = 0; b < 4; b++)
-                    d[a][b] = (rows[a] && col[b] >= 0) ? _mm512_maskz_loadu_ps(m, rows[a] + (int64_t)col[b] * c + ch)
-                                                       : _mm512_setzero_ps();
-            for (int b = 0; b < 4; b++) {  /* B^T d: combine rows */
-                e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
-                e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
-                e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
-                e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
-            }
-            for (int a = 0; a < 4; a++) {  /* (B^T d) B: combine columns */
-                float *o = out + (int64_t)(4 * a) * plane + ch;
-                _mm512_mask_storeu_ps(o, m, _mm512_sub_ps(e[a][0], e[a][2]));
-                _mm512_mask_storeu_ps(o + plane, m, _mm512_add_ps(e[a][1], e[a][2]));
-                _mm512_mask_storeu_ps(o + 2 * plane, m, _mm512_sub_ps(e[a][2], e[a][1]));
-                _mm512_mask_storeu_ps(o + 3 * plane, m, _mm512_sub_ps(e[a][1], e[a][3]));
-            }
+                    d[a][b] = (rows[a] && col[b] >= 0) ? _mm512_maskz_loadu_ps(m, rows[a] + (int64_t)col[b] * c + ch) : _mm512_setzero_ps();
+            winograd_input(d, t);
+            for (int k = 0; k < 16; k++) _mm512_mask_storeu_ps(out + (int64_t)k * plane + ch, m, t[k]);
         }
     }
 }
@@ -85,27 +73,22 @@ static void multiply_block(const float *v, int64_t vplane, int64_t row0, const f
 static void output_tiles(float acc[16][WR][32], const float *bias, float *y, int64_t t0, int64_t end,
                          int th, int tw, int h, int w, int co, int ch0) {
     for (int r = 0; r < WR && t0 + r < end; r++) {
-        const int64_t t = t0 + r;
-        const int n = (int)(t / ((int64_t)th * tw)), rest = (int)(t % ((int64_t)th * tw));
-        const int r0 = 2 * (rest / tw), c0 = 2 * (rest % tw);
+        int n, r0, c0;
+        tile_window(t0 + r, th, tw, &n, &r0, &c0);
+        r0++, c0++;  /* the tile's first output row and column */
         const int rows = r0 + 1 < h ? 2 : 1, cols = c0 + 1 < w ? 2 : 1;
         float *base = y + (((int64_t)n * h + r0) * w + c0) * co + ch0;
         for (int half = 0; half < 2; half++) {
             const int ch = 16 * half;
             const __m512 b = bias ? _mm512_loadu_ps(bias + ch0 + ch) : _mm512_setzero_ps();
-            __m512 s[2][4];  /* A^T m: combine rows */
-            for (int j = 0; j < 4; j++) {
-                const __m512 m0 = _mm512_load_ps(&acc[j][r][ch]), m1 = _mm512_load_ps(&acc[4 + j][r][ch]);
-                const __m512 m2 = _mm512_load_ps(&acc[8 + j][r][ch]), m3 = _mm512_load_ps(&acc[12 + j][r][ch]);
-                s[0][j] = _mm512_add_ps(_mm512_add_ps(m0, m1), m2);
-                s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m1, m2), m3);
-            }
-            for (int i = 0; i < rows; i++) {  /* (A^T m) A: combine columns */
-                float *o = base + (int64_t)i * w * co + ch;
-                _mm512_storeu_ps(o, _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), b));
-                if (cols == 2)
-                    _mm512_storeu_ps(o + co, _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), b));
-            }
+            __m512 m[16], out[4];
+            for (int k = 0; k < 16; k++) m[k] = _mm512_load_ps(&acc[k][r][ch]);
+            winograd_output(m, b, out);
+            for (int i = 0; i < rows; i++)
+                for (int j = 0; j < cols; j++) {
+                    float *o = base + (int64_t)i * w * co + ch;
+                    _mm512_storeu_ps(o + j * co, out[2 * i + j]);
+                }
         }
     }
 }

@@ -1,0 +1,45 @@
+/* The F(2x2, 3x3) transforms shared by winograd_cpu.c (bf16) and winograd_f32_cpu.c (fp32), on fp32
+ * vectors of 16 channels; B^T, A^T as in winograd_cpu.c's header comment. */
+#ifndef DR_WINOGRAD_MATH_H
+#define DR_WINOGRAD_MATH_H
+#include <immintrin.h>
+#include <stdint.h>
+
+/* Batch item and top-left corner (row, column; -1 for the padded border) of tile t's 4x4 input window. */
+static inline void tile_window(int64_t t, int th, int tw, int *n, int *r0, int *c0) {
+    const int64_t per_image = (int64_t)th * tw, rest = t % per_image;
+    *n = (int)(t / per_image);
+    *r0 = 2 * (int)(rest / tw) - 1;
+    *c0 = 2 * (int)(rest % tw) - 1;
+}
+
+/* t[4a + b] = (B^T d B)[a][b] of one 4x4 window d. */
+static inline void winograd_input(__m512 d[4][4], __m512 t[16]) {
+    __m512 e[4][4];  /* B^T d: combine rows */
+    for (int b = 0; b < 4; b++) {
+        e[0][b] = _mm512_sub_ps(d[0][b], d[2][b]);
+        e[1][b] = _mm512_add_ps(d[1][b], d[2][b]);
+        e[2][b] = _mm512_sub_ps(d[2][b], d[1][b]);
+        e[3][b] = _mm512_sub_ps(d[1][b], d[3][b]);
+    }
+    for (int a = 0; a < 4; a++) {  /* (B^T d) B: combine columns */
+        t[4 * a] = _mm512_sub_ps(e[a][0], e[a][2]);
+        t[4 * a + 1] = _mm512_add_ps(e[a][1], e[a][2]);
+        t[4 * a + 2] = _mm512_sub_ps(e[a][2], e[a][1]);
+        t[4 * a + 3] = _mm512_sub_ps(e[a][1], e[a][3]);
+    }
+}
+
+/* y[2i + j] = (A^T m A)[i][j] + bias for the 16 products m[4a + b] of one tile. */
+static inline void winograd_output(const __m512 m[16], __m512 bias, __m512 y[4]) {
+    __m512 s[2][4];  /* A^T m: combine rows */
+    for (int j = 0; j < 4; j++) {
+        s[0][j] = _mm512_add_ps(_mm512_add_ps(m[j], m[4 + j]), m[8 + j]);
+        s[1][j] = _mm512_sub_ps(_mm512_sub_ps(m[4 + j], m[8 + j]), m[12 + j]);
+    }
+    for (int i = 0; i < 2; i++) {  /* (A^T m) A: combine columns */
+        y[2 * i] = _mm512_add_ps(_mm512_add_ps(_mm512_add_ps(s[i][0], s[i][1]), s[i][2]), bias);
+        y[2 * i + 1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
+    }
+}
+#endif
