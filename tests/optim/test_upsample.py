@@ -36,6 +36,8 @@ def test_fp32_matches_upsample_then_conv(shape, channels_last, bias):
     out = m(x)
     assert out.shape == ref.shape == (shape[0], 12, 2 * shape[2], 2 * shape[3])
     assert (out - ref).abs().max() <= 1e-5 * ref.abs().max()
+    if m.conv_2x.onednn:  # fp32 runs the folded weights packed for oneDNN too (unpacked, they were reordered per call)
+        assert tuple(x.shape) in m.conv_2x.packed.packed_cache
 
 
 def test_bf16_error_is_that_of_a_bf16_conv():
