@@ -116,3 +116,25 @@ def test_probe_reports_peak_rss_and_first_call(rows):
     figures = json.loads(done.stdout.strip().splitlines()[-1])
     for key in ("load_and_setup_s", "first_call_s", "second_call_s", "peak_rss_mib"):
         assert math.isfinite(figures[key]) and figures[key] > 0, (key, figures)
+
+
+def test_configurations_applied_around_each_run_are_rewarmed_untimed(monkeypatch):
+    """A configuration entered and left around each run gets an untimed short call before its timed one
+    (its packed and transformed weights are made again after each apply); the warm-up call does not."""
+    import torch
+
+    from bench import pipeline_bench
+    from bench.configs import ConfigSpec, Prepared
+
+    calls = []
+    monkeypatch.setattr(pipeline_bench, "generate", lambda pipe, call, latents: calls.append(call) or (None, 1.0, []))
+    call = {"num_inference_steps": 10}
+    shared = Prepared(ConfigSpec("ours-L2", "ours", "level", {"level": 2}), pipe=None, rewarm=True)
+    pipeline_bench._run_config(shared, call, torch.zeros(1), timed=False)
+    assert [c["num_inference_steps"] for c in calls] == [10]
+    calls.clear()
+    pipeline_bench._run_config(shared, call, torch.zeros(1))
+    assert [c["num_inference_steps"] for c in calls] == [pipeline_bench.REWARM_STEPS, 10]
+    calls.clear()
+    pipeline_bench._run_config(Prepared(shared.spec, pipe=None), call, torch.zeros(1))  # its own pipeline
+    assert [c["num_inference_steps"] for c in calls] == [10]
