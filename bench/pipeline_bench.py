@@ -1,8 +1,11 @@
 """The whole-pipeline comparison: every configuration on the same weights, warmed up, alternated, with parity.
 
 Timing runs in this process, round-robin over the configurations per repetition (the start
-rotating each time) so that machine drift hits all alike; the medians are reported. Peak RSS and
-compile times come from fresh processes (bench/probe.py), one configuration each.
+rotating each time) so that machine drift hits all alike; the medians are reported. Configurations
+that share a pipeline are applied and reverted around each run, so each of their timed runs follows an
+untimed short call (``REWARM_STEPS``): what is timed is a served pipeline's steady state, and the first
+call after applying is reported apart (``first_call_s``). Peak RSS and compile times come from fresh
+processes (bench/probe.py), one configuration each.
 """
 from __future__ import annotations
 

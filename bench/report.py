@@ -31,7 +31,8 @@ def markdown_table(rows: list[dict], header: dict) -> str:
         f"Commit `{header['commit']}`; {m['cpu']} ({m['cores']} cores, {m['torch_threads']} torch threads, "
         f"flags {' '.join(m['cpu_flags'])}); torch {m['versions'].get('torch')}, "
         f"diffusers {m['versions'].get('diffusers')}; {header['timestamp']}.",
-        f"Warm-up {s.get('warmup')}, median of {s.get('runs')} alternated runs. Matmul 2048² peak on this machine: "
+        f"Warm-up {s.get('warmup')}, median of {s.get('runs')} alternated runs (configurations applied around each run: "
+        f"after an untimed short call). Matmul 2048² peak on this machine: "
         f"fp32 {peaks.get('fp32_gflops')} GFLOP/s, bf16 {peaks.get('bf16_gflops')} GFLOP/s. "
         "Ratios are against diffusers eager fp32 (higher is faster); parity is of the final image.",
         "",
