@@ -29,25 +29,20 @@ static inline void store_bf16(uint16_t *at, __m512 v, __mmask16 m) {
 
 /* Transforms tiles first.. first+count-1 into v (16, count rounded up to WR, C), the padding rows zero. */
 static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64_t count, int h, int w, int c) {
-    const int th = (h + 1) / 2, tw = (w + 1) / 2;
     const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
     for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(uint16_t) * (padded - count) * c);
     for (int64_t i = 0; i < count; i++) {
-        int n, r0, c0;
-        tile_window(first + i, th, tw, &n, &r0, &c0);
-        const uint16_t *rows[4];
+        int64_t row_at[4];
         int col[4];
-        for (int a = 0; a < 4; a++) {
-            rows[a] = (r0 + a >= 0 && r0 + a < h) ? x + (((int64_t)n * h + r0 + a) * w) * c : 0;
-            col[a] = (c0 + a >= 0 && c0 + a < w) ? c0 + a : -1;
-        }
+        tile_rows_cols(first + i, h, w, c, row_at, col);
         uint16_t *out = v + i * c;
         for (int ch = 0; ch < c; ch += 16) {
             const __mmask16 m = tail_mask(c - ch);
             __m512 d[4][4], t[16];
             for (int a = 0; a < 4; a++)
                 for (int b = 0; b < 4; b++)
-                    d[a][b] = (rows[a] && col[b] >= 0) ? load_bf16(rows[a] + (int64_t)col[b] * c + ch, m) : _mm512_setzero_ps();
+                    d[a][b] = row_at[a] >= 0 && col[b] >= 0 ? load_bf16(x + row_at[a] + (int64_t)col[b] * c + ch, m)
+                                                             : _mm512_setzero_ps();
             winograd_input(d, t);
             for (int k = 0; k < 16; k++) store_bf16(out + (int64_t)k * plane + ch, t[k], m);
         }

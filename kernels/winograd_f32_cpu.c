@@ -18,25 +18,20 @@
 
 /* Transforms tiles first.. first+count-1 into v (16, count rounded up to WR, C), the padding rows zero. */
 static void transform_tiles(const float *x, float *v, int64_t first, int64_t count, int h, int w, int c) {
-    const int th = (h + 1) / 2, tw = (w + 1) / 2;
     const int64_t padded = (count + WR - 1) / WR * WR, plane = padded * c;
     for (int k = 0; k < 16; k++) memset(v + k * plane + count * c, 0, sizeof(float) * (padded - count) * c);
     for (int64_t i = 0; i < count; i++) {
-        int n, r0, c0;
-        tile_window(first + i, th, tw, &n, &r0, &c0);
-        const float *rows[4];
+        int64_t row_at[4];
         int col[4];
-        for (int a = 0; a < 4; a++) {
-            rows[a] = (r0 + a >= 0 && r0 + a < h) ? x + (((int64_t)n * h + r0 + a) * w) * c : 0;
-            col[a] = (c0 + a >= 0 && c0 + a < w) ? c0 + a : -1;
-        }
+        tile_rows_cols(first + i, h, w, c, row_at, col);
         float *out = v + i * c;
         for (int ch = 0; ch < c; ch += 16) {
             const __mmask16 m = tail_mask(c - ch);
             __m512 d[4][4], t[16];
             for (int a = 0; a < 4; a++)
                 for (int b = 0; b < 4; b++)
-                    d[a][b] = (rows[a] && col[b] >= 0) ? _mm512_maskz_loadu_ps(m, rows[a] + (int64_t)col[b] * c + ch) : _mm512_setzero_ps();
+                    d[a][b] = row_at[a] >= 0 && col[b] >= 0 ? _mm512_maskz_loadu_ps(m, x + row_at[a] + (int64_t)col[b] * c + ch)
+                                                             : _mm512_setzero_ps();
             winograd_input(d, t);
             for (int k = 0; k < 16; k++) _mm512_mask_storeu_ps(out + (int64_t)k * plane + ch, m, t[k]);
         }

@@ -13,6 +13,18 @@ static inline void tile_window(int64_t t, int th, int tw, int *n, int *r0, int *
     *c0 = 2 * (int)(rest % tw) - 1;
 }
 
+/* Tile t's 4x4 input window in a channels-last (N, H, W, C) map of (H + 1) / 2 x (W + 1) / 2 tiles per
+ * image: the element offset of each window row's start (-1 above or below the map) and each window
+ * column (-1 left or right of it); outside is zero padding. */
+static inline void tile_rows_cols(int64_t t, int h, int w, int c, int64_t row_at[4], int col[4]) {
+    int n, r0, c0;
+    tile_window(t, (h + 1) / 2, (w + 1) / 2, &n, &r0, &c0);
+    for (int a = 0; a < 4; a++) {
+        row_at[a] = (r0 + a >= 0 && r0 + a < h) ? ((int64_t)n * h + r0 + a) * w * c : -1;
+        col[a] = (c0 + a >= 0 && c0 + a < w) ? c0 + a : -1;
+    }
+}
+
 /* t[4a + b] = (B^T d B)[a][b] of one 4x4 window d. */
 static inline void winograd_input(__m512 d[4][4], __m512 t[16]) {
     __m512 e[4][4];  /* B^T d: combine rows */
