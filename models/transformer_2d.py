@@ -35,16 +35,22 @@ def geglu_activation(proj: torch.Tensor) -> torch.Tensor:
 class GEGLU(nn.Module):
     """Linear to twice the width, then ``value * gelu(gate)`` (Shazeer 2020, "GLU Variants").
 
-    Extension point: ``activation`` (a callable ``proj -> out`` computing ``geglu_activation``;
-    a pass sets a fused kernel there).
+    Extension points: ``activation`` (a callable ``proj -> out`` computing ``geglu_activation``;
+    a pass sets a fused kernel there) and ``fused`` (None, or a callable ``x -> out`` computing
+    ``activation(proj(x))`` in one kernel, which returns None for a call it does not take).
     """
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
         self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
         self.activation: TokenFn = geglu_activation
+        self.fused: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.fused is not None:
+            out = self.fused(x)
+            if out is not None:
+                return out
         return self.activation(self.proj(x))
 
 

@@ -13,6 +13,7 @@ from torch import nn
 import optim
 import runtime
 from models.errors import OptimizationError
+from models.transformer_2d import geglu_activation
 from optim.prepack import packed_conv_forward, packed_linear_forward
 from optim.parity import max_abs, psnr
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
@@ -105,6 +106,30 @@ def test_fused_kernel_in_bf16_within_the_precision_bound_and_reverts(pipe, eager
     pipe.optimization.revert()
     assert all(getattr(m, slot) is plain for m in modules)
     assert np.array_equal(run(pipe), eager["np"])
+
+
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_geglu_fuses_the_projection_for_bf16_calls_and_reverts(pipe):
+    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from models.transformer_2d import GEGLU
+
+    if cpu_linear_geglu_ready() is not None:
+        pytest.skip(cpu_linear_geglu_ready())
+    optim.optimize(pipe, level=0, precision=True, geglu=True)
+    modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+    assert modules and all(m.fused is not None for m in modules)
+    assert f"{len(modules)} of them with their projection" in pipe.optimization.notes["geglu"]
+    module = modules[0]
+    x = torch.randn(2, 9, module.proj.in_features).to(torch.bfloat16)
+    with torch.inference_mode():
+        fused = module(x)
+        unfused = module.activation(module.proj(x))
+        exact = geglu_activation(F.linear(x.double(), module.proj.weight.double(), module.proj.bias.double()))
+        assert module.fused(x.float()) is None  # another dtype: the module runs the projection, then the activation
+    assert fused.dtype == torch.bfloat16
+    assert (fused.double() - exact).abs().max() <= (unfused.double() - exact).abs().max()
+    pipe.optimization.revert()
+    assert all(m.fused is None for m in modules)
 
 
 def test_attention_backend_choice_on_cpu(monkeypatch):
