@@ -4,7 +4,8 @@ Choice (DESIGN.md §4, level 1): on CUDA our fused Triton kernel where it suppor
 shapes (SDPA otherwise, decided per call), else xformers if installed, else PyTorch SDPA. On a
 machine without CUDA the Triton kernel is never selected for real work. On a CPU with AVX512-BF16
 our C kernel (kernels/attention_cpu.c) takes the bf16 calls it supports and SDPA the rest, so an
-fp32 pipeline computes exactly what it did; it pays once precision (level 2) runs bf16.
+fp32 pipeline computes exactly what it did; it pays once precision (level 2) runs bf16. On a CPU
+with AMX tiles "auto" keeps SDPA, whose bf16 matmuls use the tiles (optim/hardware.py: AMX_REASON).
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ from models.errors import OptimizationError
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
+from .hardware import AMX_REASON, cpu_has_amx
 
 BACKENDS = ("auto", "sdpa", "triton", "xformers", "cpu")
 
@@ -91,6 +93,8 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
         return sdpa_backend, f"PyTorch SDPA ({why}; xformers not installed)"
     if device.type == "cpu":
         why = _cpu_kernel_ready()
+        if why is None and cpu_has_amx():
+            return sdpa_backend, f"PyTorch SDPA ({AMX_REASON}; backend='cpu' uses ours)"
         if why is None:
             return cpu_backend, "our bf16 CPU kernel (AVX512-BF16) for bf16 calls, PyTorch SDPA for the rest"
         return sdpa_backend, f"PyTorch SDPA (our CPU kernel unavailable: {why})"

@@ -7,6 +7,8 @@ SD UNets' shapes, and closer to fp32). Its packed weight is made on first use an
 weight changes (prepack's rule). Calls it does not take (compiling, autograd) run the projection,
 then our activation kernel (kernels/geglu_cpu.c: one read of the projection, one rounding; eager
 rounds twice). fp32 calls take the eager formula, so an fp32 pipeline computes exactly what it did.
+On a CPU with AMX tiles the projection stays with oneDNN's linear, whose tile matmuls are expected to
+be faster (optim/hardware.py; ``amx=True`` fuses anyway); the activation kernel, bound by memory, runs.
 Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (DESIGN.md §3).
 """
 from __future__ import annotations
@@ -17,6 +19,7 @@ import torch
 
 from models.transformer_2d import GEGLU, geglu_activation
 
+from .hardware import AMX_REASON, cpu_has_amx
 from .prepack import weight_cache
 from .slots import CpuKernelSlotPass
 
@@ -63,6 +66,8 @@ class GEGLUPass(CpuKernelSlotPass):
     module_type = GEGLU
     slot = "activation"
     what = "GEGLU feed-forward"
+    # Fuse the projection on CPUs with AMX tiles too (see the module docstring).
+    amx: bool = False
 
     def kernel(self):
         return cpu_geglu_activation
@@ -77,7 +82,7 @@ class GEGLUPass(CpuKernelSlotPass):
         from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
 
         fused = self._state().setdefault("fused", [])
-        if cpu_linear_geglu_ready() is None:
+        if cpu_linear_geglu_ready() is None and (self.amx or not cpu_has_amx()):
             for module in self._modules(pipe):
                 if _fusable(module):
                     fused.append((module, module.fused))
@@ -85,7 +90,8 @@ class GEGLUPass(CpuKernelSlotPass):
 
     def describe(self) -> str:
         fused, total = len(self._state().get("fused", [])), len(self._state().get("previous", []))
-        return f"{total} GEGLU activations fused, {fused} of them with their projection (bf16 calls)"
+        text = f"{total} GEGLU activations fused, {fused} of them with their projection (bf16 calls)"
+        return text + (f"; projections left to oneDNN: {AMX_REASON}" if not self.amx and cpu_has_amx() else "")
 
     def revert(self, pipe) -> None:
         for module, previous in reversed(self._state().pop("fused", [])):

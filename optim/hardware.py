@@ -17,6 +17,23 @@ def cpu_has_native_bf16() -> bool:
     return False
 
 
+# Why our AVX512-BF16 matmul kernels (Winograd convolutions, the fused GEGLU projection, attention) step
+# aside on CPUs with AMX tiles: oneDNN's (and PyTorch's flash attention's) bf16 matmuls run on the tiles
+# there, at several times the vdpbf16ps rate ours run at (Intel's figures: 1024 bf16 multiply-adds per
+# cycle and core on AMX against 64 on AVX512-BF16); Winograd saves 2.25x. Not measured: no AMX machine here.
+AMX_REASON = ("this CPU has AMX tiles, where oneDNN's bf16 matmuls are expected to outrun our AVX512-BF16 kernel "
+              "(not measured on AMX)")
+
+
+def cpu_has_amx() -> bool:
+    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later)."""
+    fn = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(fn is not None and fn())
+    except RuntimeError:
+        return False
+
+
 def fast_half_dtype(device: torch.device) -> tuple[torch.dtype | None, str]:
     """The reduced-precision dtype this device computes fast in, and why (or None and why not)."""
     if device.type == "cuda":

@@ -20,6 +20,9 @@ against 9.5 GB (``winograd=False`` when memory is short). In bf16 the result dif
 convolution by rounding only: 2.5x its rms error against fp32, 1.5-2x its max
 (tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct fp32 convolution's
 (tests/kernels/test_winograd_f32_cpu.py).
+On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
+outrun these vdpbf16ps products by more than the 2.25x Winograd saves (optim/hardware.py; ``amx=True``
+takes them anyway); the fp32 ones (AMX has no fp32) are taken.
 Revert restores the previous forward.
 """
 from __future__ import annotations
@@ -34,6 +37,7 @@ from models.resnet import Upsample2D
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
+from .hardware import AMX_REASON, cpu_has_amx
 from .prepack import weight_cache
 from .upsample import plain_3x3
 
@@ -121,6 +125,8 @@ class WinogradPass(Pass):
     # Below this many input channels the transforms cost more than the multiplies they save (the
     # UNet's first conv reads 4 channels).
     min_channels: int = 32
+    # Take bf16 convolutions on CPUs with AMX tiles too (see the module docstring).
+    amx: bool = False
 
     def _targets(self, pipe):
         """The convolutions it takes and the upsamplers whose conv it takes (bf16 only)."""
@@ -131,7 +137,17 @@ class WinogradPass(Pass):
 
     def _takes(self, m: nn.Module) -> bool:
         return (plain_3x3(m) and m.weight.dtype in DTYPES and kernel_ready(m.weight.dtype) is None
-                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
+                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0
+                and not (m.weight.dtype == torch.bfloat16 and self._leaves_bf16()))
+
+    def _leaves_bf16(self) -> bool:
+        """Whether bf16 convolutions stay with oneDNN (AMX tiles here, and not ``amx=True``)."""
+        return not self.amx and cpu_has_amx()
+
+    def _bf16_left(self, pipe) -> bool:
+        """Whether the pipeline has bf16 3x3 convolutions this pass leaves to oneDNN on AMX."""
+        return self._leaves_bf16() and any(plain_3x3(m) and m.weight.dtype == torch.bfloat16
+                                           for model in pipeline_models(pipe).values() for m in model.modules())
 
     def supports(self, pipe) -> str | None:
         if pipeline_device(pipe).type != "cpu":
@@ -140,12 +156,15 @@ class WinogradPass(Pass):
         if why and kernel_ready(torch.float32):
             return why
         if not self._targets(pipe)[0]:
+            if self._bf16_left(pipe):
+                return f"bf16 convolutions: {AMX_REASON}; amx=True takes them"
             return (f"no bf16 or fp32 3x3 stride-1 convolutions with an even input channel count of at least "
                     f"{self.min_channels} and output channels a multiple of 32")
         return None
 
     def apply(self, pipe) -> None:
         convs, upsamplers = self._targets(pipe)
+        self._state()["left_bf16"] = self._bf16_left(pipe)
         patched = self._state().setdefault("patched", [])
         for module in convs:
             had = module.__dict__.get("forward")
@@ -158,7 +177,8 @@ class WinogradPass(Pass):
 
     def describe(self) -> str:
         convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
-        return f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before"
+        text = f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before"
+        return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
 
     def revert(self, pipe) -> None:
         for module, previous in reversed(self._state().pop("upsamplers", [])):

@@ -132,6 +132,24 @@ def test_geglu_fuses_the_projection_for_bf16_calls_and_reverts(pipe):
     assert all(m.fused is None for m in modules)
 
 
+@pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
+def test_geglu_leaves_the_projection_to_onednn_on_amx_unless_asked(pipe, monkeypatch):
+    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from models.transformer_2d import GEGLU
+
+    if cpu_linear_geglu_ready() is not None:
+        pytest.skip(cpu_linear_geglu_ready())
+    monkeypatch.setattr(optim.geglu, "cpu_has_amx", lambda: True)
+    optim.optimize(pipe, level=0, precision=True, geglu=True)
+    modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+    assert all(m.fused is None and m.activation is not geglu_activation for m in modules)
+    assert "0 of them with their projection" in pipe.optimization.notes["geglu"]
+    assert "AMX" in pipe.optimization.notes["geglu"]
+    optim.optimize(pipe, level=0, precision=True, geglu={"amx": True})
+    assert all(m.fused is not None for m in modules) and "AMX" not in pipe.optimization.notes["geglu"]
+    pipe.optimization.revert()
+
+
 def test_attention_backend_choice_on_cpu(monkeypatch):
     from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend
@@ -144,6 +162,13 @@ def test_attention_backend_choice_on_cpu(monkeypatch):
         assert backend is sdpa_backend and cpu_kernel.cpu_attention_ready() in why
     with pytest.raises(OptimizationError, match="needs a CUDA device"):
         choose_backend("triton", torch.device("cpu"))
+    # on AMX "auto" keeps SDPA (its bf16 matmuls use the tiles); "cpu" still takes ours
+    if cpu_kernel.cpu_attention_ready() is None:
+        monkeypatch.setattr(optim.attention, "cpu_has_amx", lambda: True)
+        backend, why = choose_backend("auto", torch.device("cpu"))
+        assert backend is sdpa_backend and "AMX" in why and "backend='cpu'" in why
+        assert choose_backend("cpu", torch.device("cpu"))[0] is cpu_backend
+        monkeypatch.undo()
     # without the kernel (another CPU, no compiler): SDPA, and the report says why
     monkeypatch.setattr(cpu_kernel, "_state", {"why": "this CPU has no AVX512-BF16"})
     backend, why = choose_backend("auto", torch.device("cpu"))

@@ -152,3 +152,19 @@ def test_a_channel_mismatch_gets_torchs_error_not_the_kernel():
     conv.forward = winograd_conv_forward(conv, type(conv).forward.__get__(conv))
     with pytest.raises(RuntimeError, match="expected input.*to have 32 channels"):
         conv(torch.randn(1, 16, 4, 4).to(torch.bfloat16))
+
+
+@needs_kernel
+def test_on_amx_bf16_convolutions_stay_with_onednn_unless_asked(pipe, monkeypatch):
+    monkeypatch.setattr(optim.winograd, "cpu_has_amx", lambda: True)
+    optim.optimize(pipe, level=0, precision=True, winograd=True)
+    assert "AMX" in pipe.optimization.skipped["winograd"] and "amx=True" in pipe.optimization.skipped["winograd"]
+    assert not any("forward" in m.__dict__ for m in eligible(pipe) + [u.conv for u in upsamplers(pipe)])
+    optim.optimize(pipe, level=0, precision=True, winograd={"amx": True})
+    assert [p.name for p in pipe.optimization.applied] == ["precision", "winograd"]
+    assert all("forward" in m.__dict__ for m in eligible(pipe))
+    # fp32 convolutions (AMX has no fp32 matmuls) are taken on AMX as elsewhere
+    optim.optimize(pipe, level=0, winograd=True)
+    assert [p.name for p in pipe.optimization.applied] == ["winograd"]
+    assert "AMX" not in pipe.optimization.notes["winograd"]
+    pipe.optimization.revert()
