@@ -1,5 +1,6 @@
 """Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
-group_norm_cpu.c, winograd_cpu.c, winograd_f32_cpu.c; shared helpers in cpu_math.h).
+group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), and the fp32 one
+(winograd_f32_cpu.c) for any CPU with AVX-512.
 
 A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
@@ -24,6 +25,9 @@ import torch
 
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
          "-shared", "-fPIC")
+# Kernels that compute in fp32 only need AVX-512 (F, BW, VL): built without the bf16 extension, they
+# also run on CPUs without it (Intel Skylake-SP and Cascade Lake servers, AMD Zen 3 has no AVX-512 at all).
+FP32_FLAGS = tuple(f for f in FLAGS if f != "-mavx512bf16")
 
 _lock = threading.Lock()
 _loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}
@@ -38,13 +42,13 @@ def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
-def _build(compiler: str, source: Path, target: Path) -> str | None:
+def _build(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> str | None:
     """Compile ``source`` into ``target``; None, or why it failed."""
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        done = subprocess.run([compiler, *FLAGS, str(source), "-o", tmp], capture_output=True, text=True,
+        done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True,
                               timeout=300)
         if done.returncode != 0:
             tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
@@ -58,28 +62,31 @@ def _build(compiler: str, source: Path, target: Path) -> str | None:
             os.unlink(tmp)
 
 
-def machine_reason() -> str | None:
-    """None when this machine can run the kernels, else why not."""
+def machine_reason(bf16: bool = True) -> str | None:
+    """None when this machine can run the kernels (``bf16``: those that need AVX512-BF16, else those
+    that need AVX-512 only), else why not."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return f"our CPU kernels are for x86-64; this machine is {platform.machine()}"
-    probe = getattr(torch.cpu, "_is_avx512_bf16_supported", None)
+    name, what = ("_is_avx512_bf16_supported", "AVX512-BF16") if bf16 else ("_is_avx512_supported", "AVX-512")
+    probe = getattr(torch.cpu, name, None)
     if probe is None or not probe():
-        return "this CPU has no AVX512-BF16"
+        return f"this CPU has no {what}"
     return None
 
 
-def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
-    why = machine_reason()
+def _load(source: Path, bf16: bool) -> tuple[ctypes.CDLL | None, str | None]:
+    why = machine_reason(bf16)
     if why:
         return None, why
+    flags = FLAGS if bf16 else FP32_FLAGS
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
     parts = [source.read_bytes()] + [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # cpu_math.h
-    key = hashlib.sha256(b"".join(parts) + " ".join((compiler,) + FLAGS).encode()).hexdigest()[:16]
+    key = hashlib.sha256(b"".join(parts) + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
     path = kernel_cache_dir() / f"{source.stem}-{key}.so"
     if not path.exists():
-        why = _build(compiler, source, path)
+        why = _build(compiler, source, path, flags)
         if why:
             return None, why
     try:
@@ -88,22 +95,23 @@ def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
         return None, f"loading {path} failed: {e}"
 
 
-def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
-    """The loaded library of ``source`` (built on first call), or None and why not. Cached."""
+def load(source: Path, bf16: bool = True) -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library of ``source`` (built on first call; ``bf16=False`` for an fp32-only kernel,
+    built and run without AVX512-BF16), or None and why not. Cached."""
     name = str(source)
     if name not in _loaded:
         with _lock:
             if name not in _loaded:
-                _loaded[name] = _load(source)
+                _loaded[name] = _load(source, bf16)
     return _loaded[name]
 
 
-def bind(state: dict, source: Path, symbols) -> str | None:
+def bind(state: dict, source: Path, symbols, bf16: bool = True) -> str | None:
     """Fill ``state`` once with the entry points of ``source``'s library named by ``symbols()``
     (name -> (restype, argtypes)), or with ``"why"``; returns why they are unavailable. After the
     first call it only reads ``state`` (it runs once per kernel call)."""
     if not state:
-        lib, why = load(source)
+        lib, why = load(source, bf16)
         if lib is None:
             state["why"] = why
         else:

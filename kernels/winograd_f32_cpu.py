@@ -6,7 +6,9 @@ fp32 matmul rate, so 2.25x fewer multiplies are 1.6-2.9x fewer seconds per convo
 session 15), and the result is closer to fp64 than the direct convolution's (its transforms are exact
 in binary: halves and sums). ``winograd_weight_f32(w)`` is ``G w G^T`` packed for the kernel, (C_out /
 32, 16, C_in, 32), 16/9 the size of ``w``; ``cpu_winograd_conv3x3_f32(x, u, bias)`` is
-``conv2d(x, w, bias, padding=1)`` for an (N, C, H, W) fp32 input, its result channels-last.
+``conv2d(x, w, bias, padding=1)`` for an (N, C, H, W) fp32 input, its result channels-last. Needs AVX-512
+(F, BW, VL), not its bf16 extension: it is built without it and runs on CPUs without native bf16, where
+levels 1 and 2 compute in fp32.
 """
 from __future__ import annotations
 
@@ -30,7 +32,7 @@ def cpu_winograd_f32_ready() -> str | None:
         return {"dr_winograd_conv3x3_f32": (None, args),
                 "dr_winograd_weight_f32": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3)}
 
-    return cpu_build.bind(_state, SOURCE, symbols)
+    return cpu_build.bind(_state, SOURCE, symbols, bf16=False)
 
 
 def winograd_weight_f32(w: torch.Tensor) -> torch.Tensor:

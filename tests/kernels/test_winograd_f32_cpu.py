@@ -87,3 +87,26 @@ def test_bad_calls_name_what_is_wrong():
         cpu_winograd_conv3x3_f32(x, u, b[:16])
     with pytest.raises(ValueError, match="empty input"):
         cpu_winograd_conv3x3_f32(x[:0], u, b)
+
+
+def test_runs_on_cpus_with_avx512_but_no_bf16(monkeypatch, tmp_path):
+    """Built without the bf16 extension (cpu_build.FP32_FLAGS), it needs AVX-512 only; the bf16 kernels say why not."""
+    from kernels import cpu_build, winograd_cpu, winograd_f32_cpu
+
+    monkeypatch.setattr(winograd_f32_cpu, "_state", {})
+    monkeypatch.setattr(winograd_cpu, "_state", {})
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    monkeypatch.setattr(cpu_build, "kernel_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True, raising=False)
+    assert winograd_cpu.cpu_winograd_ready() == "this CPU has no AVX512-BF16"
+    if cpu_build.machine_reason(bf16=False) is None and cpu_build._compiler() is not None:
+        assert winograd_f32_cpu.cpu_winograd_f32_ready() is None
+        x, w, b = torch.randn(1, 32, 6, 6), torch.randn(32, 32, 3, 3) / 17, torch.randn(32)
+        out = winograd_f32_cpu.cpu_winograd_conv3x3_f32(x, winograd_f32_cpu.winograd_weight_f32(w), b)
+        assert (out - F.conv2d(x, w, b, padding=1)).abs().max() <= 1e-4
+    monkeypatch.setattr(winograd_f32_cpu, "_state", {})
+    monkeypatch.setattr(cpu_build, "_loaded", {})
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False, raising=False)
+    assert winograd_f32_cpu.cpu_winograd_f32_ready() == "this CPU has no AVX-512"
