@@ -224,44 +224,30 @@ void dr_winograd_up2_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const u
     winograd(x, up, bias, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 1);
 }
 
-static inline uint16_t round_bf16(float f) {
-    uint32_t b;
-    memcpy(&b, &f, 4);
-    if ((b & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  /* NaN stays NaN */
-    return (uint16_t)((b + 0x7FFFu + ((b >> 16) & 1u)) >> 16);
-}
-
-/* G g G^T of a (Co, Ci, 3, 3) bf16 weight, in fp32, rounded to bf16 and packed as the products read it:
- * (Co/32, npos, Ci/2, 32, 2), npos 16, or 9 (the positions a, b in {0, 1, 3}) when ``up2``. */
+/* G g G^T of a (Co, Ci, 3, 3) bf16 weight, in fp32, rounded to bf16 (to nearest even) and packed as the
+ * products read it: (Co/32, npos, Ci/2, 32, 2), npos 16, or 9 (the positions a, b in {0, 1, 3}) when
+ * ``up2``. Per block of 32 output channels and pair of input channels, the 64 kernels are gathered into
+ * lanes (2 o + s, the packed order), transformed together, and each position stored as one run. */
 void dr_winograd_weight_bf16(const uint16_t *w, uint16_t *u, int co, int ci, int up2, int threads) {
     static const int up2_positions[9] = {0, 1, 3, 4, 5, 7, 12, 13, 15};
-    const int npos = up2 ? 9 : 16, pairs = ci / 2;
+    const int npos = up2 ? 9 : 16, pairs = ci / 2, blocks = co / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int ob = 0; ob < co / 32; ob++)
-        for (int p = 0; p < pairs; p++)
-            for (int o = 0; o < 32; o++)
-                for (int s = 0; s < 2; s++) {
-                    const uint16_t *g = w + ((int64_t)(32 * ob + o) * ci + 2 * p + s) * 9;
-                    float gf[3][3], t[4][3], full[16];
-                    for (int k = 0; k < 9; k++) {
-                        const uint32_t bits = (uint32_t)g[k] << 16;
-                        memcpy(&gf[k / 3][k % 3], &bits, 4);
-                    }
-                    for (int c = 0; c < 3; c++) {  /* G g: rows */
-                        t[0][c] = gf[0][c];
-                        t[1][c] = (gf[0][c] + gf[1][c] + gf[2][c]) * 0.5f;
-                        t[2][c] = (gf[0][c] - gf[1][c] + gf[2][c]) * 0.5f;
-                        t[3][c] = gf[2][c];
-                    }
-                    for (int r = 0; r < 4; r++) {  /* (G g) G^T: columns */
-                        full[4 * r] = t[r][0];
-                        full[4 * r + 1] = (t[r][0] + t[r][1] + t[r][2]) * 0.5f;
-                        full[4 * r + 2] = (t[r][0] - t[r][1] + t[r][2]) * 0.5f;
-                        full[4 * r + 3] = t[r][2];
-                    }
-                    for (int k = 0; k < npos; k++) {
-                        const float v = full[up2 ? up2_positions[k] : k];
-                        u[((((int64_t)ob * npos + k) * pairs + p) * 32 + o) * 2 + s] = round_bf16(v);
-                    }
+    for (int64_t task = 0; task < (int64_t)blocks * pairs; task++) {
+        const int ob = (int)(task / pairs), p = (int)(task % pairs);
+        float g[9 * 64] __attribute__((aligned(64))), full[16 * 64] __attribute__((aligned(64)));
+        for (int o = 0; o < 32; o++)
+            for (int s = 0; s < 2; s++) {
+                const uint16_t *src = w + ((int64_t)(32 * ob + o) * ci + 2 * p + s) * 9;
+                for (int k = 0; k < 9; k++) {
+                    const uint32_t bits = (uint32_t)src[k] << 16;
+                    memcpy(&g[k * 64 + 2 * o + s], &bits, 4);
                 }
+            }
+        winograd_kernel(g, full, 64);
+        for (int k = 0; k < npos; k++) {
+            const float *v = full + (up2 ? up2_positions[k] : k) * 64;
+            uint16_t *dst = u + (((int64_t)ob * npos + k) * pairs + p) * 64;
+            for (int q = 0; q < 4; q++) store_bf16(dst + 16 * q, _mm512_load_ps(v + 16 * q), 0xFFFF);
+        }
+    }
 }

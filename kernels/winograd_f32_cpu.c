@@ -116,25 +116,17 @@ void dr_winograd_conv3x3_f32(const float *x, const float *up, const float *bias,
     }
 }
 
-/* G g G^T of a (Co, Ci, 3, 3) fp32 weight, packed as the products read it: (Co/32, 16, Ci, 32). */
+/* G w G^T of a (Co, Ci, 3, 3) fp32 weight, packed (Co/32, 16, Ci, 32): per block of 32 output channels
+ * and input channel, the 32 kernels transformed together (winograd_kernel) and each position stored as one run. */
 void dr_winograd_weight_f32(const float *w, float *u, int co, int ci, int threads) {
+    const int blocks = co / 32;
 #pragma omp parallel for num_threads(threads) schedule(static)
-    for (int ob = 0; ob < co / 32; ob++)
-        for (int i = 0; i < ci; i++)
-            for (int o = 0; o < 32; o++) {
-                const float *g = w + ((int64_t)(32 * ob + o) * ci + i) * 9;
-                float t[4][3];
-                for (int c = 0; c < 3; c++) {  /* G g: rows */
-                    t[0][c] = g[c];
-                    t[1][c] = (g[c] + g[3 + c] + g[6 + c]) * 0.5f;
-                    t[2][c] = (g[c] - g[3 + c] + g[6 + c]) * 0.5f;
-                    t[3][c] = g[6 + c];
-                }
-                for (int r = 0; r < 4; r++) {  /* (G g) G^T: columns */
-                    const float full[4] = {t[r][0], (t[r][0] + t[r][1] + t[r][2]) * 0.5f,
-                                           (t[r][0] - t[r][1] + t[r][2]) * 0.5f, t[r][2]};
-                    for (int b = 0; b < 4; b++)
-                        u[(((int64_t)ob * 16 + 4 * r + b) * ci + i) * 32 + o] = full[b];
-                }
-            }
+    for (int64_t task = 0; task < (int64_t)blocks * ci; task++) {
+        const int ob = (int)(task / ci), i = (int)(task % ci);
+        float g[9 * 32] __attribute__((aligned(64))), full[16 * 32] __attribute__((aligned(64)));
+        for (int o = 0; o < 32; o++)
+            for (int k = 0; k < 9; k++) g[k * 32 + o] = w[((int64_t)(32 * ob + o) * ci + i) * 9 + k];
+        winograd_kernel(g, full, 32);
+        for (int k = 0; k < 16; k++) memcpy(u + (((int64_t)ob * 16 + k) * ci + i) * 32, full + k * 32, 32 * sizeof(float));
+    }
 }

@@ -54,4 +54,25 @@ static inline void winograd_output(const __m512 m[16], __m512 bias, __m512 y[4])
         y[2 * i + 1] = _mm512_add_ps(_mm512_sub_ps(_mm512_sub_ps(s[i][1], s[i][2]), s[i][3]), bias);
     }
 }
+/* G g G^T, the kernel transform, of ``lanes`` 3x3 kernels at once: tap k (row-major) of kernel l at
+ * g[k * lanes + l], position k of its transform at full[k * lanes + l]. Rows first, then columns; the
+ * halvings are exact in binary. The loop over lanes vectorizes. */
+static inline void winograd_kernel(const float *g, float *full, int lanes) {
+    for (int l = 0; l < lanes; l++) {
+        float t[4][3];
+        for (int c = 0; c < 3; c++) {  /* G g: rows */
+            const float g0 = g[c * lanes + l], g1 = g[(3 + c) * lanes + l], g2 = g[(6 + c) * lanes + l];
+            t[0][c] = g0;
+            t[1][c] = (g0 + g1 + g2) * 0.5f;
+            t[2][c] = (g0 - g1 + g2) * 0.5f;
+            t[3][c] = g2;
+        }
+        for (int r = 0; r < 4; r++) {  /* (G g) G^T: columns */
+            full[(4 * r) * lanes + l] = t[r][0];
+            full[(4 * r + 1) * lanes + l] = (t[r][0] + t[r][1] + t[r][2]) * 0.5f;
+            full[(4 * r + 2) * lanes + l] = (t[r][0] - t[r][1] + t[r][2]) * 0.5f;
+            full[(4 * r + 3) * lanes + l] = t[r][2];
+        }
+    }
+}
 #endif
