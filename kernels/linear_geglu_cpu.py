@@ -1,11 +1,13 @@
-"""The GEGLU feed-forward's projection and activation in one bf16 CPU kernel (C: linear_geglu_cpu.c).
+"""The GEGLU feed-forward's projection and activation in one CPU kernel, bf16 or fp32 (C: linear_geglu_cpu.c,
+linear_geglu_f32_cpu.c).
 
 ``cpu_linear_geglu(x, wp, bias)`` is ``value * gelu(gate)`` of ``value, gate = linear(x, w, bias).chunk(2, -1)``
-with ``wp = linear_geglu_weight(w)``: the products on vdpbf16ps with fp32 sums, the bias and the exact
-GELU on those sums, one rounding to bf16, and the (rows, 2d) projection never written. The unfused
-path (oneDNN's linear, then the GEGLU kernel) rounds the projection to bf16 first: this one is
-closer to fp32 (tests/kernels/test_linear_geglu_cpu.py) and 1.1-1.5x faster on the SD UNets' shapes
-(bench/RESULTS.md). Needs AVX512-BF16; ``cpu_linear_geglu_ready()`` says why it cannot run here.
+with ``wp = linear_geglu_weight(w)``: the products with fp32 sums (vdpbf16ps in bf16, FMAs in fp32), the bias
+and the exact GELU on those sums, and the (rows, 2d) projection never written. In bf16 the unfused path
+(oneDNN's linear, then the GEGLU kernel) rounds the projection to bf16 first: this one is closer to fp32
+(tests/kernels/test_linear_geglu_cpu.py) and 1.1-1.4x faster on the SD UNets' shapes (bench/RESULTS.md). In
+fp32 it differs from eager by the order of the sums. The bf16 kernel needs AVX512-BF16, the fp32 one
+AVX-512; ``cpu_linear_geglu_ready(dtype)`` says why one cannot run here.
 """
 from __future__ import annotations
 
@@ -16,44 +18,60 @@ import torch
 
 from . import cpu_build
 
-SOURCE = Path(__file__).with_name("linear_geglu_cpu.c")
+SOURCES = {torch.bfloat16: Path(__file__).with_name("linear_geglu_cpu.c"),
+           torch.float32: Path(__file__).with_name("linear_geglu_f32_cpu.c")}
+_ENTRY = {torch.bfloat16: "dr_linear_geglu_bf16", torch.float32: "dr_linear_geglu_f32"}
 
-_state: dict = {}
+_states: dict = {torch.bfloat16: {}, torch.float32: {}}
 
 
-def cpu_linear_geglu_ready() -> str | None:
-    """None when the kernel runs on this machine (building it on first call), else why not."""
-    return cpu_build.bind(_state, SOURCE, lambda: {"dr_linear_geglu_bf16": (None, [
+def cpu_linear_geglu_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
+    """None when the kernel for ``dtype`` (bf16 or fp32) runs on this machine (building it on first call), else
+    why not."""
+    if dtype not in SOURCES:
+        return f"the kernel is for bf16 or fp32, not {dtype}"
+    return cpu_build.bind(_states[dtype], SOURCES[dtype], lambda: {_ENTRY[dtype]: (None, [
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int])})
+        ctypes.c_int])}, bf16=dtype == torch.bfloat16)
 
 
-def linear_geglu_weight(w: torch.Tensor) -> torch.Tensor:
-    """A (2d, k) linear weight (value rows, then gate rows) as the kernel reads it, in bf16: for each block
-    of 16 output columns and each pair of input columns, the 16 value then the 16 gate weights of both
-    input columns, (d / 16, k / 2, 32, 2). d must be a multiple of 16 and k even."""
-    if w.ndim != 2 or w.shape[0] % 32 or w.shape[1] % 2:
-        raise ValueError("linear_geglu_weight: want a (2d, k) weight with d a multiple of 16 and k even, got "
-                         f"{tuple(w.shape)}")
+def _packed_shape(d: int, k: int, dtype: torch.dtype) -> tuple[int, ...]:
+    return (d // 16, k // 2, 32, 2) if dtype == torch.bfloat16 else (d // 16, k, 32)
+
+
+def linear_geglu_weight(w: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A (2d, k) linear weight (value rows, then gate rows) as the ``dtype`` kernel reads it: for each block of
+    16 output columns and each input column (a pair of them in bf16, which vdpbf16ps multiplies together),
+    the 16 value then the 16 gate weights: (d / 16, k / 2, 32, 2) in bf16, (d / 16, k, 32) in fp32. d must
+    be a multiple of 16 and, in bf16, k even."""
+    if dtype not in SOURCES:
+        raise ValueError(f"linear_geglu_weight: dtype must be bf16 or fp32, got {dtype}")
+    if w.ndim != 2 or w.shape[0] % 32 or (dtype == torch.bfloat16 and w.shape[1] % 2):
+        raise ValueError("linear_geglu_weight: want a (2d, k) weight with d a multiple of 16 (and k even in bf16), "
+                         f"got {tuple(w.shape)}")
     d, k = w.shape[0] // 2, w.shape[1]
-    halves = w.detach().to(device="cpu", dtype=torch.bfloat16).view(2, d // 16, 16, k // 2, 2)
-    return halves.permute(1, 3, 0, 2, 4).reshape(d // 16, k // 2, 32, 2).contiguous()
+    src = w.detach().to(device="cpu", dtype=dtype)
+    if dtype == torch.bfloat16:
+        return src.view(2, d // 16, 16, k // 2, 2).permute(1, 3, 0, 2, 4).reshape(_packed_shape(d, k, dtype)).contiguous()
+    return src.view(2, d // 16, 16, k).permute(1, 3, 0, 2).reshape(_packed_shape(d, k, dtype)).contiguous()
 
 
 def cpu_linear_geglu_supports(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> str | None:
     """None when ``cpu_linear_geglu(x, wp, bias)`` computes this call, else why not."""
-    if x.dtype != torch.bfloat16 or x.device.type != "cpu" or x.ndim < 1:
-        return f"want a bf16 CPU input, got {x.dtype} on {x.device}"
-    k = x.shape[-1]
-    if wp.dtype != torch.bfloat16 or wp.ndim != 4 or wp.shape[1:] != (k // 2, 32, 2) or k % 2 or not wp.is_contiguous():
-        return (f"want an even input width ({k}) and a contiguous bf16 (d / 16, {k // 2}, 32, 2) packed weight, got "
-                f"{tuple(wp.shape)} {wp.dtype}")
-    if bias is not None and (bias.dtype != torch.bfloat16 or bias.shape != (32 * wp.shape[0],)
-                             or not bias.is_contiguous()):
-        return f"want a contiguous bf16 bias of {32 * wp.shape[0]} values, got {tuple(bias.shape)} {bias.dtype}"
+    if x.dtype not in SOURCES or x.device.type != "cpu" or x.ndim < 1:
+        return f"want a bf16 or fp32 CPU input, got {x.dtype} on {x.device}"
+    k, name = x.shape[-1], "bf16" if x.dtype == torch.bfloat16 else "fp32"
+    want = _packed_shape(16 * wp.shape[0], k, x.dtype) if wp.ndim else ()
+    if (wp.dtype != x.dtype or tuple(wp.shape) != want or not wp.is_contiguous()
+            or (x.dtype == torch.bfloat16 and k % 2)):
+        what = f"an even input width ({k}) and " if x.dtype == torch.bfloat16 else ""
+        return (f"want {what}a contiguous {name} {('(d / 16, %d, 32, 2)' if name == 'bf16' else '(d / 16, %d, 32)') % want[1]} "
+                f"packed weight, got {tuple(wp.shape)} {wp.dtype}")
+    if bias is not None and (bias.dtype != x.dtype or bias.shape != (32 * wp.shape[0],) or not bias.is_contiguous()):
+        return f"want a contiguous {name} bias of {32 * wp.shape[0]} values, got {tuple(bias.shape)} {bias.dtype}"
     if torch.is_grad_enabled() and x.requires_grad:
         return "the CPU kernel is forward-only and the input requires grad"
-    return cpu_linear_geglu_ready()
+    return cpu_linear_geglu_ready(x.dtype)
 
 
 def linear_geglu_launch(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -65,8 +83,8 @@ def linear_geglu_launch(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | 
     rows = xc.numel() // k if k else 0
     if rows:
         with cpu_build.profiled("kernels::cpu_linear_geglu"):
-            _state["dr_linear_geglu_bf16"](xc.data_ptr(), wp.data_ptr(), None if bias is None else bias.data_ptr(),
-                                           out.data_ptr(), rows, k, d, torch.get_num_threads())
+            _states[x.dtype][_ENTRY[x.dtype]](xc.data_ptr(), wp.data_ptr(), None if bias is None else bias.data_ptr(),
+                                              out.data_ptr(), rows, k, d, torch.get_num_threads())
     return out
 
 

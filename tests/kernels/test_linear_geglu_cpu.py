@@ -1,9 +1,11 @@
-"""Our bf16 linear+GEGLU CPU kernel (kernels/linear_geglu_cpu.c) against the same function in fp64.
+"""Our linear+GEGLU CPU kernels (kernels/linear_geglu_cpu.c in bf16, linear_geglu_f32_cpu.c in fp32) against
+the same function in fp64.
 
-Budget: one bf16 rounding of the exact result (2^-8 relative) plus a floor for the fp32 sums' own
+Budget in bf16: one bf16 rounding of the exact result (2^-8 relative) plus a floor for the fp32 sums' own
 rounding (k products summed in another order: 2^-20 of the sum of |x w|) and for the GELU's far tail
 (1e-6, as tests/kernels/test_geglu_cpu.py); and never worse than the unfused bf16 path (the
-projection rounded to bf16, then the activation kernel), which rounds twice.
+projection rounded to bf16, then the activation kernel), which rounds twice. In fp32: the sums' floor and
+2^-20 relative, and within 2x of eager fp32's own error.
 """
 from __future__ import annotations
 
@@ -17,13 +19,15 @@ from kernels.linear_geglu_cpu import (cpu_linear_geglu, cpu_linear_geglu_ready, 
 
 needs_kernel = pytest.mark.skipif(cpu_linear_geglu_ready() is not None,
                                   reason=f"CPU kernel: {cpu_linear_geglu_ready()}")
+needs_f32_kernel = pytest.mark.skipif(cpu_linear_geglu_ready(torch.float32) is not None,
+                                      reason=f"CPU kernel: {cpu_linear_geglu_ready(torch.float32)}")
 
 
-def inputs(rows_shape, k, d, bias=True, seed=0):
+def inputs(rows_shape, k, d, bias=True, seed=0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(*rows_shape, k, generator=g).to(torch.bfloat16)
-    w = (torch.randn(2 * d, k, generator=g) * 2 / k ** 0.5).to(torch.bfloat16)
-    b = (torch.randn(2 * d, generator=g) * 0.5).to(torch.bfloat16) if bias else None
+    x = torch.randn(*rows_shape, k, generator=g).to(dtype)
+    w = (torch.randn(2 * d, k, generator=g) * 2 / k ** 0.5).to(dtype)
+    b = (torch.randn(2 * d, generator=g) * 0.5).to(dtype) if bias else None
     return x, w, b
 
 
@@ -51,6 +55,24 @@ def test_matches_fp64_within_one_bf16_rounding(rows_shape, k, d, bias):
     assert (err <= budget(x, w, b, ref)).all()
     unfused = cpu_geglu(F.linear(x, w, b)).double()
     assert err.max() <= (unfused - ref).abs().max()
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("rows_shape, k, d", [((2, 1024), 128, 512), ((2, 64), 512, 2048), ((2, 77), 40, 16),
+                                               ((13,), 3, 48), ((1,), 320, 32), ((3, 5, 7), 64, 64)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_fp32_matches_fp64_as_closely_as_eager(rows_shape, k, d, bias):
+    x, w, b = inputs(rows_shape, k, d, bias, dtype=torch.float32)
+    wp = linear_geglu_weight(w, torch.float32)
+    assert wp.shape == (d // 16, k, 32) and wp.dtype == torch.float32
+    out, ref = cpu_linear_geglu(x, wp, b), reference(x, w, b)
+    assert out.shape == (*rows_shape, d) and out.dtype == torch.float32
+    err = (out.double() - ref).abs()
+    sums = F.linear(x.double().abs(), w.double().abs(), None if b is None else b.double().abs())
+    assert (err <= ref.abs() * 2.0 ** -20 + sum(sums.chunk(2, dim=-1)) * 2.0 ** -20 + 1e-7).all()
+    value, gate = F.linear(x, w, b).chunk(2, dim=-1)
+    eager = (value * F.gelu(gate)).double()
+    assert err.max() <= 2 * (eager - ref).abs().max() + 1e-7
 
 
 @needs_kernel
@@ -82,12 +104,19 @@ def test_packed_weight_layout():
     assert torch.equal(wp[1, 0, :16], w[16:32, 0:2]) and torch.equal(wp[1, 0, 16:], w[48:64, 0:2])
     with pytest.raises(ValueError, match=r"\(2d, k\) weight"):
         linear_geglu_weight(torch.zeros(48, 4))
-    with pytest.raises(ValueError, match=r"k even"):
+    with pytest.raises(ValueError, match=r"k even in bf16"):
         linear_geglu_weight(torch.zeros(64, 3))
+    assert linear_geglu_weight(torch.zeros(64, 3), torch.float32).shape == (2, 3, 32)  # fp32 takes odd widths
+    w32 = torch.arange(64 * 3, dtype=torch.float32).view(64, 3)
+    # fp32: block 1, input column 2: value rows 16..31, then gate rows 48..63
+    assert torch.equal(linear_geglu_weight(w32, torch.float32)[1, 2], torch.cat([w32[16:32, 2], w32[48:64, 2]]))
+    with pytest.raises(ValueError, match="bf16 or fp32"):
+        linear_geglu_weight(w32, torch.float16)
 
 
 @pytest.mark.parametrize("case, match", [
-    ("fp32 input", "bf16 CPU input"),
+    ("fp32 input", "a contiguous fp32"),
+    ("fp16 input", "bf16 or fp32 CPU input"),
     ("wrong width", "packed weight"),
     ("short bias", "bias of 64 values"),
 ])
@@ -96,6 +125,8 @@ def test_unsupported_calls_say_why(case, match):
     wp = linear_geglu_weight(w)
     if case == "fp32 input":
         x = x.float()
+    elif case == "fp16 input":
+        x = x.half()
     elif case == "wrong width":
         x = torch.zeros(3, 10, dtype=torch.bfloat16)
     else:

@@ -1,0 +1,74 @@
+/* The feed-forward's GEGLU projection in one kernel, fp32, for x86-64 CPUs with AVX-512 (no bf16 needed;
+ * kernels/linear_geglu_cpu.py packs the weight).
+ *
+ * out[r, j] = (x[r] . W[j] + b[j]) * gelu(x[r] . W[d + j] + b[d + j]) for j < d, as linear_geglu_cpu.c
+ * computes it in bf16: per block of 16 output columns the 16 value and 16 gate columns are multiplied
+ * together (FMAs, fp32 sums), the bias and the exact GELU (gelu_math.h) applied on the sums. Eager PyTorch
+ * writes the (rows, 2d) projection (after copying the bias into it), then the GELU, then the product.
+ */
+#include "cpu_math.h"
+#include "gelu_math.h"
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+
+#define WR 8                      /* rows per block of the products */
+#define GROUP_BYTES (512 * 1024)  /* input rows per pass over a thread's weight columns: half this CPU's L2 */
+#define CHUNK 64                  /* input columns summed in registers before they join the running sum: */
+                                  /* sums of CHUNK terms, then of k / CHUNK, err less than one sum of k */
+
+/* Output columns 16 jb.. 16 jb + 15 of ``rows`` (at most WR) rows from ``x0`` (row stride k); a block of
+ * fewer rows repeats its last row in the spare accumulators and stores only its own. k >= 1. */
+static void block(const float *x0, int rows, int k, const float *wp, const float *bias, int d, int jb, float *out0) {
+    const float *row[WR];
+    for (int r = 0; r < WR; r++) row[r] = x0 + (int64_t)(r < rows ? r : rows - 1) * k;
+    float total[WR][2][16] __attribute__((aligned(64)));
+    for (int i0 = 0; i0 < k; i0 += CHUNK) {
+        const int i1 = i0 + CHUNK < k ? i0 + CHUNK : k;
+        __m512 acc[WR][2];
+#pragma GCC unroll 8
+        for (int r = 0; r < WR; r++) acc[r][0] = acc[r][1] = _mm512_setzero_ps();
+        for (int i = i0; i < i1; i++) {
+            const __m512 value = _mm512_loadu_ps(wp + (int64_t)i * 32);
+            const __m512 gate = _mm512_loadu_ps(wp + (int64_t)i * 32 + 16);
+#pragma GCC unroll 8
+            for (int r = 0; r < WR; r++) {
+                const __m512 a = _mm512_set1_ps(row[r][i]);
+                acc[r][0] = _mm512_fmadd_ps(a, value, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(a, gate, acc[r][1]);
+            }
+        }
+        for (int r = 0; r < WR; r++)
+            for (int h = 0; h < 2; h++)
+                _mm512_store_ps(total[r][h], i0 ? _mm512_add_ps(_mm512_load_ps(total[r][h]), acc[r][h]) : acc[r][h]);
+    }
+    const __m512 bv = bias ? _mm512_loadu_ps(bias + 16 * jb) : _mm512_setzero_ps();
+    const __m512 bg = bias ? _mm512_loadu_ps(bias + d + 16 * jb) : _mm512_setzero_ps();
+    for (int r = 0; r < rows; r++) {
+        const __m512 value = _mm512_add_ps(_mm512_load_ps(total[r][0]), bv);
+        const __m512 gate = _mm512_add_ps(_mm512_load_ps(total[r][1]), bg);
+        _mm512_storeu_ps(out0 + (int64_t)r * d + 16 * jb, _mm512_mul_ps(value, gelu_ps(gate)));
+    }
+}
+
+/* x (m, k) row-major; wp the packed weight (d / 16, k, 32): for each block of 16 output columns and each
+ * input column, the 16 value then the 16 gate weights; bias (2 d) or NULL; out (m, d). Work split as in
+ * linear_geglu_cpu.c: threads take column blocks, rows go in groups that stay in L2. */
+void dr_linear_geglu_f32(const float *x, const float *wp, const float *bias, float *out, int64_t m, int k, int d,
+                         int threads) {
+    const int blocks = d / 16;
+    const int parts = threads < blocks ? threads : blocks;
+    const int64_t fit = GROUP_BYTES / (4 * (int64_t)k) / WR * WR, group = fit > WR ? fit : WR;
+#pragma omp parallel for num_threads(parts) schedule(static, 1)
+    for (int part = 0; part < parts; part++) {
+        const int jb0 = (int)((int64_t)blocks * part / parts), jb1 = (int)((int64_t)blocks * (part + 1) / parts);
+        for (int64_t g0 = 0; g0 < m; g0 += group) {
+            const int64_t g1 = g0 + group < m ? g0 + group : m;
+            for (int jb = jb0; jb < jb1; jb++) {
+                const float *w = wp + (int64_t)jb * k * 32;
+                for (int64_t r0 = g0; r0 < g1; r0 += WR)
+                    block(x + r0 * k, g1 - r0 < WR ? (int)(g1 - r0) : WR, k, w, bias, d, jb, out + r0 * d);
+            }
+        }
+    }
+}
