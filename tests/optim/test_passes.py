@@ -151,6 +151,24 @@ def test_geglu_leaves_the_projection_to_onednn_on_amx_unless_asked(pipe, monkeyp
     pipe.optimization.revert()
 
 
+def test_geglu_on_a_cpu_without_bf16_fuses_fp32_calls_within_the_exact_bound(pipe, eager, monkeypatch):
+    import kernels.geglu_cpu
+    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from models.transformer_2d import GEGLU
+
+    if cpu_linear_geglu_ready(torch.float32) is not None:
+        pytest.skip(cpu_linear_geglu_ready(torch.float32))
+    monkeypatch.setattr(kernels.geglu_cpu, "cpu_geglu_ready", lambda: "this CPU has no AVX512-BF16")
+    optim.optimize(pipe, level=0, geglu=True)
+    assert [p.name for p in pipe.optimization.applied] == ["geglu"]
+    modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+    assert all(m.fused is not None and m.activation is geglu_activation for m in modules)
+    out = run(pipe, "latent")
+    assert not torch.equal(out, eager["latent"]) and max_abs(out, eager["latent"]) <= EXACT_TOL
+    pipe.optimization.revert()
+    assert all(m.fused is None for m in modules)
+
+
 def test_attention_backend_choice_on_cpu(monkeypatch):
     from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend
