@@ -9,14 +9,10 @@
  */
 #include "cpu_math.h"
 #include "gelu_math.h"
+#include "linear_geglu_drive.h"
 #include <immintrin.h>
-#include <omp.h>
 #include <stdint.h>
 #include <string.h>
-
-#define WR 8                          /* rows per block of the products */
-#define GROUP_BYTES (512 * 1024)      /* the input rows one pass over a thread's weight columns serves: */
-                                      /* as many as fit in half this CPU's L2 (1 MB), at least WR */
 
 static inline __m512bh broadcast_pair(const uint16_t *at) {
     uint32_t pair;
@@ -26,8 +22,10 @@ static inline __m512bh broadcast_pair(const uint16_t *at) {
 
 /* Output columns 16 jb.. 16 jb + 15 of ``rows`` (at most WR) rows from ``x0`` (row stride k). A block of
  * fewer rows repeats its last row in the spare lanes of the products and stores only its own. */
-static void block(const uint16_t *x0, int rows, int k, const uint16_t *wp, const uint16_t *bias, int d, int jb,
-                  uint16_t *out0) {
+static void block(const void *x_at, int rows, int k, const void *w_at, const void *bias_at, int d, int jb,
+                  void *out_at) {
+    const uint16_t *x0 = x_at, *wp = w_at, *bias = bias_at;
+    uint16_t *out0 = out_at;
     const int pairs = k / 2;
     const uint16_t *row[WR];
     for (int r = 0; r < WR; r++) row[r] = x0 + (int64_t)(r < rows ? r : rows - 1) * k;
@@ -54,25 +52,9 @@ static void block(const uint16_t *x0, int rows, int k, const uint16_t *wp, const
 
 /* x (m, k) row-major, k even; wp the packed weight (d / 16, k / 2, 32, 2): for each block of 16 output
  * columns, each pair of input columns, the 16 value then the 16 gate weights, two input columns each;
- * bias (2 d) or NULL; out (m, d). The threads split the column blocks; each walks the rows in groups
- * that stay in its L2 while it runs over its weight columns once per group: the weights, read from
- * memory, are read once when all the rows fit (every UNet call at 256x256). Every output is computed
- * by the same instructions whatever the thread count. */
+ * bias (2 d) or NULL; out (m, d). Work split: linear_geglu_drive.h. */
 void dr_linear_geglu_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *out, int64_t m,
                           int k, int d, int threads) {
-    const int blocks = d / 16;
-    const int parts = threads < blocks ? threads : blocks;
-    const int64_t fit = GROUP_BYTES / (2 * (int64_t)k) / WR * WR, group = fit > WR ? fit : WR;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-    for (int part = 0; part < parts; part++) {
-        const int jb0 = (int)((int64_t)blocks * part / parts), jb1 = (int)((int64_t)blocks * (part + 1) / parts);
-        for (int64_t g0 = 0; g0 < m; g0 += group) {
-            const int64_t g1 = g0 + group < m ? g0 + group : m;
-            for (int jb = jb0; jb < jb1; jb++) {
-                const uint16_t *w = wp + (int64_t)jb * (k / 2) * 64;
-                for (int64_t r0 = g0; r0 < g1; r0 += WR)
-                    block(x + r0 * k, g1 - r0 < WR ? (int)(g1 - r0) : WR, k, w, bias, d, jb, out + r0 * d);
-            }
-        }
-    }
+    linear_geglu_drive((const char *)x, (const char *)wp, bias, (char *)out, m, k, d, (int64_t)k / 2 * 64,
+                       sizeof(uint16_t), threads, block);
 }

@@ -8,18 +8,19 @@
  */
 #include "cpu_math.h"
 #include "gelu_math.h"
+#include "linear_geglu_drive.h"
 #include <immintrin.h>
-#include <omp.h>
 #include <stdint.h>
 
-#define WR 8                      /* rows per block of the products */
-#define GROUP_BYTES (512 * 1024)  /* input rows per pass over a thread's weight columns: half this CPU's L2 */
 #define CHUNK 64                  /* input columns summed in registers before they join the running sum: */
                                   /* sums of CHUNK terms, then of k / CHUNK, err less than one sum of k */
 
 /* Output columns 16 jb.. 16 jb + 15 of ``rows`` (at most WR) rows from ``x0`` (row stride k); a block of
  * fewer rows repeats its last row in the spare accumulators and stores only its own. k >= 1. */
-static void block(const float *x0, int rows, int k, const float *wp, const float *bias, int d, int jb, float *out0) {
+static void block(const void *x_at, int rows, int k, const void *w_at, const void *bias_at, int d, int jb,
+                  void *out_at) {
+    const float *x0 = x_at, *wp = w_at, *bias = bias_at;
+    float *out0 = out_at;
     const float *row[WR];
     for (int r = 0; r < WR; r++) row[r] = x0 + (int64_t)(r < rows ? r : rows - 1) * k;
     float total[WR][2][16] __attribute__((aligned(64)));
@@ -52,23 +53,10 @@ static void block(const float *x0, int rows, int k, const float *wp, const float
 }
 
 /* x (m, k) row-major; wp the packed weight (d / 16, k, 32): for each block of 16 output columns and each
- * input column, the 16 value then the 16 gate weights; bias (2 d) or NULL; out (m, d). Work split as in
- * linear_geglu_cpu.c: threads take column blocks, rows go in groups that stay in L2. */
+ * input column, the 16 value then the 16 gate weights; bias (2 d) or NULL; out (m, d). Work split:
+ * linear_geglu_drive.h. */
 void dr_linear_geglu_f32(const float *x, const float *wp, const float *bias, float *out, int64_t m, int k, int d,
                          int threads) {
-    const int blocks = d / 16;
-    const int parts = threads < blocks ? threads : blocks;
-    const int64_t fit = GROUP_BYTES / (4 * (int64_t)k) / WR * WR, group = fit > WR ? fit : WR;
-#pragma omp parallel for num_threads(parts) schedule(static, 1)
-    for (int part = 0; part < parts; part++) {
-        const int jb0 = (int)((int64_t)blocks * part / parts), jb1 = (int)((int64_t)blocks * (part + 1) / parts);
-        for (int64_t g0 = 0; g0 < m; g0 += group) {
-            const int64_t g1 = g0 + group < m ? g0 + group : m;
-            for (int jb = jb0; jb < jb1; jb++) {
-                const float *w = wp + (int64_t)jb * k * 32;
-                for (int64_t r0 = g0; r0 < g1; r0 += WR)
-                    block(x + r0 * k, g1 - r0 < WR ? (int)(g1 - r0) : WR, k, w, bias, d, jb, out + r0 * d);
-            }
-        }
-    }
+    linear_geglu_drive((const char *)x, (const char *)wp, bias, (char *)out, m, k, d, (int64_t)k * 32, sizeof(float),
+                       threads, block);
 }
