@@ -2,15 +2,17 @@
 
 Choice (DESIGN.md §4, level 1): on CUDA our fused Triton kernel where it supports the call's
 shapes (SDPA otherwise, decided per call), else xformers if installed, else PyTorch SDPA. On a
-machine without CUDA the Triton kernel is never selected for real work. On a CPU with AVX512-BF16
-our C kernel (kernels/attention_cpu.c) takes the bf16 calls it supports and SDPA the rest, so an
-fp32 pipeline computes exactly what it did; it pays once precision (level 2) runs bf16. On a CPU
-with AMX tiles "auto" keeps SDPA, whose bf16 matmuls use the tiles (optim/hardware.py: AMX_REASON).
+machine without CUDA the Triton kernel is never selected for real work. On CPU our C kernels
+(kernels/attention_cpu.py) take the calls they support: bf16 with AVX512-BF16, fp32 with AVX-512 (an
+fp32 pipeline's error stays SDPA's: exact class), SDPA the rest. On a CPU with AMX tiles "auto" keeps
+SDPA for bf16, whose bf16 matmuls use the tiles (optim/hardware.py: AMX_REASON).
 """
 from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass
+
+import torch
 
 from models.attention import sdpa_backend
 from models.errors import OptimizationError
@@ -32,17 +34,38 @@ def triton_backend(q, k, v, mask=None):
 
 
 def cpu_backend(q, k, v, mask=None):
-    """Our bf16 CPU kernel where it supports the call (bf16, no mask), SDPA where it does not."""
+    """Our CPU kernels where they support the call (bf16 or fp32, no mask), SDPA where they do not."""
     from kernels.attention_cpu import try_cpu_attention
 
     out = try_cpu_attention(q, k, v, mask)
     return out if out is not None else sdpa_backend(q, k, v, mask)
 
 
-def _cpu_kernel_ready() -> str | None:
+def cpu_fp32_backend(q, k, v, mask=None):
+    """Our fp32 CPU kernel for fp32 calls, SDPA for the rest (bf16 on AMX: its matmuls use the tiles)."""
+    if q.dtype == torch.float32:
+        return cpu_backend(q, k, v, mask)
+    return sdpa_backend(q, k, v, mask)
+
+
+def _cpu_kernel_ready(dtype=None) -> str | None:
     from kernels.attention_cpu import cpu_attention_ready
 
-    return cpu_attention_ready()
+    return cpu_attention_ready(torch.bfloat16 if dtype is None else dtype)
+
+
+def _choose_cpu() -> tuple[object, str]:
+    """The "auto" choice on CPU: our kernels for the dtypes they run fast here, SDPA for the rest."""
+    bf16_why, fp32_why = _cpu_kernel_ready(torch.bfloat16), _cpu_kernel_ready(torch.float32)
+    if bf16_why is None and cpu_has_amx():
+        bf16_why = f"{AMX_REASON}; backend='cpu' uses ours"
+    if bf16_why is None and fp32_why is None:
+        return cpu_backend, "our CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512) calls, PyTorch SDPA for the rest"
+    if bf16_why is None:
+        return cpu_backend, f"our bf16 CPU kernel (AVX512-BF16) for bf16 calls, PyTorch SDPA for the rest (fp32: {fp32_why})"
+    if fp32_why is None:
+        return cpu_fp32_backend, f"our fp32 CPU kernel (AVX-512) for fp32 calls, PyTorch SDPA for the rest (bf16: {bf16_why})"
+    return sdpa_backend, f"PyTorch SDPA (our CPU kernels unavailable: {bf16_why})"
 
 
 def xformers_backend(q, k, v, mask=None):
@@ -77,9 +100,11 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
         return triton_backend, "Triton fused attention (requested), SDPA for unsupported shapes"
     if requested == "cpu":
         why = "this pipeline is on " + str(device) if device.type != "cpu" else _cpu_kernel_ready()
+        if why and device.type == "cpu" and _cpu_kernel_ready(torch.float32) is None:
+            why = None
         if why:
             raise OptimizationError(f"attention backend 'cpu' unavailable: {why}")
-        return cpu_backend, "our bf16 CPU kernel (requested), SDPA for other dtypes and masks"
+        return cpu_backend, "our CPU kernels (requested), SDPA for other dtypes, masks and dtypes the CPU lacks"
     if requested == "xformers":
         if not cuda or importlib.util.find_spec("xformers") is None:
             raise OptimizationError("attention backend 'xformers' needs xformers installed and a CUDA device")
@@ -92,12 +117,7 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
             return xformers_backend, f"xformers on CUDA ({why})"
         return sdpa_backend, f"PyTorch SDPA ({why}; xformers not installed)"
     if device.type == "cpu":
-        why = _cpu_kernel_ready()
-        if why is None and cpu_has_amx():
-            return sdpa_backend, f"PyTorch SDPA ({AMX_REASON}; backend='cpu' uses ours)"
-        if why is None:
-            return cpu_backend, "our bf16 CPU kernel (AVX512-BF16) for bf16 calls, PyTorch SDPA for the rest"
-        return sdpa_backend, f"PyTorch SDPA (our CPU kernel unavailable: {why})"
+        return _choose_cpu()
     return sdpa_backend, f"PyTorch SDPA (no CUDA device: Triton and xformers need one; device is {device})"
 
 

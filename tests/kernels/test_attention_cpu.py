@@ -1,8 +1,10 @@
-"""Our bf16 CPU attention kernel (kernels/attention_cpu.c) against fp32 SDPA on the same inputs.
+"""Our CPU attention kernels against SDPA on the same inputs: bf16 (kernels/attention_cpu.c) against fp32
+SDPA, fp32 (attention_f32_cpu.c) against fp64 SDPA.
 
-Error budget: bf16 SDPA's own error on the same call (the kernel rounds where SDPA's flash kernel
+Error budget in bf16: bf16 SDPA's own error on the same call (the kernel rounds where SDPA's flash kernel
 does: scores and softmax in fp32, probabilities and output in bf16), with a floor of one bf16 ulp
-of the largest |v| for calls where SDPA happens to round luckily.
+of the largest |v| for calls where SDPA happens to round luckily. In fp32: twice fp32 SDPA's error, with
+a floor of a few fp32 ulps of the largest |v|.
 """
 from __future__ import annotations
 
@@ -14,6 +16,8 @@ from kernels import attention_cpu, cpu_build
 from kernels.attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
 
 needs_kernel = pytest.mark.skipif(cpu_attention_ready() is not None, reason=f"CPU kernel: {cpu_attention_ready()}")
+needs_f32_kernel = pytest.mark.skipif(cpu_attention_ready(torch.float32) is not None,
+                                      reason=f"CPU kernel: {cpu_attention_ready(torch.float32)}")
 
 # (batch, heads, query tokens, key tokens, head_dim): the small UNet's self/cross attention at
 # 256x256, SD 1.5's head dim, odd sizes that exercise every tail (tokens not a multiple of 8 or 16,
@@ -106,7 +110,8 @@ def test_softmax_is_stable_for_large_scores():
 
 @pytest.mark.parametrize("case, match", [
     ("mask", "masks are not supported"),
-    ("fp32", "the CPU kernel is for bfloat16"),
+    ("fp16", "the CPU kernels are for bfloat16 or float32"),
+    ("mixed", "all three alike"),
     ("head_dim", "head_dim 129"),
     ("shapes", "shapes do not match"),
     ("stride", "head dim must be contiguous"),
@@ -116,8 +121,10 @@ def test_unsupported_calls_say_why_and_the_kernel_refuses_them(case, match):
     mask = None
     if case == "mask":
         mask = torch.zeros(8, 8, dtype=torch.bfloat16)
-    elif case == "fp32":
-        q, k, v = q.float(), k.float(), v.float()
+    elif case == "fp16":
+        q, k, v = q.half(), k.half(), v.half()
+    elif case == "mixed":
+        q = q.float()
     elif case == "head_dim":
         q, k, v = (torch.zeros(1, 1, 4, 129, dtype=torch.bfloat16) for _ in range(3))
     elif case == "shapes":
@@ -143,11 +150,46 @@ def test_compiles_as_one_custom_op_without_graph_breaks():
     # the backends' path: one support check, then the op (traced) or the kernel (eager); None when unsupported
     tried = torch.compile(lambda q, k, v: attention_cpu.try_cpu_attention(q, k, v) * 2, fullgraph=True)
     assert torch.equal(tried(q, k, v), cpu_attention(q, k, v) * 2)
-    assert attention_cpu.try_cpu_attention(q.float(), k.float(), v.float()) is None
+    assert attention_cpu.try_cpu_attention(q.half(), k.half(), v.half()) is None
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_fp32_matches_fp64_within_twice_fp32_sdpa_error(shape):
+    if shape[-1] > attention_cpu.MAX_HEAD_DIM_F32:
+        shape = (*shape[:-1], attention_cpu.MAX_HEAD_DIM_F32)
+    q, k, v = (t.float() for t in qkv(*shape))
+    out = cpu_attention(q, k, v)
+    assert out.dtype == torch.float32 and out.shape == q.shape
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    sdpa = (F.scaled_dot_product_attention(q, k, v).double() - ref).abs().max().item()
+    floor = 4 * 2.0 ** -23 * v.abs().max().item()
+    assert (out.double() - ref).abs().max().item() <= max(2 * sdpa, floor)
+
+
+def test_fp32_takes_head_dims_up_to_80():
+    q = torch.zeros(1, 1, 4, 96)
+    assert "head_dim 96 (1..80 in fp32)" in cpu_attention_supports(q, q, q)
+    assert attention_cpu.try_cpu_attention(q, q, q) is None
+
+
+@needs_f32_kernel
+def test_fp32_large_scores_and_thread_counts():
+    q, k, v = (t.float() for t in qkv(2, 3, 37, 29, 24, seed=3))
+    q, k = q * 40, k * 40
+    out = cpu_attention(q, k, v)
+    ref = F.scaled_dot_product_attention(q.double(), k.double(), v.double())
+    assert torch.isfinite(out).all() and (out.double() - ref).abs().max().item() <= 1e-4 * v.abs().max().item()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert torch.equal(cpu_attention(q, k, v), out)
+    finally:
+        torch.set_num_threads(threads)
 
 
 def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
-    monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setitem(attention_cpu._states, torch.bfloat16, {})
     monkeypatch.setattr(cpu_build, "_loaded", {})
     monkeypatch.setattr(cpu_build, "kernel_cache_dir", lambda: tmp_path)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: True, raising=False)
@@ -161,12 +203,15 @@ def test_build_failure_is_a_reason_not_an_error(monkeypatch, tmp_path):
 
 
 def test_other_cpus_are_told_why(monkeypatch):
-    monkeypatch.setattr(attention_cpu, "_state", {})
+    monkeypatch.setitem(attention_cpu._states, torch.bfloat16, {})
+    monkeypatch.setitem(attention_cpu._states, torch.float32, {})
     monkeypatch.setattr(cpu_build, "_loaded", {})
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False, raising=False)
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
     assert cpu_attention_ready() == "this CPU has no AVX512-BF16"
-    monkeypatch.setattr(attention_cpu, "_state", {})
+    assert cpu_attention_ready(torch.float32) == "this CPU has no AVX-512"
+    monkeypatch.setitem(attention_cpu._states, torch.bfloat16, {})
     cpu_build.forget()
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "aarch64")
     assert "x86-64" in cpu_attention_ready()
@@ -188,7 +233,11 @@ def test_attention_module_with_the_cpu_backend_matches_sdpa_in_bf16():
         attn.backend = backend
         outs[name] = attn(x, ctx).float()
     assert (outs["cpu"] - ref).abs().max() <= 2 * (outs["sdpa"] - ref).abs().max()
-    # fp32 calls go to SDPA: bit for bit what the default backend computes
+    # fp32 calls go to the fp32 kernel where it runs (SDPA otherwise): within twice SDPA's error against fp64
     attn.float()
-    attn.backend = cpu_backend
-    assert torch.equal(attn(x.float(), ctx.float()), ref)
+    ref64 = attn.double()(x.double(), ctx.double())
+    attn.float()
+    for name, backend in (("sdpa", sdpa_backend), ("cpu", cpu_backend)):
+        attn.backend = backend
+        outs[name] = attn(x.float(), ctx.float()).double()
+    assert (outs["cpu"] - ref64).abs().max() <= 2 * (outs["sdpa"] - ref64).abs().max()

@@ -172,24 +172,30 @@ def test_geglu_on_a_cpu_without_bf16_fuses_fp32_calls_within_the_exact_bound(pip
 def test_attention_backend_choice_on_cpu(monkeypatch):
     from kernels import attention_cpu as cpu_kernel
     from models.attention import sdpa_backend
-    from optim.attention import choose_backend, cpu_backend
+    from optim.attention import choose_backend, cpu_backend, cpu_fp32_backend
 
+    bf16_ready, fp32_ready = (cpu_kernel.cpu_attention_ready(d) is None for d in (torch.bfloat16, torch.float32))
     backend, why = choose_backend("auto", torch.device("cpu"))
-    if cpu_kernel.cpu_attention_ready() is None:
-        assert backend is cpu_backend and "CPU kernel" in why
-    else:
+    if bf16_ready and fp32_ready:
+        assert backend is cpu_backend and "CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512)" in why
+    elif not (bf16_ready or fp32_ready):
         assert backend is sdpa_backend and cpu_kernel.cpu_attention_ready() in why
     with pytest.raises(OptimizationError, match="needs a CUDA device"):
         choose_backend("triton", torch.device("cpu"))
-    # on AMX "auto" keeps SDPA (its bf16 matmuls use the tiles); "cpu" still takes ours
-    if cpu_kernel.cpu_attention_ready() is None:
+    # on AMX "auto" keeps SDPA for bf16 (its bf16 matmuls use the tiles), ours for fp32; "cpu" takes ours
+    if bf16_ready and fp32_ready:
         monkeypatch.setattr(optim.attention, "cpu_has_amx", lambda: True)
         backend, why = choose_backend("auto", torch.device("cpu"))
-        assert backend is sdpa_backend and "AMX" in why and "backend='cpu'" in why
+        assert backend is cpu_fp32_backend and "AMX" in why and "backend='cpu'" in why
         assert choose_backend("cpu", torch.device("cpu"))[0] is cpu_backend
         monkeypatch.undo()
-    # without the kernel (another CPU, no compiler): SDPA, and the report says why
-    monkeypatch.setattr(cpu_kernel, "_state", {"why": "this CPU has no AVX512-BF16"})
+    # without the bf16 kernel (a CPU with AVX-512 but no bf16): the fp32 kernel for fp32 calls, SDPA for bf16
+    monkeypatch.setitem(cpu_kernel._states, torch.bfloat16, {"why": "this CPU has no AVX512-BF16"})
+    if fp32_ready:
+        backend, why = choose_backend("auto", torch.device("cpu"))
+        assert backend is cpu_fp32_backend and "no AVX512-BF16" in why
+    # without either (another CPU, no compiler): SDPA, and the report says why
+    monkeypatch.setitem(cpu_kernel._states, torch.float32, {"why": "this CPU has no AVX-512"})
     backend, why = choose_backend("auto", torch.device("cpu"))
     assert backend is sdpa_backend and "no AVX512-BF16" in why
     with pytest.raises(OptimizationError, match="'cpu' unavailable: this CPU has no AVX512-BF16"):
