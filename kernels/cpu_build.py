@@ -1,6 +1,6 @@
 """Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
 group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), and the fp32 ones
-(linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512.
+(attention_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512.
 
 A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
 the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
