@@ -50,15 +50,16 @@ static void transform_tiles(const uint16_t *x, uint16_t *v, int64_t first, int64
 }
 
 /* Stores the output transform of the fp32 products acc[k][r][0..31] (position k, tile t0 + r) for
- * the tiles before ``end``: 32 output channels from ch0, bias added, rounded to bf16. */
-static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *y, int64_t t0, int64_t end,
-                         int th, int tw, int h, int w, int co, int ch0) {
+ * the tiles before ``end``: 32 output channels from ch0, bias added, and ``res`` (NULL, or a tensor laid
+ * out as y: the residual a ResNet block adds) added before the one rounding to bf16. */
+static void output_tiles(float acc[16][WR][32], const uint16_t *bias, const uint16_t *res, uint16_t *y, int64_t t0,
+                         int64_t end, int th, int tw, int h, int w, int co, int ch0) {
     for (int r = 0; r < WR && t0 + r < end; r++) {
         int n, r0, c0;
         tile_window(t0 + r, th, tw, &n, &r0, &c0);
         r0++, c0++;  /* the tile's first output row and column */
         const int rows = r0 + 1 < h ? 2 : 1, cols = c0 + 1 < w ? 2 : 1;
-        uint16_t *base = y + (((int64_t)n * h + r0) * w + c0) * co + ch0;
+        const int64_t at = (((int64_t)n * h + r0) * w + c0) * co + ch0;
         for (int half = 0; half < 2; half++) {
             const int ch = 16 * half;
             const __m512 b = bias ? load_bf16(bias + ch0 + ch, 0xFFFF) : _mm512_setzero_ps();
@@ -67,8 +68,9 @@ static void output_tiles(float acc[16][WR][32], const uint16_t *bias, uint16_t *
             winograd_output(m, b, out);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++) {
-                    uint16_t *o = base + (int64_t)i * w * co + ch;
-                    store_bf16(o + j * co, out[2 * i + j], 0xFFFF);
+                    const int64_t o = at + ((int64_t)i * w + j) * co + ch;
+                    const __m512 add = res ? load_bf16(res + o, 0xFFFF) : _mm512_setzero_ps();
+                    store_bf16(y + o, res ? _mm512_add_ps(out[2 * i + j], add) : out[2 * i + j], 0xFFFF);
                 }
         }
     }
@@ -180,8 +182,9 @@ static void output_tiles_up2(float acc[16][WR][32], const uint16_t *bias, uint16
  * 1/col_parts of the output channels: it transforms its tiles into its thread's part of ``scratch``
  * (16 * group * C values per thread), then multiplies them by its channels' kernel and transforms
  * the products into outputs. A task's transformed tiles never leave its core. */
-static void winograd(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y, uint16_t *scratch,
-                     int n_batch, int h, int w, int c, int co, int64_t group, int col_parts, int threads, int up2) {
+static void winograd(const uint16_t *x, const uint16_t *up, const uint16_t *bias, const uint16_t *res, uint16_t *y,
+                     uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group, int col_parts,
+                     int threads, int up2) {
     const int th = up2 ? h : (h + 1) / 2, tw = up2 ? w : (w + 1) / 2, npos = up2 ? 9 : 16;
     const int64_t tiles = (int64_t)n_batch * th * tw, groups = (tiles + group - 1) / group;
     const int col_blocks = co / 32, per_part = (col_blocks + col_parts - 1) / col_parts;
@@ -206,22 +209,23 @@ static void winograd(const uint16_t *x, const uint16_t *up, const uint16_t *bias
                     if (up2)
                         output_tiles_up2(acc_block, bias, y, first + row0, first + count, h, w, co, 32 * cb);
                     else
-                        output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
+                        output_tiles(acc_block, bias, res, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
                 }
         }
     }
 }
 
-void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
-                              uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
+/* ``res``: NULL, or a channels-last (N, H, W, Co) tensor added to the result (a ResNet block's residual). */
+void dr_winograd_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, const uint16_t *res,
+                              uint16_t *y, uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
                               int col_parts, int threads) {
-    winograd(x, up, bias, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 0);
+    winograd(x, up, bias, res, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 0);
 }
 
 void dr_winograd_up2_conv3x3_bf16(const uint16_t *x, const uint16_t *up, const uint16_t *bias, uint16_t *y,
                                   uint16_t *scratch, int n_batch, int h, int w, int c, int co, int64_t group,
                                   int col_parts, int threads) {
-    winograd(x, up, bias, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 1);
+    winograd(x, up, bias, NULL, y, scratch, n_batch, h, w, c, co, group, col_parts, threads, 1);
 }
 
 /* G g G^T of a (Co, Ci, 3, 3) bf16 weight, in fp32, rounded to bf16 (to nearest even) and packed as the

@@ -36,7 +36,8 @@ def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
     def symbols():
         args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        return {"dr_winograd_conv3x3_bf16": (None, args), "dr_winograd_up2_conv3x3_bf16": (None, args),
+        with_residual = args[:3] + [ctypes.c_void_p] + args[3:]
+        return {"dr_winograd_conv3x3_bf16": (None, with_residual), "dr_winograd_up2_conv3x3_bf16": (None, args),
                 "dr_winograd_weight_bf16": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4)}
 
     return cpu_build.bind(_state, SOURCE, symbols)
@@ -89,9 +90,21 @@ def cpu_winograd_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor |
     return cpu_winograd_ready()
 
 
-def winograd_launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool) -> torch.Tensor:
+def residual_layout(residual: torch.Tensor | None, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor | None:
+    """``residual`` as the kernels add it: channels-last, in the output's shape and dtype (else an error)."""
+    if residual is None:
+        return None
+    if tuple(residual.shape) != tuple(shape) or residual.dtype != dtype or residual.device.type != "cpu":
+        raise ValueError(f"residual: want a {dtype} CPU tensor of shape {tuple(shape)}, got {residual.dtype} "
+                         f"{tuple(residual.shape)} on {residual.device}")
+    return residual.contiguous(memory_format=torch.channels_last)
+
+
+def winograd_launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool,
+                    residual: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel without ``cpu_winograd_supports``: for a caller that made ``u`` and ``bias`` from the
-    conv itself and checked ``x`` (optim/winograd.py, once per call)."""
+    conv itself and checked ``x`` (optim/winograd.py, once per call). ``residual`` (not with ``up2``):
+    a tensor of the output's shape added before the rounding, as a ResNet block adds its input."""
     name = "cpu_winograd_up2_conv3x3" if up2 else "cpu_winograd_conv3x3"
     n, c, h, w = x.shape
     co = 32 * u.shape[0]
@@ -100,11 +113,17 @@ def winograd_launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
     tiles = n * h * w if up2 else n * ((h + 1) // 2) * ((w + 1) // 2)
     group, col_parts = work_split(tiles, co // 32, threads)
     scale = 2 if up2 else 1
+    if up2 and residual is not None:
+        raise ValueError("cpu_winograd_up2_conv3x3: no residual")
+    res = residual_layout(residual, (n, co, h, w), torch.bfloat16)
     with cpu_build.profiled(f"kernels::{name}"):
         scratch = torch.empty(threads * 16 * group * c, dtype=torch.bfloat16)
         y = torch.empty(n, co, scale * h, scale * w, dtype=torch.bfloat16, memory_format=torch.channels_last)
-        _state[f"dr_{name[4:]}_bf16"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
-                                      y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts, threads)
+        pointers = [xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr()]
+        if not up2:
+            pointers.append(None if res is None else res.data_ptr())
+        _state[f"dr_{name[4:]}_bf16"](*pointers, y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts,
+                                      threads)
     return y
 
 

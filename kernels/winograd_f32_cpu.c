@@ -64,15 +64,16 @@ static void multiply_block(const float *v, int64_t vplane, int64_t row0, const f
     }
 }
 
-/* A^T m A of the products of tiles t0.. (those before ``end``) into y: 32 output channels from ch0, bias added. */
-static void output_tiles(float acc[16][WR][32], const float *bias, float *y, int64_t t0, int64_t end,
-                         int th, int tw, int h, int w, int co, int ch0) {
+/* A^T m A of the products of tiles t0.. (those before ``end``) into y: 32 output channels from ch0, bias added,
+ * then ``res`` (NULL, or a tensor laid out as y) added: the sum eager computes after the convolution. */
+static void output_tiles(float acc[16][WR][32], const float *bias, const float *res, float *y, int64_t t0,
+                         int64_t end, int th, int tw, int h, int w, int co, int ch0) {
     for (int r = 0; r < WR && t0 + r < end; r++) {
         int n, r0, c0;
         tile_window(t0 + r, th, tw, &n, &r0, &c0);
         r0++, c0++;  /* the tile's first output row and column */
         const int rows = r0 + 1 < h ? 2 : 1, cols = c0 + 1 < w ? 2 : 1;
-        float *base = y + (((int64_t)n * h + r0) * w + c0) * co + ch0;
+        const int64_t at = (((int64_t)n * h + r0) * w + c0) * co + ch0;
         for (int half = 0; half < 2; half++) {
             const int ch = 16 * half;
             const __m512 b = bias ? _mm512_loadu_ps(bias + ch0 + ch) : _mm512_setzero_ps();
@@ -81,17 +82,18 @@ static void output_tiles(float acc[16][WR][32], const float *bias, float *y, int
             winograd_output(m, b, out);
             for (int i = 0; i < rows; i++)
                 for (int j = 0; j < cols; j++) {
-                    float *o = base + (int64_t)i * w * co + ch;
-                    _mm512_storeu_ps(o + j * co, out[2 * i + j]);
+                    const int64_t o = at + ((int64_t)i * w + j) * co + ch;
+                    _mm512_storeu_ps(y + o, res ? _mm512_add_ps(out[2 * i + j], _mm512_loadu_ps(res + o)) : out[2 * i + j]);
                 }
         }
     }
 }
 
-/* conv2d(x, g, bias, padding=1), y (N, H, W, Co); up = G g G^T packed (Co/32, 16, C, 32). scratch:
- * 16 * group * C floats per thread. Tasks as in winograd_cpu.c. */
-void dr_winograd_conv3x3_f32(const float *x, const float *up, const float *bias, float *y, float *scratch,
-                             int n_batch, int h, int w, int c, int co, int64_t group, int col_parts, int threads) {
+/* conv2d(x, g, bias, padding=1) (+ res: NULL, or a channels-last (N, H, W, Co) tensor), y (N, H, W, Co); up =
+ * G g G^T packed (Co/32, 16, C, 32). scratch: 16 * group * C floats per thread. Tasks as in winograd_cpu.c. */
+void dr_winograd_conv3x3_f32(const float *x, const float *up, const float *bias, const float *res, float *y,
+                             float *scratch, int n_batch, int h, int w, int c, int co, int64_t group, int col_parts,
+                             int threads) {
     const int th = (h + 1) / 2, tw = (w + 1) / 2;
     const int64_t tiles = (int64_t)n_batch * th * tw, groups = (tiles + group - 1) / group;
     const int col_blocks = co / 32, per_part = (col_blocks + col_parts - 1) / col_parts;
@@ -110,7 +112,7 @@ void dr_winograd_conv3x3_f32(const float *x, const float *up, const float *bias,
             for (int cb = part * per_part; cb < cb_end; cb++)
                 for (int64_t row0 = 0; row0 < count; row0 += WR) {
                     multiply_block(v, vplane, row0, up, cb, c, acc_block);
-                    output_tiles(acc_block, bias, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
+                    output_tiles(acc_block, bias, res, y, first + row0, first + count, th, tw, h, w, co, 32 * cb);
                 }
         }
     }

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from . import cpu_build
-from .winograd_cpu import work_split
+from .winograd_cpu import residual_layout, work_split
 
 SOURCE = Path(__file__).with_name("winograd_f32_cpu.c")
 
@@ -28,7 +28,7 @@ _state: dict = {}
 def cpu_winograd_f32_ready() -> str | None:
     """None when the fp32 kernels run on this machine (building them on first call), else why not."""
     def symbols():
-        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
+        args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
         return {"dr_winograd_conv3x3_f32": (None, args),
                 "dr_winograd_weight_f32": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3)}
 
@@ -65,18 +65,22 @@ def cpu_winograd_f32_supports(x: torch.Tensor, u: torch.Tensor, bias: torch.Tens
     return cpu_winograd_f32_ready()
 
 
-def winograd_launch_f32(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """The kernel without the checks, for a caller that made ``u`` and ``bias`` from the conv itself."""
+def winograd_launch_f32(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None,
+                        residual: torch.Tensor | None = None) -> torch.Tensor:
+    """The kernel without the checks, for a caller that made ``u`` and ``bias`` from the conv itself.
+    ``residual``: a tensor of the output's shape added to it (the same sum, bit for bit, as adding after)."""
     n, c, h, w = x.shape
     co = 32 * u.shape[0]
     xl = x.contiguous(memory_format=torch.channels_last)
+    res = residual_layout(residual, (n, co, h, w), torch.float32)
     threads = torch.get_num_threads()
     group, col_parts = work_split(n * ((h + 1) // 2) * ((w + 1) // 2), co // 32, threads)
     with cpu_build.profiled("kernels::cpu_winograd_conv3x3_f32"):
         scratch = torch.empty(threads * 16 * group * c)
         y = torch.empty(n, co, h, w, memory_format=torch.channels_last)
         _state["dr_winograd_conv3x3_f32"](xl.data_ptr(), u.data_ptr(), None if bias is None else bias.data_ptr(),
-                                          y.data_ptr(), scratch.data_ptr(), n, h, w, c, co, group, col_parts, threads)
+                                          None if res is None else res.data_ptr(), y.data_ptr(), scratch.data_ptr(),
+                                          n, h, w, c, co, group, col_parts, threads)
     return y
 
 

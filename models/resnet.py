@@ -5,7 +5,9 @@ Weight names follow diffusers: ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2`
 
 Extension points (DESIGN.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
 silu(norm(x))`` for its GroupNorm-then-SiLU steps (default ``group_norm_silu``); a pass sets a fused
-kernel there. ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
+kernel there. ``ResnetBlock2D.conv2_residual``: ``None`` or a callable ``(conv, h, residual) ->
+residual + conv(h)`` for its last convolution and the residual add (optim/winograd.py adds the residual
+inside the convolution's output). ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
 for the doubling-then-conv step (optim/upsample.py folds the upsampling into the conv).
 """
 from __future__ import annotations
@@ -55,6 +57,7 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         self.nonlinearity = nn.SiLU()
         self.norm_silu = group_norm_silu  # extension point: (GroupNorm, x) -> silu(norm(x)); a pass fuses it
+        self.conv2_residual = None  # extension point: (conv, h, residual) -> residual + conv(h); a pass fuses it
         needs_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = (
             nn.Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias) if needs_shortcut else None
@@ -71,10 +74,12 @@ class ResnetBlock2D(nn.Module):
                 h = self.norm_silu(self.norm2, h + t)
         else:
             h = self.norm_silu(self.norm2, h)
-        h = self.conv2(self.dropout(h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        if self.conv2_residual is not None:
+            out = self.conv2_residual(self.conv2, self.dropout(h), x)
+        else:
+            out = x + self.conv2(self.dropout(h))
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out

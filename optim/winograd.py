@@ -23,7 +23,9 @@ convolution by rounding only: 2.5x its rms error against fp32, 1.5-2x its max
 On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
 outrun these vdpbf16ps products by more than the 2.25x Winograd saves (optim/hardware.py; ``amx=True``
 takes them anyway); the fp32 ones (AMX has no fp32) are taken.
-Revert restores the previous forward.
+Each ResnetBlock2D whose second conv it takes gets a ``conv2_residual`` that adds the block's residual
+inside the kernel's output transform (one pass over the output fewer; in bf16 one rounding fewer).
+Revert restores the previous forward and slots.
 """
 from __future__ import annotations
 
@@ -33,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.resnet import Upsample2D
+from models.resnet import ResnetBlock2D, Upsample2D
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
@@ -97,6 +99,31 @@ def winograd_conv_forward(conv: nn.Conv2d, previous):
 
     forward.winograd_cache = cache
     return forward
+
+
+class WinogradResidual:
+    """The ``conv2_residual`` of one ResnetBlock2D whose ``conv2`` this pass took: the residual added inside
+    the kernel's output (bf16: one rounding instead of two; fp32: the same sum, bit for bit) instead of a
+    separate pass over the output. Other calls (the conv's own fallbacks, another shape or dtype) go to
+    ``previous`` or the eager sum."""
+
+    def __init__(self, previous):
+        self.previous = previous
+
+    def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        from kernels.winograd_cpu import winograd_launch
+        from kernels.winograd_f32_cpu import winograd_launch_f32
+
+        cache = getattr(conv.__dict__.get("forward"), "winograd_cache", None)
+        if (cache is not None and _fast(h, conv.weight) and residual.dtype == h.dtype
+                and tuple(residual.shape) == (h.shape[0], conv.out_channels, h.shape[2], h.shape[3])):
+            u, bias = _transformed(cache, conv, up2=False)
+            if h.dtype == torch.float32:
+                return winograd_launch_f32(h, u, bias, residual=residual)
+            return winograd_launch(h, u, bias, up2=False, residual=residual)
+        if self.previous is not None:
+            return self.previous(conv, h, residual)
+        return residual + conv(h)
 
 
 class WinogradUpsampleConv:
@@ -174,13 +201,23 @@ class WinogradPass(Pass):
         for module in upsamplers:
             doubled.append((module, module.conv_2x))
             module.conv_2x = WinogradUpsampleConv(module.conv_2x)
+        taken = {id(m) for m in convs}
+        fused = self._state().setdefault("residuals", [])
+        for model in pipeline_models(pipe).values():
+            for block in model.modules():
+                if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken:
+                    fused.append((block, block.conv2_residual))
+                    block.conv2_residual = WinogradResidual(block.conv2_residual)
 
     def describe(self) -> str:
         convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
-        text = f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before"
+        text = (f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before, "
+                f"{len(self._state().get('residuals', []))} with their ResNet block's residual add")
         return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
 
     def revert(self, pipe) -> None:
+        for block, previous in reversed(self._state().pop("residuals", [])):
+            block.conv2_residual = previous
         for module, previous in reversed(self._state().pop("upsamplers", [])):
             module.conv_2x = previous
         for module, had in reversed(self._state().pop("patched", [])):

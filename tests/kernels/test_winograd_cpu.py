@@ -119,3 +119,20 @@ def test_bad_calls_name_what_is_wrong():
         cpu_winograd_conv3x3(x, u, b[:16])
     with pytest.raises(ValueError, match=r"cpu_winograd_up2_conv3x3: .*\(C_out / 32, 9, 16, 32, 2\)"):
         cpu_winograd_up2_conv3x3(x, u, b)  # the 16-position kernel
+
+
+@needs_kernel
+def test_a_residual_is_added_before_the_one_rounding():
+    from kernels.winograd_cpu import winograd_launch
+
+    x, wt, b = inputs(2, 64, 9, 7, 96)
+    res = torch.randn(2, 96, 9, 7).to(torch.bfloat16)  # NCHW: taken to channels-last first
+    u = winograd_weight(wt)
+    fused = winograd_launch(x, u, b, up2=False, residual=res)
+    conv = cpu_winograd_conv3x3(x, u, b)
+    ref = F.conv2d(x.double(), wt.double(), b.double(), padding=1) + res.double()
+    assert fused.is_contiguous(memory_format=torch.channels_last)
+    assert (fused.double() - ref).abs().max() <= (conv + res).double().sub(ref).abs().max()
+    assert (fused.double() - ref).abs().max() <= ref.abs().max() * 2.0 ** -6
+    with pytest.raises(ValueError, match=r"residual: want a torch.bfloat16 CPU tensor of shape \(2, 96, 9, 7\)"):
+        winograd_launch(x, u, b, up2=False, residual=res[:, :32])

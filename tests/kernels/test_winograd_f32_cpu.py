@@ -110,3 +110,13 @@ def test_runs_on_cpus_with_avx512_but_no_bf16(monkeypatch, tmp_path):
     monkeypatch.setattr(cpu_build, "_loaded", {})
     monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False, raising=False)
     assert winograd_f32_cpu.cpu_winograd_f32_ready() == "this CPU has no AVX-512"
+
+
+@needs_kernel
+def test_a_residual_gives_the_sum_bit_for_bit():
+    from kernels.winograd_f32_cpu import winograd_launch_f32
+
+    x, wt, b = inputs(2, 48, 6, 11, 64)
+    res = torch.randn(2, 64, 6, 11).contiguous(memory_format=torch.channels_last)
+    u = winograd_weight_f32(wt)
+    assert torch.equal(winograd_launch_f32(x, u, b, residual=res), res + cpu_winograd_conv3x3_f32(x, u, b))

@@ -121,6 +121,28 @@ def test_follows_weight_changes_dtype_changes_and_leaves_mixed_calls_to_the_prev
 
 
 @needs_kernel
+def test_resnet_blocks_add_their_residual_inside_the_kernel_and_revert(pipe):
+    from models.resnet import ResnetBlock2D
+    from optim.winograd import WinogradResidual
+
+    optim.optimize(pipe, level=0, winograd=True)  # fp32: the fused sum is the eager sum, bit for bit
+    blocks = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, ResnetBlock2D)]
+    fused = [m for m in blocks if isinstance(m.conv2_residual, WinogradResidual)]
+    assert fused and all("forward" in m.conv2.__dict__ for m in fused)
+    assert f"{len(fused)} with their ResNet block's residual add" in pipe.optimization.notes["winograd"]
+    block = fused[0]
+    x = torch.randn(2, block.conv1.in_channels, 6, 6)
+    temb = torch.randn(2, block.time_emb_proj.in_features) if block.time_emb_proj is not None else None
+    with torch.no_grad():
+        out = block(x, temb)
+        slot, block.conv2_residual = block.conv2_residual, None
+        assert torch.equal(out, block(x, temb))
+        block.conv2_residual = slot
+    pipe.optimization.revert()
+    assert all(m.conv2_residual is None for m in blocks)
+
+
+@needs_kernel
 def test_fp32_pipeline_within_the_exact_bound_and_revert_is_bit_exact(pipe, eager):
     """In fp32 the pass is exact class: final latents within 1e-4 of eager over 10 steps (the issue's
     bound); the upsamplers keep what ran before (no fp32 doubling kernel)."""
