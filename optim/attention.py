@@ -48,10 +48,10 @@ def cpu_fp32_backend(q, k, v, mask=None):
     return sdpa_backend(q, k, v, mask)
 
 
-def _cpu_kernel_ready(dtype=None) -> str | None:
+def _cpu_kernel_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
     from kernels.attention_cpu import cpu_attention_ready
 
-    return cpu_attention_ready(torch.bfloat16 if dtype is None else dtype)
+    return cpu_attention_ready(dtype)
 
 
 def _choose_cpu() -> tuple[object, str]:
