@@ -7,6 +7,7 @@
  * per vector (one probability broadcast per FMA). At SD's head dims (16-64) PyTorch's fp32 flash kernel
  * runs its small matmuls at half this CPU's fp32 rate (bench/RESULTS.md).
  */
+#include "attention_drive.h"
 #include "cpu_math.h"
 #include <immintrin.h>
 #include <math.h>
@@ -14,8 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define ROWS 8
-#define MAX_D 128
 #define CHUNK 64  /* keys per partial sum of p . v */
 
 /* kp[c * tk16 + j] = k[j][c]; zero past tk. */
@@ -110,46 +109,27 @@ static void attend_rows(const float *q, int64_t q_stride, int nr, int d, int tk,
     }
 }
 
-/* q, k, v, o: [b][h][tokens][d] addressed by element strides (last dim contiguous).
- * Returns 0, 1 for an unsupported shape, 2 when memory could not be allocated. */
+static void pack(const char *k, int64_t ks, const char *v, int64_t vs, int tk, int d, char *kp, char *vp) {
+    pack_k((const float *)k, ks, tk, d, (tk + 15) / 16 * 16, (float *)kp);
+    pack_v((const float *)v, vs, tk, d, (d + 15) / 16 * 16, (float *)vp);
+}
+
+/* scratch: ROWS * tk16 scores, then ROWS * tk16 probabilities */
+static void rows(const char *q, int64_t q_stride, int nr, int d, int tk, const char *kp, const char *vp, float scale,
+                 char *scratch, char *o, int64_t o_stride) {
+    const int tk16 = (tk + 15) / 16 * 16;
+    float *s = (float *)scratch;
+    attend_rows((const float *)q, q_stride, nr, d, tk, tk16, (d + 15) / 16 * 16, (const float *)kp, (const float *)vp,
+                scale, s, s + (size_t)ROWS * tk16, (float *)o, o_stride);
+}
+
+/* The driver: attention_drive.h. */
 int dr_attention_f32(const float *q, const float *k, const float *v, float *o, int b, int h, int tq, int tk, int d,
                      const int64_t *qs, const int64_t *ks, const int64_t *vs, const int64_t *os, float scale,
                      int threads) {
-    if (d < 1 || d > MAX_D || tq < 1 || tk < 1 || b < 1 || h < 1) return 1;
-    if (threads < 1) threads = 1;
-    const int tk16 = (tk + 15) / 16 * 16, d16 = (d + 15) / 16 * 16, bh = b * h;
-    const size_t kp_len = (size_t)d * tk16, vp_len = (size_t)tk * d16;
-    float *kp = aligned_alloc(64, ((kp_len + vp_len) * bh * sizeof(float) + 63) / 64 * 64);
-    if (!kp) return 2;
-    float *vp = kp + kp_len * bh;
-#pragma omp parallel for num_threads(threads) schedule(static)
-    for (int x = 0; x < bh; x++) {
-        const int bi = x / h, hi = x % h;
-        pack_k(k + bi * ks[0] + hi * ks[1], ks[2], tk, d, tk16, kp + kp_len * x);
-        pack_v(v + bi * vs[0] + hi * vs[1], vs[2], tk, d, d16, vp + vp_len * x);
-    }
-    const long blocks = (tq + ROWS - 1) / ROWS;
-    int failed = 0;
-#pragma omp parallel num_threads(threads)
-    {
-        float *s = aligned_alloc(64, sizeof(float) * ROWS * tk16 * 2);
-        if (!s) {
-#pragma omp atomic write
-            failed = 1;
-        }
-#pragma omp barrier
-        if (!failed) {
-#pragma omp for schedule(static)
-            for (long t = 0; t < (long)bh * blocks; t++) {
-                const int x = (int)(t / blocks), bi = x / h, hi = x % h, i0 = (int)(t % blocks) * ROWS;
-                const int nr = tq - i0 < ROWS ? tq - i0 : ROWS;
-                attend_rows(q + bi * qs[0] + hi * qs[1] + (int64_t)i0 * qs[2], qs[2], nr, d, tk, tk16, d16,
-                            kp + kp_len * x, vp + vp_len * x, scale, s, s + (size_t)ROWS * tk16,
-                            o + bi * os[0] + hi * os[1] + (int64_t)i0 * os[2], os[2]);
-            }
-        }
-        free(s);
-    }
-    free(kp);
-    return failed ? 2 : 0;
+    const size_t tk16 = (tk + 15) / 16 * 16, d16 = (d + 15) / 16 * 16;
+    const attention_kernel kn = {sizeof(float), (size_t)d * tk16, (size_t)tk * d16, sizeof(float) * ROWS * tk16 * 2,
+                                 pack, rows};
+    return attention_drive(&kn, (const char *)q, (const char *)k, (const char *)v, (char *)o, b, h, tq, tk, d, qs,
+                           ks, vs, os, scale, threads);
 }

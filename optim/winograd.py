@@ -108,19 +108,19 @@ class WinogradResidual:
     ``previous`` or the eager sum."""
 
     def __init__(self, previous):
-        self.previous = previous
-
-    def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         from kernels.winograd_cpu import winograd_launch
         from kernels.winograd_f32_cpu import winograd_launch_f32
 
+        self.previous, self.bf16, self.fp32 = previous, winograd_launch, winograd_launch_f32
+
+    def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
         cache = getattr(conv.__dict__.get("forward"), "winograd_cache", None)
         if (cache is not None and _fast(h, conv.weight) and residual.dtype == h.dtype
                 and tuple(residual.shape) == (h.shape[0], conv.out_channels, h.shape[2], h.shape[3])):
             u, bias = _transformed(cache, conv, up2=False)
             if h.dtype == torch.float32:
-                return winograd_launch_f32(h, u, bias, residual=residual)
-            return winograd_launch(h, u, bias, up2=False, residual=residual)
+                return self.fp32(h, u, bias, residual=residual)
+            return self.bf16(h, u, bias, up2=False, residual=residual)
         if self.previous is not None:
             return self.previous(conv, h, residual)
         return residual + conv(h)
