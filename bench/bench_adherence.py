@@ -42,7 +42,7 @@ def _generate(pipe, prompts: list[str], steps: int, guidance: float, seed: int, 
 
 def run_config(pipe, spec, prompts, reference, args) -> tuple[dict, list[np.ndarray]]:
     """Apply one configuration, warm up, generate, score; the pipeline is eager again afterwards."""
-    from optim.parity import psnr
+    from runtime.optim.parity import psnr
     from runtime import optimize
     from runtime.shapes import adherence
 

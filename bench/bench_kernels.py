@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import kernels
+from runtime import kernels
 
 DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
 

@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
     import diffusers
 
-    from models.unet_2d_condition import UNet2DConditionModel
+    from runtime.models.unet_2d_condition import UNet2DConditionModel
 
     dtype = getattr(torch, args.dtype)
     with tempfile.TemporaryDirectory() as tmp:

@@ -178,7 +178,7 @@ class Loader:
         try:
             from runtime import optimize
         except ImportError:
-            from optim import optimize
+            from runtime.optim import optimize
         level, overrides = spec.settings["level"], self._overrides(spec)
         if spec.compiles:  # its own pipeline, optimized once
             pipe = self.load("ours")

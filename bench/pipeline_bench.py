@@ -67,7 +67,7 @@ def _parity(image: np.ndarray, reference: np.ndarray | None) -> tuple[float | No
     """(max-abs, PSNR dB) of an image against a reference; PSNR is None when they are identical."""
     if reference is None or image.shape != reference.shape:
         return None, None
-    from optim.parity import max_abs, psnr
+    from runtime.optim.parity import max_abs, psnr
 
     value = psnr(image, reference)
     return max_abs(image, reference), (None if math.isinf(value) else round(value, 2))

@@ -27,7 +27,7 @@ def _import_implementation(spec) -> None:
         import openvino  # noqa: F401
         from optimum.intel import OVStableDiffusionPipeline  # noqa: F401
     else:
-        import optim  # noqa: F401
+        from runtime import optim  # noqa: F401
         import runtime
 
         _ = runtime.StableDiffusionPipeline, runtime.UNet2DConditionModel

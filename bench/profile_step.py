@@ -32,7 +32,7 @@ FAMILIES = (  # first match wins: (family, substrings of the aten op name)
 
 
 # Operators counted: aten's, oneDNN's (packed convolutions) and our kernels' (a record_function each).
-PREFIXES = ("aten::", "mkldnn::", "kernels::")
+PREFIXES = ("aten::", "mkldnn::", "diffusion_runtime::")
 
 
 def family(op: str) -> str:

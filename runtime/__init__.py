@@ -5,7 +5,7 @@ works as the diffusers import does: every model, pipeline and scheduler class is
 """
 from importlib import import_module
 
-from models import ModelMixin  # noqa: F401
+from runtime.models import ModelMixin  # noqa: F401
 
 from . import errors  # noqa: F401
 from .pipelines import (  # noqa: F401
@@ -27,20 +27,25 @@ from .pipelines import (  # noqa: F401
 from .schedulers import SCHEDULER_CLASSES, SchedulerMixin  # noqa: F401
 from .schedulers import *  # noqa: F401,F403  (every scheduler class by its diffusers name)
 
-from optim import optimize  # noqa: F401,E402  (runtime -> optim -> models)
+from runtime.optim import optimize  # noqa: F401,E402  (runtime -> optim -> models)
 
-# Model classes live in ``models``; imported on first use so ``import runtime`` stays light.
+# Model classes live in ``runtime.models``; imported on first use so ``import runtime`` stays light.
 _MODEL_CLASSES = {
-    "UNet2DConditionModel": "models.unet_2d_condition",
-    "UNet2DModel": "models.unet_2d",
-    "AutoencoderKL": "models.vae",
-    "CLIPTextModel": "models.clip",
-    "CLIPTextModelWithProjection": "models.clip",
-    "CLIPTokenizer": "models.tokenizer",
+    "UNet2DConditionModel": "runtime.models.unet_2d_condition",
+    "UNet2DModel": "runtime.models.unet_2d",
+    "AutoencoderKL": "runtime.models.vae",
+    "CLIPTextModel": "runtime.models.clip",
+    "CLIPTextModelWithProjection": "runtime.models.clip",
+    "CLIPTokenizer": "runtime.models.tokenizer",
 }
 
 
+_SUBPACKAGES = ("models", "optim", "kernels")  # runtime.kernels etc. without an explicit import
+
+
 def __getattr__(name: str):
+    if name in _SUBPACKAGES:
+        return import_module(f"runtime.{name}")
     if name in _MODEL_CLASSES:
         return getattr(import_module(_MODEL_CLASSES[name]), name)
     if name in PIPELINE_CLASSES:
@@ -49,7 +54,7 @@ def __getattr__(name: str):
 
 
 def __dir__():
-    return sorted(set(globals()) | set(_MODEL_CLASSES) | set(PIPELINE_CLASSES))
+    return sorted(set(globals()) | set(_SUBPACKAGES) | set(_MODEL_CLASSES) | set(PIPELINE_CLASSES))
 
 
 __version__ = "0.1.0"

@@ -54,7 +54,7 @@ def _call(pipe, prompt: str, steps: int, guidance: float, seed: int, negative_pr
 def compare_levels(pipe, prompt: str, levels: list[int], steps: int = 20, guidance: float = 7.5,
                    seed: int = 0, negative_prompt: str | None = None) -> list[LevelResult]:
     """Run the prompt at each level on one pipeline; the pipeline is eager again afterwards."""
-    from optim.parity import psnr
+    from runtime.optim.parity import psnr
     from runtime import optimize
 
     results: list[LevelResult] = []

@@ -1,5 +1,5 @@
 """Public error classes; defined in ``models.errors`` so every layer can raise them."""
-from models.errors import (  # noqa: F401
+from runtime.models.errors import (  # noqa: F401
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,

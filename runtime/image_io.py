@@ -11,7 +11,7 @@ import PIL.Image
 import torch
 import torch.nn.functional as F
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 

@@ -18,3 +18,58 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture
+def fake_cpu():
+    """``fake_cpu("avx512", "avx512_bf16", "amx")``: decide as on a CPU with exactly those flags until
+    the test ends (runtime/kernels/cpu_features.py). For decision logic only where a flag is one the
+    host lacks: a kernel built for it would not run here."""
+    import contextlib
+
+    from runtime.kernels import cpu_features
+
+    with contextlib.ExitStack() as stack:
+        def fake(*flags: str, x86_64: bool = True):
+            return stack.enter_context(cpu_features.assumed(cpu_features.CpuFeatures.of(*flags, x86_64=x86_64)))
+
+        yield fake
+
+
+@pytest.fixture
+def host_without_amx():
+    """The host's own flags less AMX: for tests of what our bf16 kernels compute inside a pass, which
+    on an AMX host the AMX guard would leave to oneDNN (the guard itself is tested under fake flags).
+    Every flag left is the host's, so the kernels run."""
+    from runtime.kernels import cpu_features
+
+    with cpu_features.assumed(cpu_features.host().without("amx")) as features:
+        yield features
+
+
+# The CPU kernel families (C sources in runtime/kernels/) and the flags each needs.
+KERNEL_FAMILIES = {
+    "attention_cpu": "attention bf16", "attention_f32_cpu": "attention fp32", "geglu_cpu": "GEGLU bf16",
+    "group_norm_cpu": "GroupNorm+SiLU bf16", "linear_geglu_cpu": "linear+GEGLU bf16",
+    "linear_geglu_f32_cpu": "linear+GEGLU fp32", "winograd_cpu": "Winograd bf16", "winograd_f32_cpu": "Winograd fp32",
+}
+
+
+def pytest_terminal_summary(terminalreporter):
+    """One closing line: which of our CPU kernel families this run built, loaded and ran on this host."""
+    import sys
+
+    if "runtime.kernels.cpu_build" not in sys.modules:
+        return
+    from runtime.kernels import cpu_build, cpu_features
+
+    ran = set(cpu_build.loaded_on_host())
+    done = [label for stem, label in KERNEL_FAMILIES.items() if stem in ran]
+    left = [label for stem, label in KERNEL_FAMILIES.items() if stem not in ran]
+    host = cpu_features.host()
+    why = {True: cpu_build.machine_reason(bf16=True), False: cpu_build.machine_reason(bf16=False)}
+    reasons = sorted({r for r in why.values() if r})
+    terminalreporter.write_line(
+        f"CPU kernels exercised on this host ({cpu_features.model_name()}; {host.describe()}): "
+        f"{', '.join(done) or 'none'}" + (f"; not exercised: {', '.join(left)}" if left else "")
+        + (f" ({'; '.join(reasons)})" if reasons and left else ""))

@@ -223,7 +223,7 @@ test_image.__test__ = False  # a builder, not a test
 
 def pipeline_state(pipe) -> dict:
     """Every weight and buffer of the pipeline's models, cloned (to compare after a revert)."""
-    from optim.components import pipeline_models
+    from runtime.optim.components import pipeline_models
 
     return {f"{name}.{k}": v.clone() for name, m in pipeline_models(pipe).items() for k, v in m.state_dict().items()}
 

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel  # noqa: E402
+from runtime.models import AutoencoderKL, CLIPTextModel, CLIPTokenizer, UNet2DConditionModel  # noqa: E402
 from runtime import DDIMScheduler, StableDiffusionPipeline  # noqa: E402
 from runtime.image_io import to_uint8  # noqa: E402
 from runtime.shapes import dataset as shapes  # noqa: E402
@@ -87,7 +87,7 @@ def build_tokenizer() -> CLIPTokenizer:
     """A CLIP-format BPE (vocab.json + merges.txt) in which every caption word is a single token."""
     from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    from models.tokenizer import SPLIT_PATTERN
+    from runtime.models.tokenizer import SPLIT_PATTERN
 
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>", unk_token="<|endoftext|>"))
     bpe.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Lowercase()])

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 import os
 
-from models.config import read_json
-from models.errors import ConfigError
-from models.hub import HUB_KWARGS, resolve_file
+from runtime.models.config import read_json
+from runtime.models.errors import ConfigError
+from runtime.models.hub import HUB_KWARGS, resolve_file
 
 TASKS = ("text2image", "image2image", "inpainting")
 

@@ -16,10 +16,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from models.config import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
-from models.errors import ConfigError, InputError
-from models.files import atomic_write_text
-from models.hub import HUB_KWARGS, resolve_file
+from runtime.models.config import DIFFUSERS_COMPAT_VERSION, FrozenConfig, read_json
+from runtime.models.errors import ConfigError, InputError
+from runtime.models.files import atomic_write_text
+from runtime.models.hub import HUB_KWARGS, resolve_file
 
 from .registry import UNSUPPORTED_OPTIONAL, library_of, model_class, pipeline_classes
 

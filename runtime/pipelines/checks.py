@@ -5,7 +5,7 @@ import math
 
 import torch
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 
 
 def check_size(height: int, width: int, factor: int) -> None:

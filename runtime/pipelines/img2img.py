@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import torch
 
-from models.errors import InputError
-from models.noise import randn_tensor
+from runtime.models.errors import InputError
+from runtime.models.noise import randn_tensor
 from runtime.image_io import image_size, preprocess_image
 
 from .checks import check_strength

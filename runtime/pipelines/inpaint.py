@@ -9,8 +9,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from models.errors import ConfigError, InputError
-from models.noise import randn_tensor
+from runtime.models.errors import ConfigError, InputError
+from runtime.models.noise import randn_tensor
 from runtime.image_io import image_size, preprocess_image, preprocess_mask
 
 from .checks import check_strength

@@ -10,13 +10,13 @@ import importlib
 
 # class name in model_index.json -> (our module, our class, library written back on save)
 MODEL_CLASSES: dict[str, tuple[str, str, str]] = {
-    "UNet2DConditionModel": ("models.unet_2d_condition", "UNet2DConditionModel", "diffusers"),
-    "UNet2DModel": ("models.unet_2d", "UNet2DModel", "diffusers"),
-    "AutoencoderKL": ("models.vae", "AutoencoderKL", "diffusers"),
-    "CLIPTextModel": ("models.clip", "CLIPTextModel", "transformers"),
-    "CLIPTextModelWithProjection": ("models.clip", "CLIPTextModelWithProjection", "transformers"),
-    "CLIPTokenizer": ("models.tokenizer", "CLIPTokenizer", "transformers"),
-    "CLIPTokenizerFast": ("models.tokenizer", "CLIPTokenizer", "transformers"),
+    "UNet2DConditionModel": ("runtime.models.unet_2d_condition", "UNet2DConditionModel", "diffusers"),
+    "UNet2DModel": ("runtime.models.unet_2d", "UNet2DModel", "diffusers"),
+    "AutoencoderKL": ("runtime.models.vae", "AutoencoderKL", "diffusers"),
+    "CLIPTextModel": ("runtime.models.clip", "CLIPTextModel", "transformers"),
+    "CLIPTextModelWithProjection": ("runtime.models.clip", "CLIPTextModelWithProjection", "transformers"),
+    "CLIPTokenizer": ("runtime.models.tokenizer", "CLIPTokenizer", "transformers"),
+    "CLIPTokenizerFast": ("runtime.models.tokenizer", "CLIPTokenizer", "transformers"),
 }
 
 # Components we knowingly run without; loading warns once, naming them.

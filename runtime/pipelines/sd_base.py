@@ -16,8 +16,8 @@ from typing import Any, Callable
 
 import torch
 
-from models.errors import InputError
-from models.noise import randn_tensor
+from runtime.models.errors import InputError
+from runtime.models.noise import randn_tensor
 from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline

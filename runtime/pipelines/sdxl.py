@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from models.errors import ConfigError
+from runtime.models.errors import ConfigError
 
 from .prompts import as_list, repeat_per_image, tokenize
 from .sd_base import GenerationCall, StableDiffusionBase

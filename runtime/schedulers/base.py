@@ -25,10 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from models.config import ConfigMixin
-from models.noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
-from models.errors import ConfigError, InputError
-from models.files import atomic_write_text
+from runtime.models.config import ConfigMixin
+from runtime.models.noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
+from runtime.models.errors import ConfigError, InputError
+from runtime.models.files import atomic_write_text
 
 USE_DEFAULT_VALUES = "_use_default_values"
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")

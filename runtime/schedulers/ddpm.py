@@ -4,8 +4,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.config import register_to_config
-from models.errors import InputError
+from runtime.models.config import register_to_config
+from runtime.models.errors import InputError
 
 from .base import (
     PREDICTION_TYPES,

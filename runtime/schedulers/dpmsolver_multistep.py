@@ -9,8 +9,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from models.config import register_to_config
-from models.errors import ConfigError, InputError
+from runtime.models.config import register_to_config
+from runtime.models.errors import ConfigError, InputError
 
 from .base import (
     PREDICTION_TYPES,

@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.config import register_to_config
-from models.errors import InputError
+from runtime.models.config import register_to_config
+from runtime.models.errors import InputError
 
 from .base import (
     PREDICTION_TYPES,

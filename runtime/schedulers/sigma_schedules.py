@@ -11,7 +11,7 @@ import math
 import numpy as np
 import torch
 
-from models.errors import ConfigError
+from runtime.models.errors import ConfigError
 
 
 def train_sigmas(alphas_cumprod: torch.Tensor) -> np.ndarray:

@@ -13,7 +13,7 @@ from typing import Iterator
 
 import numpy as np
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 
 SHAPES = ("circle", "square", "triangle")
 # The eight corners of the RGB cube: every pair is at least 255 apart, so the nearest named colour

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 
 from .dataset import (COLOURS, PALETTE, POSITION_CENTRES, SIZE_EXTENTS, SHAPES, Attributes,
                       parse_caption, shape_mask)

@@ -12,7 +12,7 @@ PROMPTS = ["a red circle on a blue background", "An astronaut riding a horse, at
 def test_clip_vocab_gives_transformers_ids(tmp_path):
     transformers = pytest.importorskip("transformers")
     from bench.clip_vocab import write_clip_vocab
-    from models.tokenizer import CLIPTokenizer
+    from runtime.models.tokenizer import CLIPTokenizer
 
     size = write_clip_vocab(tmp_path, num_merges=150)
     vocab = json.loads((tmp_path / "vocab.json").read_text())

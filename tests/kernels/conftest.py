@@ -17,7 +17,7 @@ import torch  # noqa: E402
 @pytest.fixture(scope="session")
 def device() -> str:
     """Where the kernels run: CPU under the interpreter, else CUDA; skip when neither works."""
-    kernels = pytest.importorskip("kernels")
+    kernels = pytest.importorskip("runtime.kernels")
     pytest.importorskip("triton")
     if kernels.interpreter_mode():
         return "cpu"

@@ -24,9 +24,9 @@ def _compile(kernel, pointers: dict, scalars: dict, constexprs: dict, arch: int,
 
 
 def main() -> None:
-    attention = importlib.import_module("kernels.attention")
-    group_norm = importlib.import_module("kernels.group_norm")
-    geglu = importlib.import_module("kernels.geglu")
+    attention = importlib.import_module("runtime.kernels.attention")
+    group_norm = importlib.import_module("runtime.kernels.group_norm")
+    geglu = importlib.import_module("runtime.kernels.geglu")
     arch = int(sys.argv[1]) if len(sys.argv) > 1 else 80
     ptrs = {p: "*bf16" for p in ("Q", "K", "V", "Mask", "Out")}
     _compile(attention._attention_fwd_kernel, ptrs, {"qk_scale": "fp32"},

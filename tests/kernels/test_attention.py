@@ -1,4 +1,4 @@
-"""kernels.attention against the fp32 reference (and PyTorch in the same dtype) under the
+"""runtime.kernels.attention against the fp32 reference (and PyTorch in the same dtype) under the
 interpreter: odd lengths, 77-token keys, SD's head dims, strided inputs, masks; bad inputs."""
 from __future__ import annotations
 
@@ -10,10 +10,10 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from runtime import kernels  # noqa: E402
 from kernel_budget import assert_within_budget  # noqa: E402
 
-attention_module = importlib.import_module("kernels.attention")
+attention_module = importlib.import_module("runtime.kernels.attention")
 
 
 def torch_same_dtype(q, k, v, mask=None, scale=None):
@@ -122,7 +122,7 @@ def _qkv(device, dtype=torch.float32):
 def test_bad_inputs_raise_clear_errors(device, mutate, message):
     q, k, v = mutate(*_qkv(device))
     assert message in (kernels.attention_supports(q, k, v) or "")
-    with pytest.raises(ValueError, match=f"^kernels.attention: .*{re.escape(message)}"):
+    with pytest.raises(ValueError, match=rf"^runtime\.kernels\.attention: .*{re.escape(message)}"):
         kernels.attention(q, k, v)
 
 
@@ -148,7 +148,7 @@ def test_requires_grad_is_refused(device):
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("kernels.availability"), "INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("runtime.kernels.availability"), "INTERPRET", False)
     q, k, v = _qkv("cpu")
     assert "device cpu is not supported" in kernels.attention_supports(q, k, v)
     with pytest.raises(ValueError, match="device cpu is not supported: the Triton kernels run on CUDA"):

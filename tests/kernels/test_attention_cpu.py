@@ -12,8 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels import attention_cpu, cpu_build
-from kernels.attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
+from runtime.kernels import attention_cpu, cpu_build
+from runtime.kernels.attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
 
 needs_kernel = pytest.mark.skipif(cpu_attention_ready() is not None, reason=f"CPU kernel: {cpu_attention_ready()}")
 needs_f32_kernel = pytest.mark.skipif(cpu_attention_ready(torch.float32) is not None,
@@ -219,8 +219,8 @@ def test_other_cpus_are_told_why(monkeypatch):
 
 @needs_kernel
 def test_attention_module_with_the_cpu_backend_matches_sdpa_in_bf16():
-    from models.attention import Attention, sdpa_backend
-    from optim.attention import cpu_backend
+    from runtime.models.attention import Attention, sdpa_backend
+    from runtime.optim.attention import cpu_backend
 
     torch.manual_seed(0)
     attn = Attention(128, cross_attention_dim=64, heads=8, dim_head=16).to(torch.bfloat16)

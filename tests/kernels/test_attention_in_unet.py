@@ -11,9 +11,9 @@ import torch
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from runtime import kernels  # noqa: E402
 from kernel_budget import assert_within_budget  # noqa: E402
-from models import UNet2DConditionModel  # noqa: E402
+from runtime.models import UNet2DConditionModel  # noqa: E402
 
 _spec = importlib.util.spec_from_file_location(
     "kernels_tiny_configs", Path(__file__).resolve().parents[1] / "models" / "tiny_configs.py")

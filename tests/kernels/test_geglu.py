@@ -1,4 +1,4 @@
-"""kernels.geglu / geglu_activation against the fp32 reference (and PyTorch in the same dtype)
+"""runtime.kernels.geglu / geglu_activation against the fp32 reference (and PyTorch in the same dtype)
 under the interpreter; odd widths, strided projections, bad inputs."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from runtime import kernels  # noqa: E402
 from kernel_budget import assert_within_budget  # noqa: E402
 
-geglu_module = importlib.import_module("kernels.geglu")
+geglu_module = importlib.import_module("runtime.kernels.geglu")
 
 
 def torch_geglu(x, weight, bias):
@@ -64,7 +64,7 @@ def test_no_bias(device):
 ])
 def test_bad_inputs_raise_clear_errors(device, args, message):
     call = dict(x=torch.zeros(3, 8), weight=torch.zeros(16, 8), bias=None) | args
-    with pytest.raises(ValueError, match="^kernels.geglu: .*" + re.escape(message)):
+    with pytest.raises(ValueError, match=r"^runtime\.kernels\.geglu: .*" + re.escape(message)):
         kernels.geglu(**call)
 
 

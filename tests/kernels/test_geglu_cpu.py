@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.geglu_cpu import cpu_geglu, cpu_geglu_ready, cpu_geglu_supports
+from runtime.kernels.geglu_cpu import cpu_geglu, cpu_geglu_ready, cpu_geglu_supports
 
 needs_kernel = pytest.mark.skipif(cpu_geglu_ready() is not None, reason=f"CPU kernel: {cpu_geglu_ready()}")
 

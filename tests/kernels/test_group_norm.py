@@ -1,4 +1,4 @@
-"""kernels.group_norm (+ SiLU) against the fp32 reference (and F.group_norm in the same dtype)
+"""runtime.kernels.group_norm (+ SiLU) against the fp32 reference (and F.group_norm in the same dtype)
 under the interpreter: NCHW and channels_last, odd spatial sizes, SD's channel counts."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import torch.nn.functional as F
 
 triton = pytest.importorskip("triton")
 
-import kernels  # noqa: E402
+from runtime import kernels  # noqa: E402
 from kernel_budget import assert_within_budget  # noqa: E402
 
-group_norm_module = importlib.import_module("kernels.group_norm")
+group_norm_module = importlib.import_module("runtime.kernels.group_norm")
 
 # (shape, groups, channels_last, dtype). The interpreter runs programs one by one, so shapes are
 # small; 32 groups over SD's channel counts appear once each in fp32 and bf16.
@@ -75,12 +75,12 @@ def test_without_affine_and_strided_input(device):
 def test_bad_inputs_raise_clear_errors(device, args, message):
     call = dict(x=torch.zeros(1, 16, 3, 3), num_groups=4, weight=None, bias=None) | args
     assert message in (kernels.group_norm_supports(**call) or "")
-    with pytest.raises(ValueError, match="^kernels.group_norm: .*" + re.escape(message)):
+    with pytest.raises(ValueError, match=r"^runtime\.kernels\.group_norm: .*" + re.escape(message)):
         kernels.group_norm(**call)
 
 
 def test_cpu_tensor_without_interpreter_is_refused(monkeypatch):
-    monkeypatch.setattr(importlib.import_module("kernels.availability"), "INTERPRET", False)
+    monkeypatch.setattr(importlib.import_module("runtime.kernels.availability"), "INTERPRET", False)
     with pytest.raises(ValueError, match="device cpu is not supported"):
         kernels.group_norm(torch.zeros(1, 16, 3, 3), 4)
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.group_norm_cpu import cpu_group_norm_ready, cpu_group_norm_silu, cpu_group_norm_supports
+from runtime.kernels.group_norm_cpu import cpu_group_norm_ready, cpu_group_norm_silu, cpu_group_norm_supports
 
 needs_kernel = pytest.mark.skipif(cpu_group_norm_ready() is not None, reason=f"CPU kernel: {cpu_group_norm_ready()}")
 

@@ -13,8 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.geglu_cpu import cpu_geglu
-from kernels.linear_geglu_cpu import (cpu_linear_geglu, cpu_linear_geglu_ready, cpu_linear_geglu_supports,
+from runtime.kernels.geglu_cpu import cpu_geglu
+from runtime.kernels.linear_geglu_cpu import (cpu_linear_geglu, cpu_linear_geglu_ready, cpu_linear_geglu_supports,
                                       linear_geglu_weight)
 
 needs_kernel = pytest.mark.skipif(cpu_linear_geglu_ready() is not None,

@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.winograd_cpu import (cpu_winograd_conv3x3, cpu_winograd_ready, cpu_winograd_up2_conv3x3, winograd_weight,
+from runtime.kernels.winograd_cpu import (cpu_winograd_conv3x3, cpu_winograd_ready, cpu_winograd_up2_conv3x3, winograd_weight,
                                   work_split)
 
 needs_kernel = pytest.mark.skipif(cpu_winograd_ready() is not None, reason=f"CPU kernel: {cpu_winograd_ready()}")
@@ -123,7 +123,7 @@ def test_bad_calls_name_what_is_wrong():
 
 @needs_kernel
 def test_a_residual_is_added_before_the_one_rounding():
-    from kernels.winograd_cpu import winograd_launch
+    from runtime.kernels.winograd_cpu import winograd_launch
 
     x, wt, b = inputs(2, 64, 9, 7, 96)
     res = torch.randn(2, 96, 9, 7).to(torch.bfloat16)  # NCHW: taken to channels-last first

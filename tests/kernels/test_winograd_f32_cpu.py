@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kernels.winograd_f32_cpu import cpu_winograd_conv3x3_f32, cpu_winograd_f32_ready, winograd_weight_f32
+from runtime.kernels.winograd_f32_cpu import cpu_winograd_conv3x3_f32, cpu_winograd_f32_ready, winograd_weight_f32
 
 needs_kernel = pytest.mark.skipif(cpu_winograd_f32_ready() is not None, reason=f"CPU kernel: {cpu_winograd_f32_ready()}")
 G = torch.tensor([[1.0, 0, 0], [0.5, 0.5, 0.5], [0.5, -0.5, 0.5], [0, 0, 1.0]], dtype=torch.float64)
@@ -91,7 +91,7 @@ def test_bad_calls_name_what_is_wrong():
 
 def test_runs_on_cpus_with_avx512_but_no_bf16(monkeypatch, tmp_path):
     """Built without the bf16 extension (cpu_build.FP32_FLAGS), it needs AVX-512 only; the bf16 kernels say why not."""
-    from kernels import cpu_build, winograd_cpu, winograd_f32_cpu
+    from runtime.kernels import cpu_build, winograd_cpu, winograd_f32_cpu
 
     monkeypatch.setattr(winograd_f32_cpu, "_state", {})
     monkeypatch.setattr(winograd_cpu, "_state", {})
@@ -114,7 +114,7 @@ def test_runs_on_cpus_with_avx512_but_no_bf16(monkeypatch, tmp_path):
 
 @needs_kernel
 def test_a_residual_gives_the_sum_bit_for_bit():
-    from kernels.winograd_f32_cpu import winograd_launch_f32
+    from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
 
     x, wt, b = inputs(2, 48, 6, 11, 64)
     res = torch.randn(2, 64, 6, 11).contiguous(memory_format=torch.channels_last)

@@ -13,7 +13,7 @@ SCRIPT = textwrap.dedent("""
     import sys
     sys.modules["triton"] = None  # any `import triton` now raises ImportError
     import torch
-    import kernels
+    from runtime import kernels
     assert not kernels.triton_available()
     q = torch.randn(1, 1, 3, 8)
     assert kernels.attention_supports(q, q, q) == "Triton is not installed"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from models.errors import (
+from runtime.models.errors import (
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,

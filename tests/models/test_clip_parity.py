@@ -8,8 +8,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from models import CLIPTextModel, CLIPTextModelWithProjection, ModelMixin  # noqa: E402
-from models.errors import ConfigError, InputError  # noqa: E402
+from runtime.models import CLIPTextModel, CLIPTextModelWithProjection, ModelMixin  # noqa: E402
+from runtime.models.errors import ConfigError, InputError  # noqa: E402
 
 TOL = 1e-5  # fp32: max|ours - ref| <= TOL * max(1, max|ref|)
 VOCAB, BOS, EOS = 1000, 998, 999

@@ -6,8 +6,8 @@ import logging
 
 import pytest
 
-from models.config import read_json
-from models.errors import CheckpointNotFoundError, ConfigError
+from runtime.models.config import read_json
+from runtime.models.errors import CheckpointNotFoundError, ConfigError
 
 from toy_model import RequiredToyModel, ToyModel, make_toy
 

@@ -20,7 +20,7 @@ import pytest
 import torch
 from huggingface_hub.file_download import repo_folder_name
 
-from models.errors import CheckpointNotFoundError
+from runtime.models.errors import CheckpointNotFoundError
 from toy_model import ToyModel, assert_state_equal, make_toy
 
 REPO = "toy-org/toy-model"
@@ -119,7 +119,7 @@ def test_env_offline_and_hf_hub_cache_in_subprocess(cache, tmp_path):
     script = f"""
         import torch
         from toy_model import ToyModel, make_toy, assert_state_equal
-        from models.errors import CheckpointNotFoundError
+        from runtime.models.errors import CheckpointNotFoundError
         assert_state_equal(make_toy(seed=1), ToyModel.from_pretrained({REPO!r}))
         assert_state_equal(make_toy(seed=0), ToyModel.from_pretrained({REPO!r}, revision={COMMIT_A!r}))
         try:

@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from models import ModelMixin, register_to_config
-from models.errors import InputError
+from runtime.models import ModelMixin, register_to_config
+from runtime.models.errors import InputError
 from toy_model import HookedToyModel, ToyModel, assert_state_equal, make_toy
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -153,7 +153,7 @@ diffusers = pytest.importorskip("diffusers")
 
 
 def _tiny_unets():
-    unet_module = pytest.importorskip("models.unet_2d_condition")
+    unet_module = pytest.importorskip("runtime.models.unet_2d_condition")
     from tiny_configs import UNET_CONFIGS
 
     torch.manual_seed(0)
@@ -187,7 +187,7 @@ def test_diffusers_saved_unet_loads_through_ours_and_back(tmp_path, variant, sha
 def test_parameters_on_meta_only_affects_its_own_thread():
     import threading
 
-    from models.meta_build import parameters_on_meta
+    from runtime.models.meta_build import parameters_on_meta
 
     inside, outside = threading.Event(), threading.Event()
     devices = {}
@@ -211,8 +211,8 @@ def test_parameters_on_meta_only_affects_its_own_thread():
 
 
 def test_unrecoverable_meta_buffer_is_an_error_naming_it():
-    from models.errors import CheckpointError
-    from models.weight_loading import load_weights
+    from runtime.models.errors import CheckpointError
+    from runtime.models.weight_loading import load_weights
 
     model = make_toy(width=4)
     state = {k: v.clone() for k, v in model.state_dict().items()}
@@ -223,7 +223,7 @@ def test_unrecoverable_meta_buffer_is_an_error_naming_it():
 
 
 def test_skip_init_on_meta_changes_nothing_for_real_tensors():
-    from models.meta_build import skip_init_on_meta
+    from runtime.models.meta_build import skip_init_on_meta
 
     original = nn.init.kaiming_uniform_
     torch.manual_seed(3)

@@ -6,8 +6,8 @@ import torch
 
 torch_utils = pytest.importorskip("diffusers.utils.torch_utils")
 
-from models.errors import InputError  # noqa: E402
-from models.noise import randn_tensor  # noqa: E402
+from runtime.models.errors import InputError  # noqa: E402
+from runtime.models.noise import randn_tensor  # noqa: E402
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -9,8 +9,8 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from models import ModelMixin, register_to_config, safetensors_io
-from models.attention import Attention
+from runtime.models import ModelMixin, register_to_config, safetensors_io
+from runtime.models.attention import Attention
 from toy_model import ToyModel, assert_state_equal, make_toy
 
 WEIGHTS = "diffusion_pytorch_model.safetensors"

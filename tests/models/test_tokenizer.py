@@ -21,9 +21,9 @@ transformers = pytest.importorskip("transformers")
 from tokenizers import Regex, Tokenizer, normalizers, pre_tokenizers, trainers  # noqa: E402
 from tokenizers.models import BPE  # noqa: E402
 
-from models import CLIPTokenizer  # noqa: E402
-from models.errors import CheckpointNotFoundError, ConfigError, InputError  # noqa: E402
-from models.tokenizer import SPLIT_PATTERN  # noqa: E402
+from runtime.models import CLIPTokenizer  # noqa: E402
+from runtime.models.errors import CheckpointNotFoundError, ConfigError, InputError  # noqa: E402
+from runtime.models.tokenizer import SPLIT_PATTERN  # noqa: E402
 
 SPECIALS = ["<|startoftext|>", "<|endoftext|>"]
 WORDS = ("a photo of the red blue green circle square triangle on in with background cat dog astronaut "

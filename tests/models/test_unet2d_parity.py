@@ -6,9 +6,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from models import checkpointing  # noqa: E402
-from models.errors import ConfigError, InputError  # noqa: E402
-from models.unet_2d import UNet2DModel  # noqa: E402
+from runtime.models import checkpointing  # noqa: E402
+from runtime.models.errors import ConfigError, InputError  # noqa: E402
+from runtime.models.unet_2d import UNet2DModel  # noqa: E402
 
 TINY = dict(
     sample_size=16,

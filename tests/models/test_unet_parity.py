@@ -8,9 +8,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from models import UNet2DConditionModel  # noqa: E402
-from models.errors import ConfigError, InputError  # noqa: E402
-from models.unet_2d_condition import FeatureCache  # noqa: E402
+from runtime.models import UNet2DConditionModel  # noqa: E402
+from runtime.models.errors import ConfigError, InputError  # noqa: E402
+from runtime.models.unet_2d_condition import FeatureCache  # noqa: E402
 from tiny_configs import FULL_UNET_CONFIGS, UNET_CONFIGS, build_unet_pair, unet_config, unet_inputs  # noqa: E402
 
 FP32_REL = 1e-5  # fp32 budget, relative to the reference's magnitude (at least 1)
@@ -188,7 +188,7 @@ def test_gradient_checkpointing_same_gradients():
 
 
 def _blocks(model):
-    from models.transformer_2d import BasicTransformerBlock
+    from runtime.models.transformer_2d import BasicTransformerBlock
 
     return [m for m in model.modules() if isinstance(m, BasicTransformerBlock)]
 

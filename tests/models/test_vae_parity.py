@@ -6,9 +6,9 @@ import torch
 
 diffusers = pytest.importorskip("diffusers")
 
-from models import checkpointing  # noqa: E402
-from models.errors import ConfigError  # noqa: E402
-from models.vae import AutoencoderKL  # noqa: E402
+from runtime.models import checkpointing  # noqa: E402
+from runtime.models.errors import ConfigError  # noqa: E402
+from runtime.models.vae import AutoencoderKL  # noqa: E402
 
 TINY = dict(
     in_channels=3,

@@ -76,7 +76,7 @@ def build_unet_pair(name: str, seed: int = 0, **overrides):
     """(diffusers reference, ours) in eval mode with identical weights; our load is strict."""
     import diffusers
 
-    from models import UNet2DConditionModel
+    from runtime.models import UNet2DConditionModel
 
     config = unet_config(name, **overrides)
     torch.manual_seed(seed)

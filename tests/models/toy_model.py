@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from models import ModelMixin, register_to_config
+from runtime.models import ModelMixin, register_to_config
 
 
 class ToyModel(ModelMixin):

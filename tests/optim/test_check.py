@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import optim
+from runtime import optim
 import runtime
-from models.errors import OptimizationError
-from optim.parity import psnr
+from runtime.models.errors import OptimizationError
+from runtime.optim.parity import psnr
 from pipeline_fixtures import quiet_pipeline
 
 CALL = {"prompt": "a red circle on a blue square", "num_inference_steps": 10}

@@ -15,9 +15,9 @@ import numpy as np
 import pytest
 import torch
 
-import optim
+from runtime import optim
 import runtime
-from optim.parity import max_abs
+from runtime.optim.parity import max_abs
 
 COMPILE = {"targets": ("unet",), "regional": True}
 TOL = 1e-4  # fp32 max-abs: inductor reorders float work

@@ -10,12 +10,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import optim
+from runtime import optim
 import runtime
-from models.errors import OptimizationError
-from models.transformer_2d import geglu_activation
-from optim.prepack import packed_conv_forward, packed_linear_forward
-from optim.parity import max_abs, psnr
+from runtime.models.errors import OptimizationError
+from runtime.models.transformer_2d import geglu_activation
+from runtime.optim.prepack import packed_conv_forward, packed_linear_forward
+from runtime.optim.parity import max_abs, psnr
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
 STEPS = 10
@@ -49,7 +49,7 @@ def test_level0_changes_nothing(pipe, eager):
 
 
 def upsamplers(pipe):
-    from models.resnet import Upsample2D
+    from runtime.models.resnet import Upsample2D
 
     return [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, Upsample2D)]
 
@@ -77,12 +77,12 @@ def test_level1_is_exact(pipe, eager):
 
 def _fused_slots():
     """(pass, module class, slot, fused callable, eager callable, kernel readiness) per fusing pass."""
-    from kernels.geglu_cpu import cpu_geglu_ready
-    from kernels.group_norm_cpu import cpu_group_norm_ready
-    from models.resnet import ResnetBlock2D, group_norm_silu
-    from models.transformer_2d import GEGLU, geglu_activation
-    from optim.geglu import cpu_geglu_activation
-    from optim.group_norm import cpu_group_norm_silu_step
+    from runtime.kernels.geglu_cpu import cpu_geglu_ready
+    from runtime.kernels.group_norm_cpu import cpu_group_norm_ready
+    from runtime.models.resnet import ResnetBlock2D, group_norm_silu
+    from runtime.models.transformer_2d import GEGLU, geglu_activation
+    from runtime.optim.geglu import cpu_geglu_activation
+    from runtime.optim.group_norm import cpu_group_norm_silu_step
 
     return {"geglu": (GEGLU, "activation", cpu_geglu_activation, geglu_activation, cpu_geglu_ready),
             "group_norm": (ResnetBlock2D, "norm_silu", cpu_group_norm_silu_step, group_norm_silu, cpu_group_norm_ready)}
@@ -109,9 +109,9 @@ def test_fused_kernel_in_bf16_within_the_precision_bound_and_reverts(pipe, eager
 
 
 @pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
-def test_geglu_fuses_the_projection_for_bf16_calls_and_reverts(pipe):
-    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
-    from models.transformer_2d import GEGLU
+def test_geglu_fuses_the_projection_for_bf16_calls_and_reverts(pipe, host_without_amx):
+    from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from runtime.models.transformer_2d import GEGLU
 
     if cpu_linear_geglu_ready() is not None:
         pytest.skip(cpu_linear_geglu_ready())
@@ -133,13 +133,14 @@ def test_geglu_fuses_the_projection_for_bf16_calls_and_reverts(pipe):
 
 
 @pytest.mark.skipif(not optim.hardware.cpu_has_native_bf16(), reason="this CPU has no native bf16")
-def test_geglu_leaves_the_projection_to_onednn_on_amx_unless_asked(pipe, monkeypatch):
-    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
-    from models.transformer_2d import GEGLU
+def test_geglu_leaves_the_projection_to_onednn_on_amx_unless_asked(pipe, fake_cpu):
+    from runtime.kernels import cpu_features
+    from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from runtime.models.transformer_2d import GEGLU
 
     if cpu_linear_geglu_ready() is not None:
         pytest.skip(cpu_linear_geglu_ready())
-    monkeypatch.setattr(optim.geglu, "cpu_has_amx", lambda: True)
+    fake_cpu(*cpu_features.host().flags(), "amx")  # the host's kernels run; AMX only makes the pass step aside
     optim.optimize(pipe, level=0, precision=True, geglu=True)
     modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
     assert all(m.fused is not None and m.activation is not geglu_activation for m in modules)
@@ -151,14 +152,13 @@ def test_geglu_leaves_the_projection_to_onednn_on_amx_unless_asked(pipe, monkeyp
     pipe.optimization.revert()
 
 
-def test_geglu_on_a_cpu_without_bf16_fuses_fp32_calls_within_the_exact_bound(pipe, eager, monkeypatch):
-    import kernels.geglu_cpu
-    from kernels.linear_geglu_cpu import cpu_linear_geglu_ready
-    from models.transformer_2d import GEGLU
+def test_geglu_on_a_cpu_without_bf16_fuses_fp32_calls_within_the_exact_bound(pipe, eager, fake_cpu):
+    from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+    from runtime.models.transformer_2d import GEGLU
 
     if cpu_linear_geglu_ready(torch.float32) is not None:
         pytest.skip(cpu_linear_geglu_ready(torch.float32))
-    monkeypatch.setattr(kernels.geglu_cpu, "cpu_geglu_ready", lambda: "this CPU has no AVX512-BF16")
+    fake_cpu("avx512")  # Skylake-SP / Cascade Lake: AVX-512 without its bf16 extension
     optim.optimize(pipe, level=0, geglu=True)
     assert [p.name for p in pipe.optimization.applied] == ["geglu"]
     modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
@@ -169,37 +169,11 @@ def test_geglu_on_a_cpu_without_bf16_fuses_fp32_calls_within_the_exact_bound(pip
     assert all(m.fused is None for m in modules)
 
 
-def test_attention_backend_choice_on_cpu(monkeypatch):
-    from kernels import attention_cpu as cpu_kernel
-    from models.attention import sdpa_backend
-    from optim.attention import choose_backend, cpu_backend, cpu_fp32_backend
+def test_attention_backend_choice_needs_cuda_for_triton():
+    from runtime.optim.attention import choose_backend
 
-    bf16_ready, fp32_ready = (cpu_kernel.cpu_attention_ready(d) is None for d in (torch.bfloat16, torch.float32))
-    backend, why = choose_backend("auto", torch.device("cpu"))
-    if bf16_ready and fp32_ready:
-        assert backend is cpu_backend and "CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512)" in why
-    elif not (bf16_ready or fp32_ready):
-        assert backend is sdpa_backend and cpu_kernel.cpu_attention_ready() in why
     with pytest.raises(OptimizationError, match="needs a CUDA device"):
         choose_backend("triton", torch.device("cpu"))
-    # on AMX "auto" keeps SDPA for bf16 (its bf16 matmuls use the tiles), ours for fp32; "cpu" takes ours
-    if bf16_ready and fp32_ready:
-        monkeypatch.setattr(optim.attention, "cpu_has_amx", lambda: True)
-        backend, why = choose_backend("auto", torch.device("cpu"))
-        assert backend is cpu_fp32_backend and "AMX" in why and "backend='cpu'" in why
-        assert choose_backend("cpu", torch.device("cpu"))[0] is cpu_backend
-        monkeypatch.undo()
-    # without the bf16 kernel (a CPU with AVX-512 but no bf16): the fp32 kernel for fp32 calls, SDPA for bf16
-    monkeypatch.setitem(cpu_kernel._states, torch.bfloat16, {"why": "this CPU has no AVX512-BF16"})
-    if fp32_ready:
-        backend, why = choose_backend("auto", torch.device("cpu"))
-        assert backend is cpu_fp32_backend and "no AVX512-BF16" in why
-    # without either (another CPU, no compiler): SDPA, and the report says why
-    monkeypatch.setitem(cpu_kernel._states, torch.float32, {"why": "this CPU has no AVX-512"})
-    backend, why = choose_backend("auto", torch.device("cpu"))
-    assert backend is sdpa_backend and "no AVX512-BF16" in why
-    with pytest.raises(OptimizationError, match="'cpu' unavailable: this CPU has no AVX512-BF16"):
-        choose_backend("cpu", torch.device("cpu"))
 
 
 # ---- precision ----------------------------------------------------------------------------------
@@ -216,8 +190,8 @@ def test_precision_bf16_within_bound(pipe, eager):
     assert np.array_equal(run(pipe), eager["np"])
 
 
-def test_precision_skipped_without_native_bf16(pipe, monkeypatch):
-    monkeypatch.setattr(optim.hardware, "cpu_has_native_bf16", lambda: False)
+def test_precision_skipped_without_native_bf16(pipe, fake_cpu):
+    fake_cpu("avx512")
     optim.optimize(pipe, level=0, precision=True)
     assert pipe.optimization.applied == []
     assert "bf16" in pipe.optimization.skipped["precision"]
@@ -293,7 +267,7 @@ def test_deepcache_start_runs_the_early_steps_whole(pipe, eager):
 
 
 def test_deepcache_auto_interval_follows_the_step_count(pipe):
-    from optim.deepcache import AUTO_LONG, resolve_interval
+    from runtime.optim.deepcache import AUTO_LONG, resolve_interval
 
     assert resolve_interval(None, AUTO_LONG) == 3 and resolve_interval(None, AUTO_LONG - 1) == 2
     assert resolve_interval(4, 10) == 4

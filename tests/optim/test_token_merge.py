@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from optim.token_merge import bipartite_merge
+from runtime.optim.token_merge import bipartite_merge
 
 
 @pytest.fixture

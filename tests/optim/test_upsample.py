@@ -7,8 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from models.resnet import Upsample2D
-from optim.upsample import FoldedUpsampleConv, fold_weight
+from runtime.models.resnet import Upsample2D
+from runtime.optim.upsample import FoldedUpsampleConv, fold_weight
 
 
 def eager(module: Upsample2D, x: torch.Tensor) -> torch.Tensor:

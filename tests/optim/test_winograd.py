@@ -7,13 +7,14 @@ import pytest
 import torch
 from torch import nn
 
-import optim
+from runtime import optim
 import runtime
-from kernels.winograd_cpu import cpu_winograd_ready
-from models.resnet import Upsample2D
-from optim.parity import psnr
-from optim.upsample import FoldedUpsampleConv
-from optim.winograd import WinogradPass, WinogradUpsampleConv, winograd_conv_forward
+from runtime.kernels import cpu_features
+from runtime.kernels.winograd_cpu import cpu_winograd_ready
+from runtime.models.resnet import Upsample2D
+from runtime.optim.parity import psnr
+from runtime.optim.upsample import FoldedUpsampleConv
+from runtime.optim.winograd import WinogradPass, WinogradUpsampleConv, winograd_conv_forward
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
 needs_kernel = pytest.mark.skipif(
@@ -53,7 +54,8 @@ def upsamplers(pipe):
 
 @needs_kernel
 @pytest.mark.parametrize("with_prepack", [True, False])
-def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pipe, eager, with_prepack):
+def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pipe, eager, with_prepack,
+                                                                              host_without_amx):
     base = dict(precision=True, prepack=with_prepack, upsample=True)
     optim.optimize(pipe, level=0, **base)
     without = run(pipe)
@@ -80,7 +82,7 @@ def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pip
 
 
 @needs_kernel
-def test_level2_plans_it_and_revert_is_bit_exact(pipe, eager):
+def test_level2_plans_it_and_revert_is_bit_exact(pipe, eager, host_without_amx):
     before = state(pipe)
     optim.optimize(pipe, level=2, compile=False)
     assert "winograd" in [p.name for p in pipe.optimization.applied]
@@ -122,8 +124,8 @@ def test_follows_weight_changes_dtype_changes_and_leaves_mixed_calls_to_the_prev
 
 @needs_kernel
 def test_resnet_blocks_add_their_residual_inside_the_kernel_and_revert(pipe):
-    from models.resnet import ResnetBlock2D
-    from optim.winograd import WinogradResidual
+    from runtime.models.resnet import ResnetBlock2D
+    from runtime.optim.winograd import WinogradResidual
 
     optim.optimize(pipe, level=0, winograd=True)  # fp32: the fused sum is the eager sum, bit for bit
     blocks = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, ResnetBlock2D)]
@@ -177,8 +179,8 @@ def test_a_channel_mismatch_gets_torchs_error_not_the_kernel():
 
 
 @needs_kernel
-def test_on_amx_bf16_convolutions_stay_with_onednn_unless_asked(pipe, monkeypatch):
-    monkeypatch.setattr(optim.winograd, "cpu_has_amx", lambda: True)
+def test_on_amx_bf16_convolutions_stay_with_onednn_unless_asked(pipe, fake_cpu):
+    fake_cpu(*cpu_features.host().flags(), "amx")  # the host's kernels run; AMX only makes the pass step aside
     optim.optimize(pipe, level=0, precision=True, winograd=True)
     assert "AMX" in pipe.optimization.skipped["winograd"] and "amx=True" in pipe.optimization.skipped["winograd"]
     assert not any("forward" in m.__dict__ for m in eligible(pipe) + [u.conv for u in upsamplers(pipe)])

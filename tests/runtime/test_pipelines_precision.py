@@ -49,7 +49,7 @@ def test_half_unet_keeps_latents_fp32_and_fp16_vae_decodes_in_fp32(pipe):
 def test_initial_noise_follows_diffusers_rule():
     from diffusers.utils.torch_utils import randn_tensor
 
-    from models.noise import randn_tensor as seeded_randn  # the one implementation pipelines draw from
+    from runtime.models.noise import randn_tensor as seeded_randn  # the one implementation pipelines draw from
 
     shape = (3, 4, 5, 6)
     assert torch.equal(seeded_randn(shape, generator(1)), randn_tensor(shape, generator=generator(1)))

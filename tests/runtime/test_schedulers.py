@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import runtime.schedulers as ours_pkg
-from models.errors import ConfigError, InputError
+from runtime.models.errors import ConfigError, InputError
 
 ATOL = 1e-6
 SHAPE = (1, 4, 8, 8)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 from runtime.shapes import dataset as D
 from runtime.shapes import scorer as S
 

@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from models.errors import InputError
+from runtime.models.errors import InputError
 from runtime.shapes import dataset as D
 
 

@@ -1,0 +1,120 @@
+"""Fused GEGLU feed-forward: the projection and ``value * gelu(gate)`` in one kernel (level 1, exact class).
+
+bf16 calls (CPUs with AVX512-BF16) and fp32 calls (CPUs with AVX-512) run our linear+GEGLU kernel
+(kernels/linear_geglu_cpu.py): the products with fp32 sums, the bias and the erf GELU on those sums;
+the (rows, 2d) projection is never written. In bf16 that is one rounding instead of two, 1.1-1.4x faster
+than oneDNN's linear plus the activation kernel on the SD UNets' shapes; in fp32 it differs from eager by
+the order of the sums and is 1.5-2x faster than eager's linear (which first copies the bias into its
+output), GELU and product. Its packed weight is made on first use and again when the weight changes
+(prepack's rule). Calls it does not take (compiling, autograd, other dtypes) run the projection, then
+the activation: our bf16 kernel (kernels/geglu_cpu.c: one read of the projection, one rounding; eager
+rounds twice) or, for the rest, the eager formula.
+On a CPU with AMX tiles the bf16 projection stays with oneDNN's linear, whose tile matmuls are expected to
+be faster (optim/hardware.py; ``amx=True`` fuses anyway); fp32 (AMX has none) and the activation
+kernel, bound by memory, run as elsewhere.
+Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (DESIGN.md §3).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.models.transformer_2d import GEGLU, geglu_activation
+
+from .components import pipeline_device
+from .hardware import AMX_REASON, cpu_has_amx
+from .prepack import weight_cache
+from .slots import CpuKernelSlotPass
+
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def cpu_geglu_activation(proj):
+    """Our bf16 CPU kernel where it supports the call, the eager formula where it does not."""
+    from runtime.kernels.geglu_cpu import try_cpu_geglu
+
+    out = try_cpu_geglu(proj)
+    return out if out is not None else geglu_activation(proj)
+
+
+def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
+    """A ``fused`` slot for ``module``: its CPU calls in ``dtypes`` through our linear+GEGLU kernel, None for the rest."""
+    from runtime.kernels.linear_geglu_cpu import linear_geglu_launch, linear_geglu_weight
+
+    linear, cache = module.proj, {}
+
+    def fused(x: torch.Tensor) -> torch.Tensor | None:
+        w = linear.weight
+        if (torch.compiler.is_compiling() or x.dtype not in dtypes or w.dtype != x.dtype or x.device.type != "cpu"
+                or x.ndim < 1 or x.shape[-1] != w.shape[1]
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
+            return None
+        entry = weight_cache(cache, w)
+        if "packed" not in entry:
+            entry["packed"] = linear_geglu_weight(w, w.dtype)
+            entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
+        return linear_geglu_launch(x, entry["packed"], entry["bias"])
+
+    fused.packed_cache = cache
+    return fused
+
+
+def _fusable(module: GEGLU, dtype: torch.dtype) -> bool:
+    """Whether the kernel takes the module's shapes: an output width a multiple of 16 (and an even input width in bf16)."""
+    return module.proj.out_features % 32 == 0 and (dtype != torch.bfloat16 or module.proj.in_features % 2 == 0)
+
+
+@dataclass(frozen=True)
+class GEGLUPass(CpuKernelSlotPass):
+    name = "geglu"
+    exact = True
+    module_type = GEGLU
+    slot = "activation"
+    what = "GEGLU feed-forward"
+    # Fuse the bf16 projection on CPUs with AMX tiles too (see the module docstring).
+    amx: bool = False
+
+    def kernel(self):
+        return cpu_geglu_activation
+
+    def ready(self) -> str | None:
+        from runtime.kernels.geglu_cpu import cpu_geglu_ready
+
+        return cpu_geglu_ready()
+
+    def _fused_dtypes(self) -> tuple[torch.dtype, ...]:
+        """The dtypes whose calls the linear+GEGLU kernel takes here."""
+        from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+
+        skip_bf16 = cpu_has_amx() and not self.amx
+        return tuple(d for d in DTYPES if cpu_linear_geglu_ready(d) is None and not (d == torch.bfloat16 and skip_bf16))
+
+    def supports(self, pipe) -> str | None:
+        why = super().supports(pipe)
+        if why is None or not self._modules(pipe) or pipeline_device(pipe).type != "cpu":
+            return why
+        return None if self._fused_dtypes() else why  # no activation kernel here, but the fp32 fusion runs
+
+    def apply(self, pipe) -> None:
+        if self.ready() is None:
+            super().apply(pipe)
+        dtypes = self._fused_dtypes()
+        fused = self._state().setdefault("fused", [])
+        for module in self._modules(pipe):
+            takes = tuple(d for d in dtypes if _fusable(module, d))
+            if takes:
+                fused.append((module, module.fused))
+                module.fused = fused_linear_geglu(module, takes)
+        self._state()["dtypes"] = "/".join("bf16" if d == torch.bfloat16 else "fp32" for d in dtypes) or "no"
+
+    def describe(self) -> str:
+        state = self._state()
+        text = (f"{len(state.get('fused', []))} GEGLU projections fused with their activation ({state.get('dtypes')} "
+                f"calls), {len(state.get('previous', []))} activations on our bf16 kernel for the rest")
+        return text + (f"; bf16 projections left to oneDNN: {AMX_REASON}" if not self.amx and cpu_has_amx() else "")
+
+    def revert(self, pipe) -> None:
+        for module, previous in reversed(self._state().pop("fused", [])):
+            module.fused = previous
+        super().revert(pipe)

@@ -1,0 +1,52 @@
+"""channels_last for the UNet and the VAE where it is faster on the device (exact).
+
+Decided by measurement, not habit. On the 2-core AVX512-BF16 CPU this project runs on,
+``bench/bench_channels_last.py`` measured conv+GroupNorm+SiLU at UNet shapes at 0.73x-1.12x of
+NCHW (slower at 512 channels on 8x8, faster at 128 channels on 32x32-64x64): no consistent gain in
+eager mode, so "auto" leaves CPUs alone. On CUDA, cuDNN's tensor-core convolutions prefer NHWC,
+so "auto" turns it on there.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from runtime.models.errors import OptimizationError
+
+from .base import Pass
+from .components import pipeline_device, pipeline_models
+from .snapshot import TensorSnapshot
+
+TARGETS = ("unet", "vae")
+
+
+@dataclass(frozen=True)
+class MemoryFormatPass(Pass):
+    name = "memory_format"
+    exact = True
+    channels_last: str = "auto"  # "auto" (by device, see docstring), "on", "off"
+
+    def __post_init__(self):
+        if self.channels_last not in ("auto", "on", "off"):
+            raise OptimizationError(f"memory_format: channels_last must be auto, on or off, got {self.channels_last!r}")
+
+    def supports(self, pipe) -> str | None:
+        if not any(n in pipeline_models(pipe) for n in TARGETS):
+            return "no unet or vae in this pipeline"
+        if self.channels_last == "off":
+            return "channels_last switched off"
+        if self.channels_last == "auto" and pipeline_device(pipe).type != "cuda":
+            return "channels_last measured no faster than NCHW on CPU (bench/bench_channels_last.py)"
+        return None
+
+    def apply(self, pipe) -> None:
+        snaps = self._state().setdefault("snapshots", [])
+        for name, model in pipeline_models(pipe).items():
+            if name in TARGETS:
+                snaps.append(TensorSnapshot.take(model))
+                model.to(memory_format=torch.channels_last)
+
+    def revert(self, pipe) -> None:
+        for snap in reversed(self._state().pop("snapshots", [])):
+            snap.restore()

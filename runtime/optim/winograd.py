@@ -1,0 +1,227 @@
+"""3x3 convolutions as Winograd F(2x2, 3x3) on CPU, bf16 or fp32 (level 1, exact class: rounding only).
+
+The direct convolutions run at this CPU's matmul rate (bench/RESULTS.md, sessions 12 and 15), so the way
+to fewer seconds is fewer multiplies: Winograd's minimal filtering computes each 2x2 block of outputs
+with 16 multiply-adds per channel pair instead of 36 (kernels/winograd_cpu.py for bf16,
+kernels/winograd_f32_cpu.py for fp32). This pass gives each bf16 or fp32 3x3, stride-1, padding-1
+``nn.Conv2d`` of the pipeline's models whose channel counts the kernels take (input even and at least
+``min_channels``, output a multiple of 32) a forward that runs it that way, and each ``Upsample2D``
+whose conv it takes a ``conv_2x`` that runs the nearest doubling and the conv in one kernel, in bf16
+(9 multiply-adds per input pixel and channel pair: 7 of the 16 transformed positions are zero on a
+doubled map; the upsample pass's fold takes 16). Other calls (autograd, torch.compile tracing, other
+devices, a dtype other than the weight's; fp32 upsampling) go to what ran before (prepack's forward,
+the upsample pass's fold, when those passes ran first).
+
+The transformed kernel is computed on first use and rebuilt when the weight's storage, version or
+dtype changes, as prepack does. Costs memory: 16/9 of each weight it takes, in the weight's dtype,
+beside the weight. SD 1.5's UNet at level 1 (fp32): 4.25 GB anonymous memory against 1.1 GB without the
+pass; at level 2 (bf16, in place of prepack's packed copies, which are then never made) 10.2 GB peak RSS
+against 9.5 GB (``winograd=False`` when memory is short). In bf16 the result differs from the direct
+convolution by rounding only: 2.5x its rms error against fp32, 1.5-2x its max
+(tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct fp32 convolution's
+(tests/kernels/test_winograd_f32_cpu.py).
+On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
+outrun these vdpbf16ps products by more than the 2.25x Winograd saves (optim/hardware.py; ``amx=True``
+takes them anyway); the fp32 ones (AMX has no fp32) are taken.
+Each ResnetBlock2D whose second conv it takes gets a ``conv2_residual`` that adds the block's residual
+inside the kernel's output transform (one pass over the output fewer; in bf16 one rounding fewer).
+Revert restores the previous forward and slots.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from runtime.models.resnet import ResnetBlock2D, Upsample2D
+
+from .base import Pass
+from .components import pipeline_device, pipeline_models
+from .hardware import AMX_REASON, cpu_has_amx
+from .prepack import weight_cache
+from .upsample import plain_3x3
+
+
+DTYPES = (torch.bfloat16, torch.float32)
+
+
+def kernel_ready(dtype: torch.dtype) -> str | None:
+    """None when the kernel for ``dtype`` runs here, else why not."""
+    # imported here: importing ``kernels`` reads TRITON_INTERPRET, which the kernel tests set first
+    if dtype == torch.float32:
+        from runtime.kernels.winograd_f32_cpu import cpu_winograd_f32_ready as ready
+    else:
+        from runtime.kernels.winograd_cpu import cpu_winograd_ready as ready
+    return ready()
+
+
+def _fast(x: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether this call runs a kernel (else the previous forward: compiling, autograd, mixed dtypes...);
+    the only check per call: the kernel's own (``cpu_winograd_supports``) holds by construction, and a
+    channel mismatch goes to the previous forward, which raises torch's error."""
+    return not (torch.compiler.is_compiling() or x.dtype != w.dtype or w.dtype not in DTYPES
+                or x.device.type != "cpu" or x.ndim != 4 or x.numel() == 0 or x.shape[1] != w.shape[1]
+                or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
+    """(transformed kernel, bias in the weight's dtype) of ``conv``, from ``cache`` while its weight is the same."""
+    entry = weight_cache(cache, conv.weight)
+    if "u" not in entry:
+        dtype = conv.weight.dtype
+        if dtype == torch.float32:
+            from runtime.kernels.winograd_f32_cpu import winograd_weight_f32
+
+            entry["u"] = winograd_weight_f32(conv.weight)
+        else:
+            from runtime.kernels.winograd_cpu import winograd_weight
+
+            entry["u"] = winograd_weight(conv.weight, up2=up2)
+        entry["bias"] = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
+    return entry["u"], entry["bias"]
+
+
+def winograd_conv_forward(conv: nn.Conv2d, previous):
+    """A forward for ``conv`` that runs bf16 and fp32 CPU calls as Winograd and the rest through ``previous``."""
+    from runtime.kernels.winograd_cpu import winograd_launch
+    from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
+
+    cache: dict = {}
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if not _fast(x, conv.weight):
+            return previous(x)
+        if x.dtype == torch.float32:
+            return winograd_launch_f32(x, *_transformed(cache, conv, up2=False))
+        return winograd_launch(x, *_transformed(cache, conv, up2=False), up2=False)
+
+    forward.winograd_cache = cache
+    return forward
+
+
+class WinogradResidual:
+    """The ``conv2_residual`` of one ResnetBlock2D whose ``conv2`` this pass took: the residual added inside
+    the kernel's output (bf16: one rounding instead of two; fp32: the same sum, bit for bit) instead of a
+    separate pass over the output. Other calls (the conv's own fallbacks, another shape or dtype) go to
+    ``previous`` or the eager sum."""
+
+    def __init__(self, previous):
+        from runtime.kernels.winograd_cpu import winograd_launch
+        from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
+
+        self.previous, self.bf16, self.fp32 = previous, winograd_launch, winograd_launch_f32
+
+    def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        cache = getattr(conv.__dict__.get("forward"), "winograd_cache", None)
+        if (cache is not None and _fast(h, conv.weight) and residual.dtype == h.dtype
+                and tuple(residual.shape) == (h.shape[0], conv.out_channels, h.shape[2], h.shape[3])):
+            u, bias = _transformed(cache, conv, up2=False)
+            if h.dtype == torch.float32:
+                return self.fp32(h, u, bias, residual=residual)
+            return self.bf16(h, u, bias, up2=False, residual=residual)
+        if self.previous is not None:
+            return self.previous(conv, h, residual)
+        return residual + conv(h)
+
+
+class WinogradUpsampleConv:
+    """The ``conv_2x`` of one Upsample2D: the nearest doubling and its 3x3 conv as one Winograd kernel
+    (9 multiply-adds per input pixel and channel pair; the upsample pass's fold takes 16). Other
+    calls go to the ``conv_2x`` it replaced (None: the eager doubling, then the conv)."""
+
+    def __init__(self, previous):
+        from runtime.kernels.winograd_cpu import winograd_launch
+
+        self.previous, self.cache, self.kernel = previous, {}, winograd_launch
+
+    def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
+        conv = module.conv
+        if _fast(x, conv.weight) and x.dtype == torch.bfloat16:  # no fp32 kernel for the doubling
+            return self.kernel(x, *_transformed(self.cache, conv, up2=True), up2=True)
+        if self.previous is not None:
+            return self.previous(module, x)
+        return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+@dataclass(frozen=True)
+class WinogradPass(Pass):
+    name = "winograd"
+    exact = True
+    # Below this many input channels the transforms cost more than the multiplies they save (the
+    # UNet's first conv reads 4 channels).
+    min_channels: int = 32
+    # Take bf16 convolutions on CPUs with AMX tiles too (see the module docstring).
+    amx: bool = False
+
+    def _targets(self, pipe):
+        """The convolutions it takes and the upsamplers whose conv it takes (bf16 only)."""
+        modules = [m for model in pipeline_models(pipe).values() for m in model.modules()]
+        return ([m for m in modules if self._takes(m)],
+                [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)
+                 and m.conv.weight.dtype == torch.bfloat16])
+
+    def _takes(self, m: nn.Module) -> bool:
+        return (plain_3x3(m) and m.weight.dtype in DTYPES and kernel_ready(m.weight.dtype) is None
+                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0
+                and not (m.weight.dtype == torch.bfloat16 and self._leaves_bf16()))
+
+    def _leaves_bf16(self) -> bool:
+        """Whether bf16 convolutions stay with oneDNN (AMX tiles here, and not ``amx=True``)."""
+        return not self.amx and cpu_has_amx()
+
+    def _bf16_left(self, pipe) -> bool:
+        """Whether the pipeline has bf16 3x3 convolutions this pass leaves to oneDNN on AMX."""
+        return self._leaves_bf16() and any(plain_3x3(m) and m.weight.dtype == torch.bfloat16
+                                           for model in pipeline_models(pipe).values() for m in model.modules())
+
+    def supports(self, pipe) -> str | None:
+        if pipeline_device(pipe).type != "cpu":
+            return f"the Winograd kernels are for CPU; this pipeline is on {pipeline_device(pipe)}"
+        why = kernel_ready(torch.bfloat16)
+        if why and kernel_ready(torch.float32):
+            return why
+        if not self._targets(pipe)[0]:
+            if self._bf16_left(pipe):
+                return f"bf16 convolutions: {AMX_REASON}; amx=True takes them"
+            return (f"no bf16 or fp32 3x3 stride-1 convolutions with an even input channel count of at least "
+                    f"{self.min_channels} and output channels a multiple of 32")
+        return None
+
+    def apply(self, pipe) -> None:
+        convs, upsamplers = self._targets(pipe)
+        self._state()["left_bf16"] = self._bf16_left(pipe)
+        patched = self._state().setdefault("patched", [])
+        for module in convs:
+            had = module.__dict__.get("forward")
+            module.forward = winograd_conv_forward(module, had or type(module).forward.__get__(module))
+            patched.append((module, had))
+        doubled = self._state().setdefault("upsamplers", [])
+        for module in upsamplers:
+            doubled.append((module, module.conv_2x))
+            module.conv_2x = WinogradUpsampleConv(module.conv_2x)
+        taken = {id(m) for m in convs}
+        fused = self._state().setdefault("residuals", [])
+        for model in pipeline_models(pipe).values():
+            for block in model.modules():
+                if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken:
+                    fused.append((block, block.conv2_residual))
+                    block.conv2_residual = WinogradResidual(block.conv2_residual)
+
+    def describe(self) -> str:
+        convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
+        text = (f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before, "
+                f"{len(self._state().get('residuals', []))} with their ResNet block's residual add")
+        return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
+
+    def revert(self, pipe) -> None:
+        for block, previous in reversed(self._state().pop("residuals", [])):
+            block.conv2_residual = previous
+        for module, previous in reversed(self._state().pop("upsamplers", [])):
+            module.conv_2x = previous
+        for module, had in reversed(self._state().pop("patched", [])):
+            if had is None:
+                del module.__dict__["forward"]
+            else:
+                module.forward = had

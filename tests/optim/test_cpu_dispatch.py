@@ -1,0 +1,130 @@
+"""What the passes decide on each kind of x86-64 CPU users have, under faked flag sets
+(runtime/kernels/cpu_features.py), never on whatever this host happens to be: which kernels are
+available and why not, whether bf16 is chosen, which attention backend "auto" picks, which
+convolutions and GEGLU projections our kernels take, and the AMX guard. Nothing here runs a kernel:
+a faked flag the host lacks is safe only for decisions."""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from runtime.kernels import cpu_build, cpu_features
+from runtime.kernels.cpu_features import CpuFeatures
+from runtime.models.attention import sdpa_backend
+from runtime.models.errors import OptimizationError
+from runtime.optim import hardware
+from runtime.optim.attention import choose_backend, cpu_backend, cpu_fp32_backend
+from runtime.optim.geglu import GEGLUPass
+from runtime.optim.winograd import WinogradPass, kernel_ready
+
+BF16, FP32 = torch.bfloat16, torch.float32
+CPU = torch.device("cpu")
+
+# name -> (flags, x86-64); the CPUs seen so far and the common ones around them
+CPUS = {
+    "xeon-amx": (("avx512", "avx512_bf16", "amx"), True),  # Sapphire Rapids and later
+    "epyc-avx512-bf16": (("avx512", "avx512_bf16"), True),  # AMD Zen 4 / Zen 5, Cooper Lake
+    "avx512-only": (("avx512",), True),  # Skylake-SP, Cascade Lake, Ice Lake servers
+    "avx2-only": ((), True),  # AMD Zen 2 / Zen 3, client Intel
+    "not-x86": ((), False),  # Arm servers (Graviton), Apple silicon
+}
+
+
+@pytest.fixture(params=sorted(CPUS))
+def cpu(request, fake_cpu):
+    flags, x86 = CPUS[request.param]
+    return fake_cpu(*flags, x86_64=x86)
+
+
+def needs_compiler(cpu: CpuFeatures):
+    """Where a kernel is available on ``cpu``, building it needs a C compiler on the host."""
+    if cpu.avx512 and cpu_build._compiler() is None:
+        pytest.skip("no C compiler here: every kernel reports that instead")
+
+
+def conv(dtype: torch.dtype) -> nn.Conv2d:
+    return nn.Conv2d(64, 64, 3, padding=1).to(dtype).requires_grad_(False)
+
+
+def test_flag_sets_name_known_flags_only():
+    assert CpuFeatures.of("avx512", "amx").flags() == ("avx512", "amx")
+    assert CpuFeatures.of("avx512", "amx").without("amx") == CpuFeatures.of("avx512")
+    assert CpuFeatures.of().describe() == "no AVX-512" and CpuFeatures(x86_64=False).describe() == "not x86-64"
+    with pytest.raises(ValueError, match=r"unknown CPU flag\(s\) \['avx512bf16'\]; known: avx512, avx512_bf16, amx"):
+        CpuFeatures.of("avx512bf16")
+
+
+def test_assumed_flags_end_with_the_block_and_the_host_is_read_again():
+    host = cpu_features.host()
+    with cpu_features.assumed(CpuFeatures(x86_64=False)):
+        assert cpu_features.current() == CpuFeatures(x86_64=False)
+        assert "x86-64" in cpu_build.machine_reason()
+    assert cpu_features.current() == host
+
+
+def test_kernel_availability_and_reasons(cpu):
+    needs_compiler(cpu)
+    bf16_why, fp32_why = cpu_build.machine_reason(bf16=True), cpu_build.machine_reason(bf16=False)
+    if not cpu.x86_64:
+        assert "for x86-64" in bf16_why and "for x86-64" in fp32_why
+    else:
+        assert (bf16_why is None) == cpu.avx512_bf16 and (fp32_why is None) == cpu.avx512
+        assert bf16_why in (None, "this CPU has no AVX512-BF16")
+        assert fp32_why in (None, "this CPU has no AVX-512")
+    # every kernel agrees with the machine: bf16 ones need AVX512-BF16, fp32 ones AVX-512
+    from runtime.kernels.attention_cpu import cpu_attention_ready
+    from runtime.kernels.geglu_cpu import cpu_geglu_ready
+    from runtime.kernels.group_norm_cpu import cpu_group_norm_ready
+    from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+
+    for ready, why in [(cpu_attention_ready(BF16), bf16_why), (cpu_attention_ready(FP32), fp32_why),
+                       (cpu_geglu_ready(), bf16_why), (cpu_group_norm_ready(), bf16_why),
+                       (cpu_linear_geglu_ready(BF16), bf16_why), (cpu_linear_geglu_ready(FP32), fp32_why),
+                       (kernel_ready(BF16), bf16_why), (kernel_ready(FP32), fp32_why)]:
+        assert ready == why
+
+
+def test_bf16_precision_where_the_cpu_computes_it_natively(cpu):
+    dtype, why = hardware.fast_half_dtype(CPU)
+    native = cpu.avx512_bf16 or cpu.amx
+    assert hardware.cpu_has_native_bf16() == native
+    assert dtype == (BF16 if native else None)
+    assert ("has native bf16" if native else "no native bf16") in why
+
+
+def test_attention_auto_and_forced_backends(cpu):
+    needs_compiler(cpu)
+    backend, why = choose_backend("auto", CPU)
+    if cpu.amx:  # bf16 to SDPA (its matmuls use the tiles), fp32 to our kernel
+        assert backend is cpu_fp32_backend and "AMX" in why and "backend='cpu'" in why
+    elif cpu.avx512_bf16:
+        assert backend is cpu_backend and "CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512)" in why
+    elif cpu.avx512:
+        assert backend is cpu_fp32_backend and "no AVX512-BF16" in why
+    else:
+        assert backend is sdpa_backend and "our CPU kernels unavailable" in why
+    if cpu.avx512:  # "cpu" takes ours, AMX or not
+        assert choose_backend("cpu", CPU)[0] is cpu_backend
+    else:
+        with pytest.raises(OptimizationError, match="attention backend 'cpu' unavailable: "):
+            choose_backend("cpu", CPU)
+    assert choose_backend("sdpa", CPU)[0] is sdpa_backend
+
+
+def test_winograd_takes_the_convolutions_the_cpu_runs_fast(cpu):
+    needs_compiler(cpu)
+    default, forced = WinogradPass(), WinogradPass(amx=True)
+    assert default._takes(conv(FP32)) == cpu.avx512  # fp32: any AVX-512 CPU, AMX has no fp32 matmuls
+    assert default._takes(conv(BF16)) == (cpu.avx512_bf16 and not cpu.amx)  # AMX: oneDNN's tiles
+    assert forced._takes(conv(BF16)) == cpu.avx512_bf16
+    assert not default._takes(nn.Conv2d(4, 64, 3, padding=1))  # too few input channels for any CPU
+
+
+def test_geglu_fuses_the_projections_the_cpu_runs_fast(cpu):
+    needs_compiler(cpu)
+    expected = tuple(d for d, ok in [(BF16, cpu.avx512_bf16 and not cpu.amx), (FP32, cpu.avx512)] if ok)
+    assert set(GEGLUPass()._fused_dtypes()) == set(expected)
+    forced = tuple(d for d, ok in [(BF16, cpu.avx512_bf16), (FP32, cpu.avx512)] if ok)
+    assert set(GEGLUPass(amx=True)._fused_dtypes()) == set(forced)
+    assert ("AMX" in GEGLUPass().describe()) == cpu.amx
