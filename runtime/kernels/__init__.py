@@ -10,31 +10,23 @@ and ``triton_available()`` is False. The references always work.
 with AVX512-BF16, built with the system compiler on first use (cpu_build.py says how and when they are
 unavailable); cpu_features.py is where every CPU decision reads the host's flags.
 
-The names below are imported on first use, so importing one submodule (``runtime.kernels.cpu_features``)
-neither imports Triton nor fixes its interpreter mode (availability.py).
+Importing this package imports Triton and fixes its interpreter mode (availability.py), so code that
+runs at ``import runtime`` imports it inside functions, not at module level.
 """
-from importlib import import_module
+from .attention import attention, attention_ref, attention_supports
+from .attention_cpu import cpu_attention, cpu_attention_ready, cpu_attention_supports
+from .geglu_cpu import cpu_geglu, cpu_geglu_ready, cpu_geglu_supports
+from .group_norm_cpu import cpu_group_norm_ready, cpu_group_norm_silu, cpu_group_norm_supports
+from .availability import TritonUnavailableError, interpreter_mode, triton_available
+from .geglu import geglu, geglu_activation, geglu_activation_supports, geglu_ref
+from .group_norm import group_norm, group_norm_ref, group_norm_supports
 
-_EXPORTS = {
-    "attention": "attention", "attention_ref": "attention", "attention_supports": "attention",
-    "cpu_attention": "attention_cpu", "cpu_attention_ready": "attention_cpu", "cpu_attention_supports": "attention_cpu",
-    "cpu_geglu": "geglu_cpu", "cpu_geglu_ready": "geglu_cpu", "cpu_geglu_supports": "geglu_cpu",
-    "cpu_group_norm_silu": "group_norm_cpu", "cpu_group_norm_ready": "group_norm_cpu",
-    "cpu_group_norm_supports": "group_norm_cpu",
-    "group_norm": "group_norm", "group_norm_ref": "group_norm", "group_norm_supports": "group_norm",
-    "geglu": "geglu", "geglu_activation": "geglu", "geglu_activation_supports": "geglu", "geglu_ref": "geglu",
-    "triton_available": "availability", "interpreter_mode": "availability",
-    "TritonUnavailableError": "availability",
-}
-
-__all__ = list(_EXPORTS)
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(f"{__name__}.{_EXPORTS[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(_EXPORTS))
+__all__ = [
+    "attention", "attention_ref", "attention_supports",
+    "cpu_attention", "cpu_attention_ready", "cpu_attention_supports",
+    "cpu_geglu", "cpu_geglu_ready", "cpu_geglu_supports",
+    "cpu_group_norm_silu", "cpu_group_norm_ready", "cpu_group_norm_supports",
+    "group_norm", "group_norm_ref", "group_norm_supports",
+    "geglu", "geglu_activation", "geglu_activation_supports", "geglu_ref",
+    "triton_available", "interpreter_mode", "TritonUnavailableError",
+]

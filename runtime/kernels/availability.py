@@ -1,7 +1,7 @@
 """Whether Triton is importable, whether it runs in interpreter mode, and the custom-op registration.
 
 Triton is an optional extra (``pip install 'diffusion-runtime[triton]'``). Every kernel module
-imports ``triton`` through this file, so ``import kernels`` works without it and each entry point
+imports ``triton`` through this file, so ``import runtime.kernels`` works without it and each entry point
 raises ``TritonUnavailableError`` instead.
 
 Interpreter mode (``TRITON_INTERPRET=1``) is decided once, when this module is imported: that is
@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-try:  # Triton is optional: keep `import kernels` working without it.
+try:  # Triton is optional: keep `import runtime.kernels` working without it.
     import triton
     import triton.language as tl
 except ImportError:  # pragma: no cover - exercised on machines without triton

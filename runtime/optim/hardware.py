@@ -3,12 +3,17 @@ from __future__ import annotations
 
 import torch
 
-from runtime.kernels import cpu_features
+
+def _cpu():
+    # imported here: importing runtime.kernels fixes Triton's interpreter mode (runtime/kernels/__init__.py)
+    from runtime.kernels import cpu_features
+
+    return cpu_features.current()
 
 
 def cpu_has_native_bf16() -> bool:
     """True on CPUs with AVX512-BF16 or AMX tiles (bf16 matmuls run several times fp32's rate there)."""
-    cpu = cpu_features.current()
+    cpu = _cpu()
     return cpu.avx512_bf16 or cpu.amx
 
 
@@ -22,7 +27,7 @@ AMX_REASON = ("this CPU has AMX tiles, where oneDNN's bf16 matmuls are expected 
 
 def cpu_has_amx() -> bool:
     """True on CPUs with AMX tiles (Intel Sapphire Rapids and later)."""
-    return cpu_features.current().amx
+    return _cpu().amx
 
 
 def fast_half_dtype(device: torch.device) -> tuple[torch.dtype | None, str]:

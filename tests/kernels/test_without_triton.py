@@ -1,4 +1,4 @@
-"""`import kernels` works without Triton; every entry point then says clearly that it needs it,
+"""`import runtime.kernels` works without Triton; every entry point then says clearly that it needs it,
 and the references still work. Run in a subprocess where importing triton fails."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""models.noise.randn_tensor draws the same numbers as diffusers' randn_tensor for the same seeds."""
+"""runtime.models.noise.randn_tensor draws the same numbers as diffusers' randn_tensor for the same seeds."""
 from __future__ import annotations
 
 import pytest

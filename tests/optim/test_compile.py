@@ -68,7 +68,8 @@ def test_revert_drops_compiled_calls(compiled, cache_dir):
 SECOND_PROCESS = textwrap.dedent("""
     import json, sys, torch
     torch.set_num_threads(1)
-    import optim, runtime
+    import runtime
+    from runtime import optim
     from torch._dynamo.utils import counters
     pipe = runtime.StableDiffusionPipeline.from_pretrained(sys.argv[1])
     pipe.set_progress_bar_config(disable=True)

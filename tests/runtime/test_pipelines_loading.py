@@ -27,8 +27,8 @@ def pipe(sd_folder):
 
 def test_diffusion_pipeline_returns_the_folder_class(pipe):
     assert type(pipe) is runtime.StableDiffusionPipeline
-    assert type(pipe.unet).__module__.startswith("models.")
-    assert type(pipe.text_encoder).__module__.startswith("models.")
+    assert type(pipe.unet).__module__.startswith("runtime.models.")
+    assert type(pipe.text_encoder).__module__.startswith("runtime.models.")
     assert pipe.safety_checker is None and pipe.feature_extractor is None
     assert set(pipe.components) == set(runtime.StableDiffusionPipeline.component_names)
     assert pipe.device == torch.device("cpu") and pipe.dtype == torch.float32
