@@ -6,8 +6,9 @@ Each operation lives in its own file with its kernel, autotune configs, host wra
 this package never needs Triton; without it every entry point raises ``TritonUnavailableError``
 and ``triton_available()`` is False. The references always work.
 
-``cpu_attention``, ``cpu_geglu`` and ``cpu_group_norm_silu`` are not Triton: C kernels for bf16 on CPUs
-with AVX512-BF16, built with the system compiler on first use (cpu_build.py says how and when they are
+``cpu_attention``, ``cpu_geglu`` and ``cpu_group_norm_silu`` are not Triton: C kernels (bf16 ones for CPUs
+with AVX512-BF16, fp32 ones for any CPU with AVX-512), built with the system compiler on first use
+(cpu_build.py says how and when they are
 unavailable); cpu_features.py is where every CPU decision reads the host's flags.
 
 Importing this package imports Triton and fixes its interpreter mode (availability.py), so code that
