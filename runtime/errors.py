@@ -1,4 +1,4 @@
-"""Public error classes; defined in ``models.errors`` so every layer can raise them."""
+"""Public error classes; defined in ``runtime.models.errors`` so every layer can raise them."""
 from runtime.models.errors import (  # noqa: F401
     CheckpointError,
     CheckpointNotFoundError,

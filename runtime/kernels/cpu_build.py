@@ -148,5 +148,6 @@ def loaded_on_host() -> list[str]:
 
 def profiled(name: str):
     """A profiler range ``name`` around a kernel call while torch's profiler records (bench/profile_step.py
-    reads them), else nothing: entering a range costs about 10 us, a hundred times per UNet call."""
+    reads them), else nothing: entering a range has a cost of its own (measured: bench/RESULTS.md,
+    'Figures moved from docstrings'), paid a hundred times per UNet call."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()

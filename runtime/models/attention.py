@@ -1,6 +1,6 @@
 """Multi-head attention with diffusers' weight names and the slots passes plug into.
 
-Extension points (DESIGN.md §3):
+Extension points (docs/ARCHITECTURE.md §3):
 - ``Attention.backend``: a callable ``(q, k, v, mask) -> out`` on ``(batch, heads, tokens,
   head_dim)`` tensors. Default ``sdpa_backend`` (PyTorch SDPA). Set per module, or for a whole
   model with ``ModelMixin.set_attention_backend``.

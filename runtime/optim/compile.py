@@ -95,12 +95,14 @@ class CompilePass(Pass):
     regional: bool | None = None
     cache_dir: str | None = None
     # Inductor's freezing folds weights into the graph as constants and pre-packs them for oneDNN
-    # (CPU): measured 1.86x over eager fp32 for the bf16 small UNet vs 1.59x eager bf16. Weights
+    # (CPU): for the bf16 small UNet it measured faster than eager bf16 (bench/RESULTS.md,
+    # 'Figures moved from docstrings'). Weights
     # edited in place after the first call are not seen; revert and optimize again after editing.
     freezing: bool | None = None  # None: on for CPU pipelines compiled whole (not regionally)
     # Compile a bf16 CPU pipeline too. Off by default: on top of our eager bf16 kernels (attention,
-    # packed weights) inductor measured no faster on this CPU (small, 256x256: level 2 1.78x compiled
-    # vs 1.91x not, after 8 minutes of compiling; bench/RESULTS.md), so level 2 skips it there.
+    # packed weights) inductor measured no faster on this CPU, after minutes of compiling (small,
+    # 256x256, level 2 compiled and not; measured: bench/RESULTS.md, session 12, 'Level 2 without
+    # compile: packed linears, fused GEGLU, compile skipped for bf16 on CPU'), so level 2 skips it there.
     force: bool = False
 
     def __post_init__(self):
@@ -112,9 +114,10 @@ class CompilePass(Pass):
         if not hasattr(torch, "compile"):
             return "torch.compile is not available in this torch"
         if self.regional is None and self._regional(pipe) and pipeline_device(pipe).type == "cpu":
-            # Measured on the small model, 256x256, 10 steps (bench/RESULTS.md): level 3 ran 2.48x
-            # eager without compile and 2.24x with regional compile; regional bf16 alone 1.37x vs
-            # 1.63x uncompiled. Pass regional=True to compile regionally anyway.
+            # Measured on the small model, 256x256, 10 steps: level 3 ran faster without compile
+            # than with regional compile, and so did bf16 alone (bench/RESULTS.md, 'Figures moved
+            # from docstrings'; also 'small, 256x256, 10 PNDM steps, guidance 7.5'). Pass regional=True to compile
+            # regionally anyway.
             return ("approximate passes keep per-step Python hooks in the UNet, so only regional "
                     "compilation applies, and on CPU it measured slower than not compiling")
         if not self._modules(pipe):

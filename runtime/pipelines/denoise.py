@@ -5,7 +5,7 @@ announce the step -> UNet -> guidance -> scheduler.step -> [after_step hook] -> 
 Where the UNet's ``guidance_gate`` says so (TGATE after its gate), a guided step runs the
 conditional half of the batch alone and takes its prediction as is.
 The Python timestep values come from one ``timesteps.tolist()`` before the loop: nothing in the
-loop calls ``.item()`` or searches the schedule (DESIGN.md §3).
+loop calls ``.item()`` or searches the schedule (docs/ARCHITECTURE.md §3).
 """
 from __future__ import annotations
 
