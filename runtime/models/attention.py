@@ -25,6 +25,53 @@ def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
 
 
+def xformers_backend(attention_op=None) -> AttentionBackend:
+    """A backend running xformers' ``memory_efficient_attention`` (with ``op=attention_op``).
+
+    xformers takes ``(B, T, H, D)`` and an additive float bias of shape ``(B, H, T, S)`` whose
+    last dimension is stored padded to a multiple of 8 (its alignment rule); a boolean mask
+    (True = attend) becomes that bias.
+    """
+    def backend(q, k, v, mask=None):
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            b, h, t, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            padded = torch.zeros(b, h, t, (s + 7) // 8 * 8, dtype=q.dtype, device=q.device)
+            padded[..., :s] = mask.to(q.dtype).expand(b, h, t, s)
+            bias = padded[..., :s]
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_bias=bias, op=attention_op)
+        return out.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+
+    backend.is_xformers = True
+    backend.attention_op = attention_op
+    return backend
+
+
+def xformers_ready() -> None:
+    """Raise a clear error unless xformers is installed and a CUDA device runs its kernel."""
+    import importlib.util
+
+    from .errors import BackendUnavailableError, DependencyMissingError
+
+    if importlib.util.find_spec("xformers") is None:
+        raise DependencyMissingError(
+            "enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers; "
+            "see https://github.com/facebookresearch/xformers)", name="xformers")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "enable_xformers_memory_efficient_attention: xformers' memory-efficient attention runs only on "
+            "CUDA GPUs, and torch.cuda.is_available() is False here")
+    import xformers.ops as xops
+
+    q = torch.randn((1, 2, 40), device="cuda")
+    xops.memory_efficient_attention(q, q, q)  # xformers' own error if its kernel cannot run here
+
+
 class Attention(nn.Module):
     """Attention over token sequences (or a 4-D feature map when ``norm_num_groups`` is set).
 

@@ -41,9 +41,12 @@ def _link_or_copy(src, dst) -> None:
 
 
 def write_weights(
-    folder: Path, tensors: dict[str, torch.Tensor], names: WeightNames, max_shard_size: int | str, safe: bool
+    folder: Path, tensors: dict[str, torch.Tensor], names: WeightNames, max_shard_size: int | str, safe: bool,
+    save_function=None,
 ) -> list[str]:
-    """Write ``tensors`` (already prepared) as one file or shards + index; returns the file names."""
+    """Write ``tensors`` (already prepared) as one file or shards + index; returns the file names.
+
+    ``save_function(shard, path)`` replaces ``torch.save`` for pickle files."""
     single = names.safetensors if safe else names.pickle
     plan = safetensors_io.plan_shards(tensors, safetensors_io.parse_size(max_shard_size), single)
     written = []
@@ -52,7 +55,7 @@ def write_weights(
         if safe:
             safetensors_io.write_safetensors(shard, folder / filename)
         else:
-            torch.save(shard, folder / filename)
+            (save_function or torch.save)(shard, folder / filename)
         written.append(filename)
     if len(plan) > 1:
         index = names.safetensors_index if safe else names.pickle_index
@@ -70,6 +73,7 @@ def save_folder(
     config_name: str,
     max_shard_size: int | str,
     safe: bool,
+    save_function=None,
 ) -> Path:
     """Write config (via ``write_config(folder)``) and weights into ``save_directory`` atomically."""
     target = Path(save_directory).expanduser().absolute()
@@ -82,7 +86,7 @@ def save_folder(
         if target.is_dir():
             _carry_over(target, tmp, names, config_name)
         write_config(tmp)
-        write_weights(tmp, tensors, names, max_shard_size, safe)
+        write_weights(tmp, tensors, names, max_shard_size, safe, save_function)
         _fsync_dir(tmp)
         if target.is_dir():
             cwd = _cwd_inside(target)

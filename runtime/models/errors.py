@@ -43,3 +43,11 @@ class InputError(RuntimeErrorBase, ValueError):
 
 class OptimizationError(RuntimeErrorBase, ValueError):
     """An optimize() override or pass setting is invalid."""
+
+
+class DependencyMissingError(RuntimeErrorBase, ModuleNotFoundError):
+    """An optional package a requested feature needs is not installed (e.g. xformers)."""
+
+
+class BackendUnavailableError(RuntimeErrorBase, ValueError):
+    """A requested kernel or backend cannot run on this machine (e.g. xformers without CUDA)."""

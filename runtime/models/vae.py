@@ -10,6 +10,7 @@ from torch import nn
 
 from .block_table import block_class
 from .config import register_to_config
+from .config_checks import check_autoencoder_kl
 from .errors import ConfigError
 from .modeling import ModelMixin
 from .noise import randn_tensor
@@ -159,6 +160,7 @@ class AutoencoderKL(ModelMixin):
         mid_block_add_attention: bool = True,
     ):
         super().__init__()
+        check_autoencoder_kl({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if act_fn not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"AutoencoderKL config act_fn: {act_fn!r} is not supported (only 'silu')")
         n = len(block_out_channels)
