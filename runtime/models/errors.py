@@ -1,6 +1,6 @@
 """Error classes of diffusion-runtime (re-exported as ``runtime.errors``).
 
-They live in ``models`` because imports run runtime -> optim -> models: the lowest layer
+They live in ``runtime.models`` because imports run pipelines -> optim -> models: the lowest layer
 owns them so every layer can raise them.
 
 Every error subclasses the builtin that fits it, so callers can catch either ours or the

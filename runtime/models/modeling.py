@@ -1,9 +1,9 @@
 """ModelMixin: a torch module with diffusers' config and checkpoint contract.
 
-Loading (``from_pretrained``): resolve the folder (local or hub cache, models/hub.py), read the
+Loading (``from_pretrained``): resolve the folder (local or hub cache, runtime/models/hub.py), read the
 config, build the model on the meta device, load memory-mapped safetensors with ``assign=True``
-(models/weight_loading.py lists the checks). Saving (``save_pretrained``) writes safetensors and
-config atomically (models/checkpoint_save.py). File names: models/checkpoint_files.py.
+(runtime/models/weight_loading.py lists the checks). Saving (``save_pretrained``) writes safetensors and
+config atomically (runtime/models/checkpoint_save.py). File names: runtime/models/checkpoint_files.py.
 """
 from __future__ import annotations
 
@@ -205,7 +205,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         ``resume_download`` (deprecated) and ``mirror`` are accepted and ignored (warning);
         ``output_loading_info=True`` returns ``(model, {"missing_keys", "unexpected_keys",
         "mismatched_keys", "error_msgs"})``; ``device_map`` / ``max_memory`` / ``offload_folder`` /
-        ``offload_state_dict``: models/device_map.py (no accelerate needed);
+        ``offload_state_dict``: runtime/models/device_map.py (no accelerate needed);
         ``ignore_mismatched_sizes=True`` keeps the model's freshly initialised tensor for each
         weight whose checkpoint shape differs (warning naming key and shapes); the model is then
         built with real tensors, as with ``low_cpu_mem_usage=False``. ``disable_mmap=True``
