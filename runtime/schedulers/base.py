@@ -172,14 +172,20 @@ def betas_for_alpha_bar(num_steps: int, alpha_transform_type: str = "cosine", ma
     return torch.tensor(betas, dtype=torch.float32)
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what most schedulers take
+DDPM_BETA_SCHEDULES = (*BETA_SCHEDULES, "laplace", "sigmoid")
+HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-               trained_betas=None, scheduler: str = "scheduler") -> torch.Tensor:
-    """The training noise schedule named by a scheduler config (diffusers' beta_schedule values)."""
+               trained_betas=None, scheduler: str = "scheduler", beta_schedules=BETA_SCHEDULES) -> torch.Tensor:
+    """The training noise schedule named by a scheduler config (the beta_schedule values diffusers
+    takes for that scheduler, ``beta_schedules``)."""
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+    if beta_schedule not in beta_schedules:
+        raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; "
+                          f"expected one of {', '.join(beta_schedules)}")
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
@@ -190,7 +196,7 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
-    raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+    raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}")
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -205,13 +211,13 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
                        trained_betas=None, rescale_betas_zero_snr: bool = False, zero_snr_floor: bool = False,
-                       scheduler: str = "scheduler") -> torch.Tensor:
+                       scheduler: str = "scheduler", beta_schedules=BETA_SCHEDULES) -> torch.Tensor:
     """alpha-bar(t) for a config: betas, the optional zero-terminal-SNR rescale, cumprod.
 
     ``zero_snr_floor``: the sigma-based schedulers replace a zero terminal alpha-bar by 2**-24
     so that sigma stays finite (diffusers does the same).
     """
-    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, scheduler)
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, scheduler, beta_schedules)
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)

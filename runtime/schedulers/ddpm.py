@@ -8,6 +8,7 @@ from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import (
+    DDPM_BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerMixin,
@@ -70,7 +71,8 @@ class DDPMScheduler(SchedulerMixin):
         check_choice(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice(name, "variance_type", variance_type, VARIANCE_TYPES)
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                                 trained_betas, rescale_betas_zero_snr, scheduler=name)
+                                                 trained_betas, rescale_betas_zero_snr, scheduler=name,
+                                                 beta_schedules=DDPM_BETA_SCHEDULES)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
         self.variance_type = variance_type
