@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import ConfigError, InputError
 
 from .base import (
@@ -33,7 +33,50 @@ from .sigma_schedules import (
     train_sigmas,
 )
 
-ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++")
+ALGORITHMS = ("dpmsolver", "dpmsolver++", "sde-dpmsolver", "sde-dpmsolver++")
+
+
+def dpm_noise_first_order_update(sample, eps, sigma_s, sigma_t, sde: bool, noise=None):
+    """DPM-Solver-1 in the noise-prediction form (Lu et al. 2022a, eq. 3.7); ``sde``: its SDE variant."""
+    alpha_t, s_t, lambda_t = alpha_sigma_lambda(sigma_t)
+    alpha_s, _, lambda_s = alpha_sigma_lambda(sigma_s)
+    h = lambda_t - lambda_s
+    if not sde:
+        return (alpha_t / alpha_s) * sample - (s_t * (torch.exp(h) - 1.0)) * eps
+    return ((alpha_t / alpha_s) * sample - 2.0 * (s_t * (torch.exp(h) - 1.0)) * eps
+            + s_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise)
+
+
+def dpm_noise_2m_update(sample, m0, m1, sigma_t, sigma_s0, sigma_s1, sde: bool, solver_type: str, noise=None):
+    """Multistep DPM-Solver-2 on noise estimates m0 (at s0) and m1 (at s1)."""
+    alpha_t, s_t, lambda_t = alpha_sigma_lambda(sigma_t)
+    alpha_s0, _, lambda_s0 = alpha_sigma_lambda(sigma_s0)
+    _, _, lambda_s1 = alpha_sigma_lambda(sigma_s1)
+    h, h_0 = lambda_t - lambda_s0, lambda_s0 - lambda_s1
+    d0, d1 = m0, (1.0 / (h_0 / h)) * (m0 - m1)
+    k = 2.0 if sde else 1.0  # the SDE variant doubles the noise-estimate terms
+    x_t = (alpha_t / alpha_s0) * sample - k * (s_t * (torch.exp(h) - 1.0)) * d0
+    if solver_type == "midpoint":
+        x_t = x_t - 0.5 * k * (s_t * (torch.exp(h) - 1.0)) * d1
+    else:
+        x_t = x_t - k * (s_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
+    return x_t + s_t * torch.sqrt(torch.exp(2 * h) - 1.0) * noise if sde else x_t
+
+
+def dpm_noise_3m_update(sample, m0, m1, m2, sigma_t, sigma_s0, sigma_s1, sigma_s2):
+    """Multistep DPM-Solver-3 on the last three noise estimates (ODE only, as in diffusers)."""
+    alpha_t, s_t, lambda_t = alpha_sigma_lambda(sigma_t)
+    alpha_s0, _, lambda_s0 = alpha_sigma_lambda(sigma_s0)
+    _, _, lambda_s1 = alpha_sigma_lambda(sigma_s1)
+    _, _, lambda_s2 = alpha_sigma_lambda(sigma_s2)
+    h, h_0, h_1 = lambda_t - lambda_s0, lambda_s0 - lambda_s1, lambda_s1 - lambda_s2
+    r0, r1 = h_0 / h, h_1 / h
+    d1_0, d1_1 = (1.0 / r0) * (m0 - m1), (1.0 / r1) * (m1 - m2)
+    d1 = d1_0 + (r0 / (r0 + r1)) * (d1_0 - d1_1)
+    d2 = (1.0 / (r0 + r1)) * (d1_0 - d1_1)
+    return ((alpha_t / alpha_s0) * sample - (s_t * (torch.exp(h) - 1.0)) * m0
+            - (s_t * ((torch.exp(h) - 1.0) / h - 1.0)) * d1
+            - (s_t * ((torch.exp(h) - 1.0 - h) / h**2 - 0.5)) * d2)
 
 
 def alpha_sigma_lambda(sigma: torch.Tensor):
@@ -125,11 +168,19 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         name = type(self).__name__
         check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
         check_choice(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
-        # diffusers maps "deis" to dpmsolver++ and the UniPC/DEIS solver types to midpoint
-        self.algorithm_type = "dpmsolver++" if algorithm_type == "deis" else algorithm_type
-        check_choice(name, "algorithm_type", self.algorithm_type, ALGORITHMS)
-        self.solver_type = "midpoint" if solver_type in ("logrho", "bh1", "bh2") else solver_type
-        check_choice(name, "solver_type", self.solver_type, ("midpoint", "heun"))
+        # diffusers maps "deis" to dpmsolver++ and the UniPC/DEIS solver types to midpoint, in the config
+        if algorithm_type == "deis":
+            self.register_to_config(algorithm_type="dpmsolver++")
+        self.algorithm_type = self.config.algorithm_type
+        check_choice(name, "algorithm_type", self.algorithm_type, (*ALGORITHMS, "deis"))
+        if solver_type in ("logrho", "bh1", "bh2"):
+            self.register_to_config(solver_type="midpoint")
+        self.solver_type = self.config.solver_type
+        check_choice(name, "solver_type", self.solver_type, ("midpoint", "heun", "logrho", "bh1", "bh2"))
+        if algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and final_sigmas_type == "zero":
+            raise ConfigError(f"{name}: final_sigmas_type='zero' does not work with algorithm_type="
+                              f"{algorithm_type!r} (diffusers rejects it too); use final_sigmas_type='sigma_min' "
+                              "or algorithm_type='dpmsolver++' / 'sde-dpmsolver++'")
         check_choice(name, "solver_order", solver_order, (1, 2, 3))
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_choice(name, "variance_type", variance_type, (None, "learned", "learned_range"))
@@ -203,10 +254,25 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         cfg = self.config
         if cfg.prediction_type == "epsilon" and cfg.variance_type in ("learned", "learned_range"):
             model_output = model_output[:, :3]
-        x0 = x0_from_vp_output(cfg.prediction_type, model_output, sample, self.sigmas[self._step_index])
+        sigma = self.sigmas[self._step_index]
+        if self.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            x0 = x0_from_vp_output(cfg.prediction_type, model_output, sample, sigma)
+            if cfg.thresholding:
+                x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+            return x0
+        # DPM-Solver (noise-prediction form): the noise estimate
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+        if cfg.prediction_type == "epsilon":
+            eps = model_output
+        elif cfg.prediction_type == "sample":
+            eps = (sample - alpha_t * model_output) / sigma_t
+        else:
+            eps = alpha_t * model_output + sigma_t * sample
         if cfg.thresholding:
-            x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-        return x0
+            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, cfg.dynamic_thresholding_ratio,
+                                  cfg.sample_max_value)
+            eps = (sample - alpha_t * x0) / sigma_t
+        return eps
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None, variance_noise=None,
              return_dict: bool = True):
@@ -218,7 +284,8 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
         x0 = self.convert_model_output(model_output, sample=sample)
         self.model_outputs = self.model_outputs[1:] + [x0]
         sample = sample.to(torch.float32)
-        sde = self.algorithm_type == "sde-dpmsolver++"
+        sde = self.algorithm_type.startswith("sde-")
+        noise_form = self.algorithm_type in ("dpmsolver", "sde-dpmsolver")
         noise = None
         if sde and variance_noise is None:
             noise = randn_tensor(x0.shape, generator, x0.device, torch.float32)
@@ -226,13 +293,21 @@ class DPMSolverMultistepScheduler(SchedulerMixin):
             noise = variance_noise.to(device=x0.device, dtype=torch.float32)
         s = self.sigmas
         if cfg.solver_order == 1 or self.lower_order_nums < 1 or first_order_final:
-            prev_sample = dpmpp_first_order_update(sample, x0, s[i], s[i + 1], sde, noise)
+            first = dpm_noise_first_order_update if noise_form else dpmpp_first_order_update
+            prev_sample = first(sample, x0, s[i], s[i + 1], sde, noise)
         elif cfg.solver_order == 2 or self.lower_order_nums < 2 or second_order_final:
             m1, m0 = self.model_outputs[-2:]
-            prev_sample = dpmpp_2m_update(sample, m0, m1, s[i + 1], s[i], s[i - 1], sde, self.solver_type, noise)
+            second = dpm_noise_2m_update if noise_form else dpmpp_2m_update
+            prev_sample = second(sample, m0, m1, s[i + 1], s[i], s[i - 1], sde, self.solver_type, noise)
         else:
             m2, m1, m0 = self.model_outputs[-3:]
-            prev_sample = dpmpp_3m_update(sample, m0, m1, m2, s[i + 1], s[i], s[i - 1], s[i - 2], sde, noise)
+            if self.algorithm_type == "sde-dpmsolver":
+                raise InputError(f"{type(self).__name__}.step: solver_order=3 has no sde-dpmsolver update "
+                                 "(diffusers has none either); use solver_order=2 or algorithm_type='sde-dpmsolver++'")
+            if noise_form:
+                prev_sample = dpm_noise_3m_update(sample, m0, m1, m2, s[i + 1], s[i], s[i - 1], s[i - 2])
+            else:
+                prev_sample = dpmpp_3m_update(sample, m0, m1, m2, s[i + 1], s[i], s[i - 1], s[i - 2], sde, noise)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         prev_sample = prev_sample.to(x0.dtype)
         self._step_index += 1

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import ConfigError, InputError
 
 from .base import (
