@@ -218,6 +218,11 @@ class StableDiffusionBase(DiffusionPipeline):
         else:
             decoded = decode_latents(self, self.vae, latents, where=type(self).__name__)
             images = postprocess(decoded, output_type)
+        return self._output(images, return_dict)
+
+    @staticmethod
+    def _output(images, return_dict: bool):
+        """diffusers' SD return value: no safety checker runs, so the NSFW slot is None."""
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

@@ -9,6 +9,7 @@ import torch
 
 from runtime.models.errors import ConfigError
 
+from .output import StableDiffusionXLPipelineOutput
 from .prompts import as_list, repeat_per_image, tokenize
 from .sd_base import GenerationCall, StableDiffusionBase
 
@@ -31,6 +32,11 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
     conditioning_names = ("prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids")
     fix_legacy_scheduler = False
     time_ids_grouped = False  # how guidance orders the time ids (diffusers differs between its SDXL tasks)
+
+    @staticmethod
+    def _output(images, return_dict: bool):
+        """diffusers' SDXL pipelines have no NSFW slot: ``(images,)`` or an output with ``images``."""
+        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
 
     def _encoders(self):
         if self.tokenizer is not None and self.text_encoder is not None:
