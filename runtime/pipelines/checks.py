@@ -110,7 +110,8 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
     if device.type == "cuda":
         try:
             free, _total = torch.cuda.mem_get_info(device)
-            return int(free), f"free memory on {device} (torch.cuda.mem_get_info)"
+            cached = torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device)  # reusable
+            return int(free + cached), f"free memory on {device} (torch.cuda.mem_get_info + cached blocks)"
         except Exception as e:  # noqa: BLE001 - no reading is an answer too
             return None, f"torch.cuda.mem_get_info failed: {e}"
     if device.type != "cpu":
