@@ -4,7 +4,7 @@ from .base import DiffusionPipeline
 from .ddpm import DDPMPipeline
 from .img2img import StableDiffusionImg2ImgPipeline
 from .inpaint import StableDiffusionInpaintPipeline
-from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
+from .output import ImagePipelineOutput, StableDiffusionPipelineOutput, StableDiffusionXLPipelineOutput
 from .sdxl import StableDiffusionXLPipeline
 from .sdxl_tasks import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from .stable_diffusion import StableDiffusionPipeline
@@ -38,4 +38,5 @@ __all__ = [
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLPipelineOutput",
 ]

@@ -8,7 +8,7 @@ from runtime.models.noise import randn_tensor
 from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline
-from .checks import check_finite, check_generators, check_steps
+from .checks import check_finite, check_finite_number, check_generators, check_steps
 from .denoise import denoise, step_kwargs
 from .output import ImagePipelineOutput
 from .sd_base import fresh_scheduler
@@ -29,6 +29,7 @@ class DDPMPipeline(DiffusionPipeline):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise InputError(f"batch_size must be a positive integer, got {batch_size!r}")
         check_generators(generator, batch_size)
+        check_finite_number("eta", eta)
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)

@@ -22,7 +22,9 @@ from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline
 from .checks import (
+    check_finite_number,
     check_generators,
+    check_memory,
     check_negative_prompt,
     check_size,
     check_steps,
@@ -31,7 +33,7 @@ from .checks import (
 from .denoise import denoise, step_kwargs
 from .output import StableDiffusionPipelineOutput
 from .prompts import encode_sd_prompt
-from .vae_codec import decode_latents, vae_scale_factor
+from .vae_codec import decode_latents, needs_upcast, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -158,6 +160,17 @@ class StableDiffusionBase(DiffusionPipeline):
 
         return kwargs
 
+    def _check_memory(self, height: int, width: int, images: int, decode: bool) -> None:
+        """Before any allocation: the size asked against the memory of the device it runs on."""
+        vae = self.vae
+        itemsize = 4 if vae is None or needs_upcast(vae) else vae.dtype.itemsize
+        check_memory(
+            height=height, width=width, images=images, factor=self.vae_scale_factor,
+            latent_channels=vae.config.latent_channels if vae is not None else self.unet.config.in_channels,
+            vae_block_out_channels=vae.config.block_out_channels if vae is not None else (128, 256),
+            vae_itemsize=itemsize, decode=decode and vae is not None, device=self._execution_device,
+        )
+
     # ---- the call ---------------------------------------------------------------------
     @torch.no_grad()
     def _generate(
@@ -176,6 +189,8 @@ class StableDiffusionBase(DiffusionPipeline):
             raise InputError(f"callback_on_step_end_tensor_inputs {unknown} are not in {list(self.callback_tensor_names)}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("eta", eta), ("guidance_rescale", guidance_rescale)):
+            check_finite_number(name, value)
         self._check_task(args)
         height, width = self._task_size(height, width, args)
         if height is not None:
@@ -183,6 +198,8 @@ class StableDiffusionBase(DiffusionPipeline):
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds, prompt_embeds)
         check_generators(generator, batch_size * num_images_per_prompt)
+        if height is not None:
+            self._check_memory(height, width, batch_size * num_images_per_prompt, output_type != "latent")
 
         do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
         call = GenerationCall(
@@ -218,6 +235,11 @@ class StableDiffusionBase(DiffusionPipeline):
         else:
             decoded = decode_latents(self, self.vae, latents, where=type(self).__name__)
             images = postprocess(decoded, output_type)
+        return self._output(images, return_dict)
+
+    @staticmethod
+    def _output(images, return_dict: bool):
+        """diffusers' SD return value: no safety checker runs, so the NSFW slot is None."""
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)
