@@ -38,6 +38,14 @@ def sd_unet(tmp_path_factory):
     return folder
 
 
+@pytest.fixture(autouse=True)
+def _diffusers_verbosity_restored():
+    """Tests here quiet diffusers' logger; later modules compare against its warnings."""
+    before = diffusers.utils.logging.get_verbosity()
+    yield
+    diffusers.utils.logging.set_verbosity(before)
+
+
 def _quiet_diffusers():
     diffusers.utils.logging.set_verbosity_error()
 
