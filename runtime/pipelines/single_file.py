@@ -188,7 +188,7 @@ class FromSingleFileMixin:
                 prefix = "conditioner.embedders.1.model." if te is not None else "conditioner.embedders.0.model."
                 tensors.update(writer.text_original(te2, "open_clip", prefix, False))
         elif te is not None:
-            if te.config.hidden_act == "quick_gelu":
+            if not self.unet.config.use_linear_projection:  # SD 1.x: OpenAI CLIP; SD 2.x: OpenCLIP
                 tensors.update(writer.text_original(te, "clip", "cond_stage_model.transformer.", False))
             else:  # OpenCLIP (SD 2.x): one layer more than the penultimate-layer encoder uses
                 tensors.update(writer.text_original(te, "open_clip", "cond_stage_model.model.", True))
