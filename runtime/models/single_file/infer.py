@@ -102,6 +102,13 @@ def describe_unknown(keys) -> str:
 
 def detect(sd: dict[str, torch.Tensor]) -> FileType:
     """The file's type from its keys (and, where keys do not tell, the cross-attention width)."""
+    try:
+        return _detect(sd)
+    except (IndexError, KeyError, AttributeError):  # marker keys with impossible shapes
+        raise CheckpointError(describe_unknown(sd.keys())) from None
+
+
+def _detect(sd: dict[str, torch.Tensor]) -> FileType:
     keys = sd.keys()
     if not _has_prefix(keys, UNET):
         if all(k in sd for k in SIGNATURES["vae"]):
@@ -211,7 +218,7 @@ def unet_config(unet_sd: dict, family: str, name: str, pooled_width: int | None 
     """(UNet config, whether it is the shipped standard one) for original-layout UNet keys."""
     derived = unet_keys.infer_config(unet_sd)
     standard = _standard(name).get("unet")
-    if standard and all(_same(derived.get(k), standard.get(k)) for k in SHAPE_KEYS):
+    if standard and _matches_standard(derived, standard):
         config = copy.deepcopy(standard)
         if family == "sd2" and prediction_type == "epsilon" and name == "v2":
             config.update(sample_size=64, upcast_attention=False)  # SD 2.x "base" (512)
@@ -230,6 +237,26 @@ def unet_config(unet_sd: dict, family: str, name: str, pooled_width: int | None 
         else:
             config["class_embed_type"] = "projection"
     return config, False
+
+
+UNET_DEFAULTS = {"use_linear_projection": False, "transformer_layers_per_block": 1,
+                 "projection_class_embeddings_input_dim": None}
+
+
+def _matches_standard(derived: dict, standard: dict) -> bool:
+    """The shape-settled keys agree; transformer depth only where a block attends."""
+    for key in SHAPE_KEYS:
+        a, b = derived.get(key, UNET_DEFAULTS.get(key)), standard.get(key, UNET_DEFAULTS.get(key))
+        if key == "transformer_layers_per_block":
+            n = len(derived["down_block_types"])
+            a = list(a) if isinstance(a, (list, tuple)) else [a] * n
+            b = list(b) if isinstance(b, (list, tuple)) else [b] * n
+            attends = [t.startswith("CrossAttn") for t in derived["down_block_types"]]
+            if len(a) != len(b) or any(x != y for x, y, on in zip(a, b, attends) if on):
+                return False
+        elif not _same(a, b):
+            return False
+    return True
 
 
 def _same(a, b) -> bool:
