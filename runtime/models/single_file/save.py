@@ -56,6 +56,9 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], configs: di
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the shared file private
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
