@@ -18,6 +18,7 @@ from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embe
 from .errors import InputError
 from .modeling import ModelMixin
 from .outputs import ModelOutput
+from .single_file import FromOriginalModelMixin
 from .unet_config import UNetLayout, resolve_layout
 
 
@@ -53,7 +54,7 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(FromOriginalModelMixin, ModelMixin):
     """Conditional UNet: ``(noisy latents, timestep, text states) -> prediction``."""
 
     @register_to_config

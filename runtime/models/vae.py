@@ -15,6 +15,7 @@ from .errors import ConfigError
 from .modeling import ModelMixin
 from .noise import randn_tensor
 from .outputs import AutoencoderKLOutput, DecoderOutput
+from .single_file import FromOriginalModelMixin
 from .vae_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
@@ -134,7 +135,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(FromOriginalModelMixin, ModelMixin):
     """VAE with a diagonal-Gaussian posterior: ``encode`` -> ``.latent_dist``, ``decode`` -> ``.sample``."""
 
     @register_to_config

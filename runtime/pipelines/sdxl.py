@@ -12,6 +12,7 @@ from runtime.models.errors import ConfigError
 from .output import StableDiffusionXLPipelineOutput
 from .prompts import as_list, repeat_per_image, tokenize
 from .sd_base import GenerationCall, StableDiffusionBase
+from .single_file import FromSingleFileMixin
 
 
 def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int | None):
@@ -21,7 +22,7 @@ def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int | None):
     return out.hidden_states[-(clip_skip + 2) if clip_skip else -2], pooled
 
 
-class StableDiffusionXLPipeline(StableDiffusionBase):
+class StableDiffusionXLPipeline(FromSingleFileMixin, StableDiffusionBase):
     """prompt -> image with SDXL; arguments and defaults as diffusers' StableDiffusionXLPipeline."""
 
     component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
