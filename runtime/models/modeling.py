@@ -257,6 +257,10 @@ class ModelMixin(nn.Module, ConfigMixin):
                 if str(config_path) in str(exc):
                     raise
                 raise ConfigError(f"{config_path}: {exc}") from None
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                    RuntimeError) as exc:  # a value of a type or range the constructor cannot take
+                raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
+                                  f"({type(exc).__name__}: {exc})") from exc
 
         on_meta = low_cpu_mem_usage and not ignore_mismatched_sizes
         if on_meta:
