@@ -25,7 +25,7 @@ from .registry import UNSUPPORTED_OPTIONAL, library_of, model_class, pipeline_cl
 
 logger = logging.getLogger(__name__)
 
-LOAD_KWARGS = ("variant", "use_safetensors")
+LOAD_KWARGS = ("variant", "use_safetensors", "check_finite")
 
 
 def _call_with_accepted(fn, *args, **kwargs):
