@@ -178,6 +178,9 @@ class DiffusionPipeline:
                 raise ConfigError(f"{index_path}: {cls.__name__} needs the component {name!r}, which is missing or null")
             return None
         library, class_name = entry
+        if not isinstance(class_name, str) or not isinstance(library, (str, type(None))):
+            raise ConfigError(f"{index_path}: component {name!r} is {list(entry)!r}; expected "
+                              "[library, class name], two strings")
         our = model_class(class_name)
         if our is None:
             if optional:

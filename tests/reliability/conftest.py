@@ -19,3 +19,14 @@ _COMMON = dict(database=None, derandomize=False, print_blob=True,
 settings.register_profile("ci", max_examples=40, deadline=timedelta(seconds=10), **_COMMON)
 settings.register_profile("long", max_examples=2000, deadline=timedelta(seconds=10), **_COMMON)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def stress_pipes(sd_folder):
+    """bench/bench_concurrency.py's pipelines over the tiny sd_folder (levels 0 and 3), built once."""
+    from bench.bench_concurrency import build_pipes
+
+    return build_pipes(sd_folder)

@@ -7,12 +7,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bench.bench_concurrency import build_pipes, make_requests, mismatches, run_concurrent, run_sequential
+from bench.bench_concurrency import make_requests, mismatches, run_concurrent, run_sequential
 
 
-@pytest.fixture(scope="module")
-def pipes(sd_folder):
-    return build_pipes(sd_folder)
+@pytest.fixture
+def pipes(stress_pipes):
+    return stress_pipes
 
 
 def test_concurrent_images_equal_their_sequential_twins(pipes):

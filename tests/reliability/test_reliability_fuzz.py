@@ -215,6 +215,7 @@ index_entries = (st.tuples(st.sampled_from(["diffusers", "transformers", "runtim
               st.none()),
     edits(INDEX_KEYS)))
 @example(edit=([("set", "_class_name", ["diffusers", "UNet2DConditionModel"])], None))  # unhashable list
+@example(edit=([("set", "unet", [None, []])], None))  # unhashable list as a component's class name
 @settings(max_examples=N // 2)
 def test_model_index_json(sd_folder, edit):
     ops, how = edit

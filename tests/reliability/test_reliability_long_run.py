@@ -1,4 +1,4 @@
-"""Long run, shortened: 50 generations in this process (levels 0 and 3, every task and scheduler of
+"""Long run, shortened: 40 generations in this process (levels 0 and 3, every task and scheduler of
 bench/bench_concurrency.py). After a warm-up, RSS grows by less than a bound per request (a
 least-squares slope over the second half), and open file descriptors, threads and live tensors
 stay flat. bench/bench_long_run.py runs 500 and writes the CSV (and a PNG)."""
@@ -8,19 +8,19 @@ import gc
 
 import pytest
 
-from bench.bench_concurrency import build_pipes, make_requests, run_one
+from bench.bench_concurrency import make_requests, run_one
 from bench.bench_long_run import run, sample, slope
 
 RSS_SLOPE_BOUND_MIB = 0.05  # 50 KiB per request: 25 MiB over 500; a leak of one 16x16 image a call is ~6 KiB
 
 
-@pytest.fixture(scope="module")
-def pipes(sd_folder):
-    return build_pipes(sd_folder)
+@pytest.fixture
+def pipes(stress_pipes):
+    return stress_pipes
 
 
 def test_resources_level_off(pipes):
-    requests = make_requests(50, sizes=(16, 24), steps=(2,), seed=3)
+    requests = make_requests(40, sizes=(16, 24), steps=(2,), seed=3)
     for req in requests[:10]:  # warm-up: allocator pools, kernel builds, per-thread caches
         run_one(pipes, req)
     gc.collect()
