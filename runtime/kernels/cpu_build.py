@@ -19,6 +19,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
@@ -42,14 +43,38 @@ def kernel_cache_dir() -> Path:
     return Path(root) / "diffusion-runtime" / "kernels"
 
 
+_fallback_dir: list[Path] = []
+
+
+def _writable_dir(preferred: Path) -> Path:
+    """``preferred`` if a library can be written there, else (with one warning) a private temporary
+    folder for this process: a read-only or unusable cache costs a rebuild per process, not a crash."""
+    try:
+        preferred.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(suffix=".probe", dir=preferred)
+        os.close(fd)
+        os.unlink(probe)
+        return preferred
+    except OSError as e:
+        if not _fallback_dir:
+            _fallback_dir.append(Path(tempfile.mkdtemp(prefix="diffusion-runtime-kernels-")))
+            warnings.warn(f"kernel cache {preferred} is not writable ({e}); building our CPU kernels in "
+                          f"{_fallback_dir[0]} for this process only (set XDG_CACHE_HOME to a writable folder "
+                          "to keep them)", RuntimeWarning, stacklevel=3)
+        return _fallback_dir[0]
+
+
 def _compiler() -> str | None:
     return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
 
 
 def _build(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> str | None:
     """Compile ``source`` into ``target``; None, or why it failed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
+    except OSError as e:
+        return f"building {source.name}: cannot write to {target.parent}: {e}"
     os.close(fd)
     try:
         done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True,
@@ -89,6 +114,8 @@ def _load(source: Path, bf16: bool) -> tuple[ctypes.CDLL | None, str | None]:
     parts = [source.read_bytes()] + [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # cpu_math.h
     key = hashlib.sha256(b"".join(parts) + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
     path = kernel_cache_dir() / f"{source.stem}-{key}.so"
+    if not path.exists():  # a read-only cache that already holds the library is used as it is
+        path = _writable_dir(path.parent) / path.name
     if not path.exists():
         why = _build(compiler, source, path, flags)
         if why:

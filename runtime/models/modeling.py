@@ -21,7 +21,7 @@ from .checkpoint_files import WeightNames, find_weight_files
 from .checkpoint_save import save_folder
 from .config import ConfigMixin, read_json
 from .device_map import auto_device_map, dispatch, normalize_device_map, parse_max_memory
-from .errors import CheckpointNotFoundError, ConfigError, InputError
+from .errors import CheckpointError, CheckpointNotFoundError, ConfigError, InputError
 from .hub import _local_dir, resolve_folder
 from .meta_build import skip_init_on_meta
 from .pickle_io import load_pickle
@@ -58,6 +58,15 @@ def _resolve_dtype(dtype, torch_dtype) -> torch.dtype | None:
     if value is not None and not isinstance(value, torch.dtype):
         raise InputError(f"from_pretrained: dtype must be a torch.dtype, got {value!r}")
     return value
+
+
+def _check_finite_weights(tensors: dict, file) -> None:
+    """``from_pretrained(check_finite=True)``: NaN/inf in a weight is an error naming file and key."""
+    for key, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            bad = int((~torch.isfinite(tensor)).sum())
+            raise CheckpointError(f"{file}: weight {key!r} ({tensor.dtype}, shape {tuple(tensor.shape)}) holds {bad} "
+                                  f"NaN/inf value(s) of {tensor.numel()}")
 
 
 class ModelMixin(nn.Module, ConfigMixin):
@@ -191,6 +200,7 @@ class ModelMixin(nn.Module, ConfigMixin):
         offload_state_dict: bool | None = None,
         ignore_mismatched_sizes: bool = False,
         disable_mmap: bool = False,
+        check_finite: bool = False,
         **config_overrides,
     ):
         """Load a model from a diffusers-layout folder or hub id (``torch_dtype`` is ``dtype``'s alias).
@@ -206,6 +216,8 @@ class ModelMixin(nn.Module, ConfigMixin):
         ``output_loading_info=True`` returns ``(model, {"missing_keys", "unexpected_keys",
         "mismatched_keys", "error_msgs"})``; ``device_map`` / ``max_memory`` / ``offload_folder`` /
         ``offload_state_dict``: runtime/models/device_map.py (no accelerate needed);
+        ``check_finite=True`` reads every floating tensor once and raises CheckpointError naming
+        the file and the first key that holds NaN or inf (off by default: it reads all the weights).
         ``ignore_mismatched_sizes=True`` keeps the model's freshly initialised tensor for each
         weight whose checkpoint shape differs (warning naming key and shapes); the model is then
         built with real tensors, as with ``low_cpu_mem_usage=False``. ``disable_mmap=True``
@@ -257,6 +269,10 @@ class ModelMixin(nn.Module, ConfigMixin):
                 if str(config_path) in str(exc):
                     raise
                 raise ConfigError(f"{config_path}: {exc}") from None
+            except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                    RuntimeError) as exc:  # a value of a type or range the constructor cannot take
+                raise ConfigError(f"{config_path}: cannot build {cls.__name__} from this config "
+                                  f"({type(exc).__name__}: {exc})") from exc
 
         on_meta = low_cpu_mem_usage and not ignore_mismatched_sizes
         if on_meta:
@@ -267,7 +283,10 @@ class ModelMixin(nn.Module, ConfigMixin):
 
         state_dict: dict[str, torch.Tensor] = {}
         for file in files.files:
-            state_dict.update(load_safetensors(file) if files.format == "safetensors" else load_pickle(file))
+            part = load_safetensors(file) if files.format == "safetensors" else load_pickle(file)
+            if check_finite:
+                _check_finite_weights(part, file)
+            state_dict.update(part)
         if disable_mmap:
             state_dict = {k: v.clone() for k, v in state_dict.items()}
         source = str(files.index or files.files[0])

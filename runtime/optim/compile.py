@@ -43,6 +43,25 @@ def default_cache_dir() -> str:
     return os.path.join(root, "diffusion-runtime", "inductor")
 
 
+def usable_cache_dir(path: str) -> str:
+    """``path``, created if needed; where it cannot be written (read-only volume, a file in the way),
+    a temporary folder for this process, with a warning: compiling then starts cold, never crashes."""
+    import tempfile
+    import warnings
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(suffix=".probe", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        return path
+    except OSError as e:
+        fallback = tempfile.mkdtemp(prefix="diffusion-runtime-inductor-")
+        warnings.warn(f"compile cache {path} is not writable ({e}); using {fallback} for this process "
+                      "(no warm start next time)", RuntimeWarning, stacklevel=3)
+        return fallback
+
+
 @contextmanager
 def inductor_cache_dir(path: str):
     """Point inductor's on-disk caches at ``path`` for the duration of a compiled call."""
@@ -155,8 +174,7 @@ class CompilePass(Pass):
         return found
 
     def apply(self, pipe) -> None:
-        cache_dir = str(Path(self.cache_dir or default_cache_dir()).expanduser())
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_dir = usable_cache_dir(str(Path(self.cache_dir or default_cache_dir()).expanduser()))
         # Frozen weights are per-instance constants: regional blocks could no longer share code.
         default_freezing = pipeline_device(pipe).type == "cpu" and not self._regional(pipe)
         freezing = self.freezing if self.freezing is not None else default_freezing

@@ -25,7 +25,7 @@ from .registry import UNSUPPORTED_OPTIONAL, library_of, model_class, pipeline_cl
 
 logger = logging.getLogger(__name__)
 
-LOAD_KWARGS = ("variant", "use_safetensors")
+LOAD_KWARGS = ("variant", "use_safetensors", "check_finite")
 
 
 def _call_with_accepted(fn, *args, **kwargs):
@@ -163,7 +163,7 @@ class DiffusionPipeline:
         if cls.component_names:  # a concrete pipeline class loads any compatible folder
             return cls
         name = index.get("_class_name")
-        if name not in classes:
+        if not isinstance(name, str) or name not in classes:
             raise ConfigError(
                 f"{index_path}: _class_name {name!r} is not a pipeline diffusion-runtime implements; "
                 f"supported: {', '.join(sorted(classes))}"
@@ -178,6 +178,9 @@ class DiffusionPipeline:
                 raise ConfigError(f"{index_path}: {cls.__name__} needs the component {name!r}, which is missing or null")
             return None
         library, class_name = entry
+        if not isinstance(class_name, str) or not isinstance(library, (str, type(None))):
+            raise ConfigError(f"{index_path}: component {name!r} is {list(entry)!r}; expected "
+                              "[library, class name], two strings")
         our = model_class(class_name)
         if our is None:
             if optional:
@@ -195,18 +198,45 @@ class DiffusionPipeline:
 
     # ---- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None, **kwargs) -> None:
-        """Write model_index.json and each component in its subfolder (model_index.json last)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
-        index.update({k: v for k, v in self.config.items() if not k.startswith("_")})
-        for name, component in self.components.items():
-            if component is None:
-                index[name] = [None, None]
-                continue
-            index[name] = [library_of(component), type(component).__name__]
-            _call_with_accepted(component.save_pretrained, directory / name, variant=variant, **kwargs)
-        atomic_write_text(directory / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+        """Write model_index.json and each component in its subfolder (model_index.json last).
+
+        The whole folder is written in a temporary sibling (what the target already holds is carried
+        over as hard links, so other variants stay) and swapped in at the end, as a model's save is
+        (runtime/models/checkpoint_save.py): a crash or a full disk leaves the previous pipeline
+        folder as it was, never some components old and others new. Large files are carried over as
+        hard links: every writer of weights writes new files, never into an existing one."""
+        import errno
+        import shutil
+        import tempfile
+
+        from runtime.models.checkpoint_save import _link_or_copy, disk_full, swap_in
+
+        directory = Path(save_directory).expanduser().absolute()
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+        try:
+            if directory.is_dir():  # small files copied, so nothing written in place can reach the old folder
+                shutil.copytree(directory, tmp, symlinks=True, dirs_exist_ok=True,
+                                ignore=lambda d, names: ["model_index.json"] if Path(d) == directory else [],
+                                copy_function=lambda a, b: (shutil.copy2(a, b) if os.path.getsize(a) < 2**20
+                                                            else _link_or_copy(a, b)))
+            index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+            index.update({k: v for k, v in self.config.items() if not k.startswith("_")})
+            for name, component in self.components.items():
+                if component is None:
+                    index[name] = [None, None]
+                    continue
+                index[name] = [library_of(component), type(component).__name__]
+                _call_with_accepted(component.save_pretrained, tmp / name, variant=variant, **kwargs)
+            atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+            swap_in(tmp, directory)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise disk_full(directory) from exc
+            raise
 
     # ---- sharing ---------------------------------------------------------------------------
     @classmethod

@@ -68,4 +68,13 @@ def decode_latents(pipe, vae, latents: torch.Tensor, where: str) -> torch.Tensor
     else:
         latents = latents / config.scaling_factor
     latents = latents.to(device=model.device, dtype=model.dtype)
-    return model.decode(latents, return_dict=False)[0]
+    image = model.decode(latents, return_dict=False)[0]
+    if not bool(torch.isfinite(image).all()):
+        from runtime.models.errors import InputError
+
+        bad = int((~torch.isfinite(image)).sum())
+        raise InputError(f"{where}: the VAE decoder's output holds {bad} NaN/inf value(s) of {image.numel()} "
+                         f"in {model.dtype} from finite latents" + (
+                             f": {model.dtype} overflowed; run the VAE in float32 (force_upcast)"
+                             if model.dtype in (torch.float16, torch.bfloat16) else ""))
+    return image

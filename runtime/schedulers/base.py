@@ -177,12 +177,27 @@ DDPM_BETA_SCHEDULES = (*BETA_SCHEDULES, "laplace", "sigmoid")
 HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")
 
 
+MAX_TRAIN_TIMESTEPS = 100_000
+
+
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
                trained_betas=None, scheduler: str = "scheduler", beta_schedules=BETA_SCHEDULES) -> torch.Tensor:
     """The training noise schedule named by a scheduler config (the beta_schedule values diffusers
     takes for that scheduler, ``beta_schedules``)."""
+    if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) \
+            or not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        # a bound, so a corrupt config is an error rather than a multi-GB schedule or an hour-long loop
+        raise ConfigError(f"{scheduler}: num_train_timesteps={num_train_timesteps!r} must be an integer from 1 to "
+                          f"{MAX_TRAIN_TIMESTEPS} (released models use 1000)")
     if trained_betas is not None:
-        return torch.tensor(np.asarray(trained_betas), dtype=torch.float32)
+        try:
+            betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+        except (TypeError, ValueError, OverflowError):
+            betas = None
+        if betas is None or betas.shape != (num_train_timesteps,) or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ConfigError(f"{scheduler}: trained_betas must be {num_train_timesteps} numbers in (0, 1), one per "
+                              f"training timestep (num_train_timesteps); got {str(trained_betas)[:80]}")
+        return betas
     if beta_schedule not in beta_schedules:
         raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; "
                           f"expected one of {', '.join(beta_schedules)}")

@@ -88,6 +88,29 @@ def register_to_config(init):
     return wrapper
 
 
+def _check_value_types(cls, init_dict: dict) -> None:
+    """A config value must have its default's kind (int, float, bool, str) where the default has one:
+    ``steps_offset: null`` or ``clip_sample: "yes"`` is a ConfigError naming key and value, not a
+    TypeError from inside ``set_timesteps`` later."""
+    params = inspect.signature(cls.__init__).parameters
+    for key, value in init_dict.items():
+        default = params[key].default if key in params else None
+        if isinstance(default, bool):
+            ok = isinstance(value, (bool, np.bool_))
+        elif isinstance(default, int):
+            ok = isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+        elif isinstance(default, float):
+            ok = isinstance(value, (int, float, np.number)) and not isinstance(value, bool)
+        elif isinstance(default, str):
+            ok = isinstance(value, str)
+        else:
+            continue
+        if not ok:
+            raise ConfigError(f"{cls.__name__}: config value {key}={value!r} should be "
+                              f"{'a' if not isinstance(default, int) or isinstance(default, bool) else 'an'} "
+                              f"{type(default).__name__} (default {default!r})")
+
+
 def json_saveable(value):
     """A config value as JSON can hold it (numpy arrays and tensors become lists)."""
     if isinstance(value, (np.ndarray, torch.Tensor)):
@@ -161,7 +184,16 @@ class SchedulerConfigMixin(ConfigMixin):
         if not isinstance(config, Mapping):
             raise ConfigError(f"{cls.__name__}.from_config: expected a config mapping, got {type(config).__name__}")
         init_dict, unused, hidden = cls.extract_init_dict(config, **kwargs)
-        obj = cls(**init_dict)
+        _check_value_types(cls, init_dict)
+        try:
+            obj = cls(**init_dict)
+        except ConfigError:
+            raise
+        except (TypeError, ValueError, KeyError, IndexError, AttributeError, ZeroDivisionError, OverflowError,
+                RuntimeError) as exc:  # a value of a type or range the schedule cannot be built from
+            given = {k: init_dict[k] for k in init_dict if k in config or k in kwargs}
+            raise ConfigError(f"{cls.__name__}: cannot build the schedule from this config "
+                              f"({type(exc).__name__}: {exc}; config values given: {given})") from exc
         if "_class_name" in hidden:
             hidden["_class_name"] = cls.__name__
         obj.register_to_config(**hidden)
