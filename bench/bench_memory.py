@@ -204,6 +204,8 @@ def child_pipeline(args) -> dict:
     second = time.perf_counter() - start
     record.update({"before_mib": before, "peak_rss_mib": peak_rss_mib(), "first_call_s": first,
                    "seconds": second, "after_call_mib": rss_mib()})
+    if getattr(pipe, "optimization", None) is not None:  # packed copies are made at the first call
+        record["held_by_pass_after_call_mib"] = _pass_bytes(pipe)
     return record
 
 
@@ -230,6 +232,8 @@ def run(args) -> int:
         folder = sd15_vae_folder(out)
         vae_configs = [("diffusers", False, False, 1), ("ours", False, False, 1), ("ours", True, False, 1),
                        ("diffusers", True, False, 1), ("ours", False, False, 2), ("ours", False, True, 2)]
+        if args.vae_rows:
+            vae_configs = [vae_configs[int(i)] for i in args.vae_rows.split(",")]
         for impl, tiling, slicing, batch in vae_configs:
             name = f"{impl} VAE decode {args.vae_size}px" + (" tiled" if tiling else "") + (
                 f" batch {batch}" if batch > 1 else "") + (" sliced" if slicing else "")
@@ -268,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--out", default=str(DEFAULT_OUT))
     p_run.add_argument("--vae-size", type=int, default=1024)
     p_run.add_argument("--skip-vae", action="store_true")
+    p_run.add_argument("--vae-rows", default=None, help="indices into the VAE rows: 0 diffusers, 1 ours, "
+                       "2 ours tiled, 3 diffusers tiled, 4 ours batch 2, 5 ours batch 2 sliced")
     p_run.add_argument("--small", default=None, help="the bench small checkpoint folder (pipeline rows)")
     p_run.add_argument("--configs", default="eager,slicing-auto,slicing-max,vae-tiling,vae-slicing,L2")
     p_run.add_argument("--size", type=int, default=256)
