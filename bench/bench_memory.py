@@ -84,6 +84,14 @@ def child_vae(args) -> dict:
             "checksum": float(image.double().abs().mean())}
 
 
+def _storage(t) -> tuple[int, int]:
+    """(identity, bytes) of a tensor's storage; oneDNN's packed (opaque) tensors by object and size."""
+    try:
+        return t.untyped_storage().data_ptr(), t.untyped_storage().nbytes()
+    except (NotImplementedError, RuntimeError):
+        return id(t), t.numel() * t.element_size()
+
+
 def _pass_bytes(pipe) -> dict:
     """Per applied pass: MiB of tensors held in its state that are not the model's current tensors."""
     import torch
@@ -103,10 +111,10 @@ def _pass_bytes(pipe) -> dict:
             if isinstance(obj, torch.Tensor):
                 if obj.device.type == "meta":
                     return
-                ptr = obj.untyped_storage().data_ptr()
+                ptr, nbytes = _storage(obj)
                 if ptr not in seen and ptr not in live:
                     seen.add(ptr)
-                    total += obj.untyped_storage().nbytes()
+                    total += nbytes
             elif isinstance(obj, dict):
                 for v in obj.values():
                     walk(v, depth + 1)
@@ -131,10 +139,10 @@ def _pass_bytes(pipe) -> dict:
     def count(v, depth=0):
         nonlocal extra
         if isinstance(v, torch.Tensor) and v.device.type != "meta":
-            ptr = v.untyped_storage().data_ptr()
+            ptr, nbytes = _storage(v)
             if ptr not in seen and ptr not in live:
                 seen.add(ptr)
-                extra += v.untyped_storage().nbytes()
+                extra += nbytes
         elif depth < 3 and isinstance(v, (list, tuple)):
             for x in v:
                 count(x, depth + 1)
