@@ -8,6 +8,9 @@ Extension points (docs/ARCHITECTURE.md §3):
   ``compute()`` runs the attention; a pass (TGATE) may return a cached output instead.
 - ``fuse_projections`` / ``unfuse_projections``: one matmul for q/k/v (self-attention) or k/v
   (cross-attention); the separate projections stay, so unfusing is exact.
+- ``Attention.slice_size`` (``set_attention_slice``): ``None``, or diffusers' sliced attention,
+  ``slice_size`` (batch x head) rows at a time, each slice computed by ``backend``
+  (runtime/models/attention_slicing.py).
 """
 from __future__ import annotations
 
@@ -16,6 +19,8 @@ from typing import Callable, Optional
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .attention_slicing import check_slice_size, sliced_attention
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -111,6 +116,18 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = sdpa_backend
         self.output_hook = None
         self.fused: str | None = None  # None, "qkv" or "kv"
+        self.slice_size: int | None = None  # sliced attention through ``backend`` (None: one call)
+
+    # ---- sliced attention (diffusers' set_attention_slice) ---------------------------------
+    @property
+    def sliceable_head_dim(self) -> int:
+        """What diffusers slices over: the head count (slices run over batch x heads)."""
+        return self.heads
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute attention ``slice_size`` (batch x head) rows at a time; ``None`` turns it off."""
+        check_slice_size(slice_size, self.sliceable_head_dim)
+        self.slice_size = slice_size
 
     # ---- fused projections ---------------------------------------------------------------
     @torch.no_grad()
@@ -154,7 +171,10 @@ class Attention(nn.Module):
         q = q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
         k = k.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
-        out = self.backend(q, k, v, mask)
+        if self.slice_size is None:
+            out = self.backend(q, k, v, mask)
+        else:
+            out = sliced_attention(self.backend, q, k, v, mask, self.slice_size)
         # (B, H, T, D) -> (B, T, H*D)
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
         return self.to_out[1](self.to_out[0](out))

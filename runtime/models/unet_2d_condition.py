@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention_slicing import AttentionSlicingMixin
 from .block_table import build_block
 from .config import register_to_config
 from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embedding
@@ -54,7 +55,7 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
-class UNet2DConditionModel(FromOriginalModelMixin, ModelMixin):
+class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelMixin):
     """Conditional UNet: ``(noisy latents, timestep, text states) -> prediction``."""
 
     @register_to_config

@@ -127,7 +127,8 @@ def available_memory(device: torch.device) -> tuple[int | None, str]:
 
 
 def generation_bytes(*, images: int, height: int, width: int, factor: int, latent_channels: int,
-                     vae_block_out_channels, vae_itemsize: int, decode: bool) -> tuple[int, int, str]:
+                     vae_block_out_channels, vae_itemsize: int, decode: bool, decode_images: int | None = None,
+                     decode_size: tuple[int, int] | None = None) -> tuple[int, int, str]:
     """(latent bytes, decode bytes, how they were estimated) for ``images`` images of height x width.
 
     Latents: fp32, ``images`` x channels x (H/f) x (W/f), counted 4 times (the latents, their
@@ -136,23 +137,32 @@ def generation_bytes(*, images: int, height: int, width: int, factor: int, laten
     up block, ``block_out_channels[1]``, after the final upsampling) x 3 (the input, its normalized
     copy and a convolution's output are alive together), for the whole batch at once. The UNet's
     own activations live at latent resolution and are smaller; weights are loaded already.
+    ``decode_images`` (VAE slicing: 1) and ``decode_size`` (VAE tiling: one tile's height and width)
+    bound what one decoder call holds; the decoded image itself is counted then (3 channels, fp32).
     """
     latent_one = latent_channels * (height // factor) * (width // factor) * 4
     latents = 4 * images * latent_one
     widest = max(list(vae_block_out_channels)[:2])
-    decode_bytes = 3 * images * widest * height * width * vae_itemsize if decode else 0
+    n = images if decode_images is None else min(images, decode_images)
+    dh, dw = decode_size if decode_size is not None else (height, width)
+    decode_bytes = 3 * n * widest * dh * dw * vae_itemsize if decode else 0
+    if decode and (n != images or (dh, dw) != (height, width)):
+        decode_bytes += 2 * images * 3 * height * width * 4  # the tiles / slices and their concatenation
     basis = (f"latents: 4 x {images} x {latent_channels} x {height // factor} x {width // factor} fp32"
-             + (f"; VAE decode: 3 x {images} x {widest} channels x {height} x {width} x {vae_itemsize} bytes "
-                "(its widest full-resolution activation, 3 alive at once)" if decode else ""))
+             + (f"; VAE decode: 3 x {n} x {widest} channels x {dh} x {dw} x {vae_itemsize} bytes "
+                "(its widest full-resolution activation, 3 alive at once"
+                + (", per slice / tile" if (n, dh, dw) != (images, height, width) else "") + ")" if decode else ""))
     return latents, decode_bytes, basis
 
 
 def check_memory(*, height: int, width: int, images: int, factor: int, latent_channels: int,
-                 vae_block_out_channels, vae_itemsize: int, decode: bool, device: torch.device) -> None:
+                 vae_block_out_channels, vae_itemsize: int, decode: bool, device: torch.device,
+                 decode_images: int | None = None, decode_size: tuple[int, int] | None = None) -> None:
     """Refuse, before allocating anything, a size whose estimated need exceeds the memory there is."""
     latents, decode_bytes, basis = generation_bytes(
         images=images, height=height, width=width, factor=factor, latent_channels=latent_channels,
-        vae_block_out_channels=vae_block_out_channels, vae_itemsize=vae_itemsize, decode=decode)
+        vae_block_out_channels=vae_block_out_channels, vae_itemsize=vae_itemsize, decode=decode,
+        decode_images=decode_images, decode_size=decode_size)
     need = latents + decode_bytes
     available, source = available_memory(device)
     limit, against = (available, f"{_gib(available)} available ({source})") if available is not None else (

@@ -18,6 +18,7 @@ class DDPMPipeline(DiffusionPipeline):
     """noise -> image with an unconditional UNet; works with any scheduler (DDPM, DDIM, ...)."""
 
     component_names = ("unet", "scheduler")
+    model_cpu_offload_seq = "unet"
 
     @torch.no_grad()
     def __call__(self, batch_size: int = 1, generator=None, num_inference_steps: int = 1000,
@@ -33,7 +34,8 @@ class DDPMPipeline(DiffusionPipeline):
         size = self.unet.config.sample_size
         size = (size, size) if isinstance(size, int) else tuple(size)
         shape = (batch_size, self.unet.config.in_channels, *size)
-        device = self.unet.device
+        device = self._execution_device
+        self._offload_phase("unet")
         scheduler = fresh_scheduler(self.scheduler)
         scheduler.set_timesteps(num_inference_steps, device=device)
         # fp32 sample and scheduler math whatever the UNet's dtype (the loop casts at the call)
@@ -46,6 +48,7 @@ class DDPMPipeline(DiffusionPipeline):
         if output_type != "latent":
             check_finite(image, "DDPMPipeline")
             image = postprocess(image, output_type)
+        self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
