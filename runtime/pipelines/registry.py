@@ -1,7 +1,7 @@
 """The one table from model_index.json class names to our classes, and back to libraries.
 
 model_index.json names each component as [library, class]; we map the class name to our own
-implementation. Names we do not implement (safety checker, image processor) map to None, and
+implementation. Names we do not implement (safety checker, CLIP image processor) map to None, and
 the pipeline loads without them.
 """
 from __future__ import annotations
