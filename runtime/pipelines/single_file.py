@@ -51,7 +51,9 @@ def _scheduler_class(config: dict, source: str):
 
 class FromSingleFileMixin:
     """Mixed into the SD and SDXL pipeline classes (runtime/pipelines/stable_diffusion.py, img2img.py,
-    inpaint.py, sdxl.py; the SDXL task classes inherit it)."""
+    inpaint.py, sdxl.py; the SDXL task classes and depth2img.py inherit it). A depth-to-image file
+    holds no depth estimator: it loads as None unless ``depth_estimator=`` / ``feature_extractor=``
+    are passed, and calls then need ``depth_map=``."""
 
     @classmethod
     def from_single_file(cls, pretrained_model_link_or_path, config=None, original_config=None, torch_dtype=None,
@@ -128,6 +130,8 @@ class FromSingleFileMixin:
                 build.check_vocabulary(parts[text_name], ckpt.source, text_name)
                 settings = standard.get(tok_name) or {"pad_token": DEFAULT_PAD[ftype.text[text_name][0]]}
                 parts[tok_name] = build.shipped_tokenizer(CLIPTokenizer, settings)
+        if "depth_estimator" in cls.component_names and folder is not None:
+            parts.update(cls._depth_parts(config, folder, parts, dtype, hub))
         if "scheduler" not in parts:
             parts["scheduler"] = cls._single_file_scheduler(folder, config, stored, standard, prediction_type, ckpt.source)
         elif prediction_type is not None:
@@ -152,13 +156,31 @@ class FromSingleFileMixin:
             raise ConfigError(f"{source}: a bare {'VAE' if ftype.name == 'vae' else 'UNet'} file, not a full checkpoint; "
                               f"load it with {'AutoencoderKL' if ftype.name == 'vae' else 'UNet2DConditionModel'}"
                               f".from_single_file and pass it to from_pretrained / from_single_file")
-        if ftype.name == "depth":
-            raise ConfigError(f"{source}: an SD 2.x depth-to-image checkpoint (5 UNet input channels); diffusion-runtime "
-                              f"has no StableDiffusionDepth2ImgPipeline (UNet2DConditionModel.from_single_file loads its UNet)")
+        depth_class = "depth_estimator" in cls.component_names
+        if (ftype.name == "depth") != depth_class:
+            if depth_class:
+                raise ConfigError(f"{source}: not a depth-to-image checkpoint ({ftype.name}, UNet without the 5th "
+                                  f"depth input channel); {cls.__name__} cannot run it")
+            raise ConfigError(f"{source}: an SD 2.x depth-to-image checkpoint (5 UNet input channels); load it with "
+                              f"StableDiffusionDepth2ImgPipeline.from_single_file")
         if xl_class != (ftype.family in XL_FAMILIES):
             kind = "an SDXL" if ftype.family in XL_FAMILIES else "an SD 1.x / 2.x"
             hint = "StableDiffusionXLPipeline" if ftype.family in XL_FAMILIES else "StableDiffusionPipeline"
             raise ConfigError(f"{source}: {kind} checkpoint ({ftype.name}); {cls.__name__} cannot run it, use {hint}")
+
+    @staticmethod
+    def _depth_parts(config, folder: Path, parts: dict, dtype, hub: dict) -> dict:
+        """The depth estimator and image processor of a ``config=`` folder that has them."""
+        from runtime.models.dpt import DPTForDepthEstimation
+        from runtime.models.dpt_image_processor import DPTImageProcessor
+
+        found = {}
+        if "depth_estimator" not in parts and (folder / "depth_estimator" / "config.json").is_file():
+            found["depth_estimator"] = DPTForDepthEstimation.from_pretrained(
+                str(config), subfolder="depth_estimator", dtype=dtype, **hub)
+        if "feature_extractor" not in parts and (folder / "feature_extractor" / "preprocessor_config.json").is_file():
+            found["feature_extractor"] = DPTImageProcessor.from_pretrained(folder, subfolder="feature_extractor")
+        return found
 
     @classmethod
     def _single_file_scheduler(cls, folder, config, stored, standard, prediction_type, source):
