@@ -13,7 +13,6 @@ AVX-512; ``cpu_linear_geglu_ready(dtype)`` says why one cannot run here.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -32,9 +31,7 @@ def cpu_linear_geglu_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
     why not."""
     if dtype not in SOURCES:
         return f"the kernel is for bf16 or fp32, not {dtype}"
-    return cpu_build.bind(_states[dtype], SOURCES[dtype], lambda: {_ENTRY[dtype]: (None, [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int])}, bf16=dtype == torch.bfloat16)
+    return cpu_build.bind(_states[dtype], SOURCES[dtype])  # entry points: linear_geglu_cpu.h, linear_geglu_f32_cpu.h
 
 
 def _packed_shape(d: int, k: int, dtype: torch.dtype) -> tuple[int, ...]:

@@ -20,7 +20,6 @@ from docstrings'; tests/kernels/test_winograd_cpu.py holds it to a budget).
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -36,13 +35,7 @@ GROUP = 64  # tiles per task: each pass over the kernel's weights serves this ma
 
 def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
-    def symbols():
-        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        with_residual = args[:3] + [ctypes.c_void_p] + args[3:]
-        return {"dr_winograd_conv3x3_bf16": (None, with_residual), "dr_winograd_up2_conv3x3_bf16": (None, args),
-                "dr_winograd_weight_bf16": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4)}
-
-    return cpu_build.bind(_state, SOURCE, symbols)
+    return cpu_build.bind(_state, SOURCE)  # entry points: winograd_cpu.h
 
 
 def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:

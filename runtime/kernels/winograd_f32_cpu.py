@@ -13,7 +13,6 @@ levels 1 and 2 compute in fp32.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -28,12 +27,7 @@ _state: dict = {}
 
 def cpu_winograd_f32_ready() -> str | None:
     """None when the fp32 kernels run on this machine (building them on first call), else why not."""
-    def symbols():
-        args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        return {"dr_winograd_conv3x3_f32": (None, args),
-                "dr_winograd_weight_f32": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3)}
-
-    return cpu_build.bind(_state, SOURCE, symbols, bf16=False)
+    return cpu_build.bind(_state, SOURCE)  # entry points: winograd_f32_cpu.h
 
 
 def winograd_weight_f32(w: torch.Tensor) -> torch.Tensor:
