@@ -197,7 +197,7 @@ def test_read_only_kernel_cache_degrades_to_a_warning(tmp_path, monkeypatch):
     monkeypatch.setattr(cpu_build, "_loaded", {})
     source = Path(cpu_build.__file__).with_name("attention_f32_cpu.c")
     with pytest.warns(RuntimeWarning, match="not writable"):
-        lib, why = cpu_build.load(source, bf16=False)
+        lib, why = cpu_build.load(source)
     if cpu_build.machine_reason(bf16=False) is None and cpu_build._compiler():
         assert lib is not None, why  # built in the per-process fallback folder
     else:
@@ -213,7 +213,7 @@ def test_read_only_kernel_cache_that_holds_the_library_is_used(tmp_path, monkeyp
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "warm"))
     monkeypatch.setattr(cpu_build, "_loaded", {})
     source = Path(cpu_build.__file__).with_name("attention_f32_cpu.c")
-    assert cpu_build.load(source, bf16=False)[0] is not None
+    assert cpu_build.load(source)[0] is not None
     cache = cpu_build.kernel_cache_dir()
     mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(cache), str(cache)], capture_output=True).returncode == 0
     if not mounted:
@@ -222,7 +222,7 @@ def test_read_only_kernel_cache_that_holds_the_library_is_used(tmp_path, monkeyp
         monkeypatch.setattr(cpu_build, "_loaded", {})
         with warnings.catch_warnings():
             warnings.simplefilter("error")
-            lib, why = cpu_build.load(source, bf16=False)
+            lib, why = cpu_build.load(source)
         assert lib is not None, why
     finally:
         subprocess.run(["umount", str(cache)], check=True)
