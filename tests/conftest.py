@@ -1,7 +1,13 @@
 """Shared fixtures: the tiny diffusers-built checkpoints (each built once per run), and one torch
 thread per test process (tiny models run fastest so on the 2-core test machines)."""
-import pytest
-import torch
+import os
+
+# Triton fixes its interpreter mode when first imported, and the kernel tests run it on CPU: set it
+# before anything (torch's own Triton users included) can import triton (tests/kernels/conftest.py).
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from pipeline_fixtures import (  # noqa: F401  (tests/ is on sys.path through this conftest)
     ddpm_folder,
