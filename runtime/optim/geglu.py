@@ -104,17 +104,12 @@ class GEGLUPass(CpuKernelSlotPass):
         for module in self._modules(pipe):
             takes = tuple(d for d in dtypes if _fusable(module, d))
             if takes:
-                fused.append((module, module.fused))
-                module.fused = fused_linear_geglu(module, takes)
+                self.log().set(module, "fused", fused_linear_geglu(module, takes))
+                fused.append(module)
         self._state()["dtypes"] = "/".join("bf16" if d == torch.bfloat16 else "fp32" for d in dtypes) or "no"
 
     def describe(self) -> str:
         state = self._state()
         text = (f"{len(state.get('fused', []))} GEGLU projections fused with their activation ({state.get('dtypes')} "
-                f"calls), {len(state.get('previous', []))} activations on our bf16 kernel for the rest")
+                f"calls), {len(state.get('slotted', []))} activations on our bf16 kernel for the rest")
         return text + (f"; bf16 projections left to oneDNN: {AMX_REASON}" if not self.amx and cpu_has_amx() else "")
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("fused", [])):
-            module.fused = previous
-        super().revert(pipe)

@@ -133,14 +133,10 @@ class PrepackPass(Pass):
     def apply(self, pipe) -> None:
         patched = self._state().setdefault("patched", [])
         for module, packer in self._targets(pipe):
-            module.forward = packer(module)
+            self.log().set(module, "forward", packer(module))
             patched.append(module)
 
     def describe(self) -> str:
         patched = self._state().get("patched", [])
         convs = sum(isinstance(m, nn.Conv2d) for m in patched)
         return f"{convs} convolutions and {len(patched) - convs} linears packed for oneDNN"
-
-    def revert(self, pipe) -> None:
-        for module in self._state().pop("patched", []):
-            del module.__dict__["forward"]

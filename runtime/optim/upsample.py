@@ -112,12 +112,8 @@ class UpsamplePass(Pass):
     def apply(self, pipe) -> None:
         saved = self._state().setdefault("previous", [])
         for module in self._modules(pipe):
-            saved.append((module, module.conv_2x))
-            module.conv_2x = FoldedUpsampleConv(module)
+            self.log().set(module, "conv_2x", FoldedUpsampleConv(module))
+            saved.append(module)
 
     def describe(self) -> str:
         return f"{len(self._state().get('previous', []))} upsamplers folded into their convs"
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("previous", [])):
-            module.conv_2x = previous

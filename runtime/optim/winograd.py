@@ -192,36 +192,26 @@ class WinogradPass(Pass):
     def apply(self, pipe) -> None:
         convs, upsamplers = self._targets(pipe)
         self._state()["left_bf16"] = self._bf16_left(pipe)
+        log = self.log()
         patched = self._state().setdefault("patched", [])
         for module in convs:
             had = module.__dict__.get("forward")
-            module.forward = winograd_conv_forward(module, had or type(module).forward.__get__(module))
-            patched.append((module, had))
+            log.set(module, "forward", winograd_conv_forward(module, had or type(module).forward.__get__(module)))
+            patched.append(module)
         doubled = self._state().setdefault("upsamplers", [])
         for module in upsamplers:
-            doubled.append((module, module.conv_2x))
-            module.conv_2x = WinogradUpsampleConv(module.conv_2x)
+            log.set(module, "conv_2x", WinogradUpsampleConv(module.conv_2x))
+            doubled.append(module)
         taken = {id(m) for m in convs}
         fused = self._state().setdefault("residuals", [])
         for model in pipeline_models(pipe).values():
             for block in model.modules():
                 if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken:
-                    fused.append((block, block.conv2_residual))
-                    block.conv2_residual = WinogradResidual(block.conv2_residual)
+                    log.set(block, "conv2_residual", WinogradResidual(block.conv2_residual))
+                    fused.append(block)
 
     def describe(self) -> str:
         convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
         text = (f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before, "
                 f"{len(self._state().get('residuals', []))} with their ResNet block's residual add")
         return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
-
-    def revert(self, pipe) -> None:
-        for block, previous in reversed(self._state().pop("residuals", [])):
-            block.conv2_residual = previous
-        for module, previous in reversed(self._state().pop("upsamplers", [])):
-            module.conv_2x = previous
-        for module, had in reversed(self._state().pop("patched", [])):
-            if had is None:
-                del module.__dict__["forward"]
-            else:
-                module.forward = had
