@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .layers import Conv2d, Linear
+
 from .block_table import build_block
 from .config import register_to_config
 from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embedding
@@ -117,14 +119,14 @@ class UNet2DConditionModel(ModelMixin):
         self.num_upsamplers = lay.num_blocks - 1
         channels = list(block_out_channels)
 
-        self.conv_in = nn.Conv2d(in_channels, channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(in_channels, channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
 
         # time, class and added embeddings
         time_embed_dim = time_embedding_dim or channels[0] * 4
         self.time_proj = Timesteps(channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, act_fn=act_fn,
                                                 post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
-        self.encoder_hid_proj = nn.Linear(encoder_hid_dim, lay.cross_attention_dim[0]) \
+        self.encoder_hid_proj = Linear(encoder_hid_dim, lay.cross_attention_dim[0]) \
             if lay.encoder_hid_dim_type == "text_proj" else None
         self.class_embedding = None
         if class_embed_type is None and num_class_embeds is not None:
@@ -178,7 +180,7 @@ class UNet2DConditionModel(ModelMixin):
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
         self.conv_act = activation(act_fn)
-        self.conv_out = nn.Conv2d(channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
         self.feature_cache: FeatureCache | None = None
 
     # ---- stages ------------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from runtime.models.transformer_2d import GEGLU, geglu_activation
 
 from .components import pipeline_device
 from .hardware import AMX_REASON, cpu_has_amx
-from .prepack import weight_cache
+from .derived import derived
 from .slots import CpuKernelSlotPass
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -50,7 +50,7 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
                 or x.ndim < 1 or x.shape[-1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return None
-        entry = weight_cache(cache, w)
+        entry = derived(cache, w)
         if "packed" not in entry:
             entry["packed"] = linear_geglu_weight(w, w.dtype)
             entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
