@@ -1,5 +1,6 @@
-"""Benchmarks: our pipelines against the reference implementations on the same weights (DESIGN.md §9).
+"""Benchmarks: our pipelines against the reference implementations on the same weights (docs/ARCHITECTURE.md §9).
 
-``python3 -m bench --quick`` runs the smoke comparison; ``bench.cli.main(argv)`` is the
-``diffusion-runtime bench`` subcommand; ``bench/micro`` holds pytest-benchmark per-function timings.
+Run from a checkout of the repository (this folder is not installed with the package):
+``python3 -m bench --quick`` runs the smoke comparison through ``bench.cli.main(argv)``;
+``bench/micro`` holds pytest-benchmark per-function timings.
 """

@@ -1,4 +1,4 @@
-"""Conv+GroupNorm+SiLU at UNet shapes, NCHW vs channels_last, fp32 and bf16 (informs optim/memory_format.py).
+"""Conv+GroupNorm+SiLU at UNet shapes, NCHW vs channels_last, fp32 and bf16 (informs runtime/optim/memory_format.py).
 
 Run: python3 bench/bench_channels_last.py
 """

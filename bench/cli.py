@@ -1,4 +1,4 @@
-"""``python3 -m bench`` / ``diffusion-runtime bench``: the whole-pipeline comparison, written to a results folder.
+"""``python3 -m bench`` (from a checkout): the whole-pipeline comparison, written to a results folder.
 
     python3 -m bench --quick --out results/quick            # tiny model, a minute or two
     python3 -m bench --model small --out results/small       # the full comparison (tens of minutes)

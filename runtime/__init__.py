@@ -16,6 +16,7 @@ from .pipelines import (  # noqa: F401
     DDPMPipeline,
     DiffusionPipeline,
     ImagePipelineOutput,
+    StableDiffusionDepth2ImgPipeline,
     StableDiffusionImg2ImgPipeline,
     StableDiffusionInpaintPipeline,
     StableDiffusionPipeline,
@@ -37,6 +38,9 @@ _MODEL_CLASSES = {
     "CLIPTextModel": "runtime.models.clip",
     "CLIPTextModelWithProjection": "runtime.models.clip",
     "CLIPTokenizer": "runtime.models.tokenizer",
+    "DPTForDepthEstimation": "runtime.models.dpt",
+    "DPTImageProcessor": "runtime.models.dpt_image_processor",
+    "DPTFeatureExtractor": "runtime.models.dpt_image_processor",
 }
 
 

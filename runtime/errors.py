@@ -1,8 +1,10 @@
-"""Public error classes; defined in ``models.errors`` so every layer can raise them."""
+"""Public error classes; defined in ``runtime.models.errors`` so every layer can raise them."""
 from runtime.models.errors import (  # noqa: F401
+    BackendUnavailableError,
     CheckpointError,
     CheckpointNotFoundError,
     ConfigError,
+    DependencyMissingError,
     InputError,
     MissingWeightsError,
     OptimizationError,

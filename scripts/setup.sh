@@ -12,3 +12,7 @@ pip_install -e ".[test]"
 pip_install --no-deps open-clip-torch
 # The DeepCache peer of the benchmark suite (works with diffusers 0.42; its pins are old): --no-deps.
 pip_install --no-deps deepcache
+# The C kernels this CPU can run, compiled into the kernel cache now, so that no test or first call
+# pays the compiler (an editable install builds nothing itself; a wheel carries them prebuilt).
+# Never fails the set-up: a kernel that cannot build falls back to PyTorch's operators.
+python3 -m runtime.kernels.build

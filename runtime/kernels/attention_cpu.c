@@ -1,4 +1,4 @@
-/* Fused attention forward, bf16, for x86-64 CPUs with AVX512-BF16 (kernels/attention_cpu.py).
+/* Fused attention forward, bf16, for x86-64 CPUs with AVX512-BF16 (runtime/kernels/attention_cpu.py).
  *
  * out[b, h, i, :] = softmax(scale * q[b, h, i, :] . k[b, h, :, :]^T) v[b, h, :, :]
  * with bf16 inputs and output, fp32 scores, softmax and accumulation. No mask, no dropout.

@@ -7,8 +7,9 @@ head_dim)`` tensors, like PyTorch's SDPA without a mask, and returns its output 
 merging the heads afterwards is free. Inputs may be any strided view with a contiguous last dim
 (the head split of a projection is read in place).
 
-The sources are compiled on first use with the system C compiler and loaded with ctypes
-(cpu_build.py), and run with the thread count torch uses. ``cpu_attention_ready(dtype)`` says why
+The sources are prebuilt with the package or compiled on first use with the system C compiler, loaded with
+ctypes (cpu_build.py; entry points declared in attention_cpu.h and attention_f32_cpu.h), and run with the
+thread count torch uses. ``cpu_attention_ready(dtype)`` says why
 a kernel cannot run here (not x86-64, no AVX512-BF16 / AVX-512, no compiler, a failed build); callers
 then use SDPA. Under torch.compile it is the opaque custom op ``diffusion_runtime::cpu_attention``.
 
@@ -38,9 +39,7 @@ def cpu_attention_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
     else why not."""
     if dtype not in SOURCES:
         return f"the CPU kernels are for bfloat16 and float32, not {dtype}"
-    return cpu_build.bind(_states[dtype], SOURCES[dtype], lambda: {_ENTRY[dtype]: (ctypes.c_int, [ctypes.c_void_p] * 4 + [
-        ctypes.c_int] * 5 + [ctypes.POINTER(ctypes.c_int64)] * 4 + [ctypes.c_float, ctypes.c_int])},
-        bf16=dtype == torch.bfloat16)
+    return cpu_build.bind(_states[dtype], SOURCES[dtype])  # entry points: attention_cpu.h, attention_f32_cpu.h
 
 
 def cpu_attention_supports(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask=None) -> str | None:

@@ -1,11 +1,12 @@
-/* Fused attention forward, fp32, for x86-64 CPUs with AVX-512 (no bf16 needed; kernels/attention_cpu.py).
+/* Fused attention forward, fp32, for x86-64 CPUs with AVX-512 (no bf16 needed; runtime/kernels/attention_cpu.py).
  *
  * out[b, h, i, :] = softmax(scale * q[b, h, i, :] . k[b, h, :, :]^T) v[b, h, :, :], fp32 throughout. No mask.
  * The layout of attention_cpu.c (its bf16 sibling): one task is ROWS query rows of one (batch, head), whose
  * scores against every key fit in the core's cache, so the softmax is exact in two passes; K is packed
  * once per (batch, head) with 16 keys per vector (one q value broadcast per FMA), V with 16 head-dim lanes
  * per vector (one probability broadcast per FMA). At SD's head dims (16-64) PyTorch's fp32 flash kernel
- * runs its small matmuls at half this CPU's fp32 rate (bench/RESULTS.md).
+ * runs its small matmuls well below this CPU's fp32 rate (measured: bench/RESULTS.md, 'Figures moved
+ * from docstrings').
  */
 #include "attention_drive.h"
 #include "cpu_math.h"

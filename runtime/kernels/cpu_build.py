@@ -2,39 +2,43 @@
 group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), and the fp32 ones
 (attention_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512.
 
-A source is compiled on first use with the system C compiler (``$CC``, else ``cc``/``gcc``) into
-the cache directory (``$XDG_CACHE_HOME/diffusion-runtime/kernels``, a file name per source and
-flags; written to a temporary file and renamed, so nothing half-written is ever loaded), then
-loaded with ctypes. OpenMP comes from the libgomp torch's CPU build already loaded, so the
-kernels share torch's thread pool. ``load(source)`` returns the library or why it cannot run here.
+Each ``<stem>.c`` has its one declaration, ``<stem>.h``: the entry points ``bind`` sets up with ctypes and the
+CPU the library needs (cpu_sources.py parses it). ``load(source)`` returns the library or why it cannot run
+here, looking, once the host passes ``machine_reason`` for the kernel:
+
+1. in the package's ``_prebuilt`` folder (compiled when the wheel was built: setup.py), read only;
+2. in the cache (``$XDG_CACHE_HOME/diffusion-runtime/kernels``), where ``python -m runtime.kernels.build``
+   (scripts/setup.sh) or an earlier process put it;
+3. else it compiles the source now with the system C compiler (``$CC``, else ``cc``/``gcc``) into the cache:
+   a temporary file renamed, so nothing half-written is ever loaded.
+
+A library's name carries the hash of its sources and flags (cpu_sources.py says which and why), so a stale or
+foreign one is never picked up. OpenMP comes from the libgomp torch's CPU build already loaded, so the kernels
+share torch's thread pool.
 """
 from __future__ import annotations
 
 import contextlib
 import ctypes
-import hashlib
 import os
 import platform
-import shutil
-import subprocess
 import tempfile
 import threading
+import warnings
 from pathlib import Path
 
 import torch
 
-from . import cpu_features
+from . import cpu_features, cpu_sources
 
-FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
-         "-shared", "-fPIC")
-# Kernels that compute in fp32 only need AVX-512 (F, BW, VL): built without the bf16 extension, they
-# also run on CPUs without it (Intel Skylake-SP and Cascade Lake servers, AMD Zen 3 has no AVX-512 at all).
-FP32_FLAGS = tuple(f for f in FLAGS if f != "-mavx512bf16")
+FLAGS, FP32_FLAGS = cpu_sources.FLAGS, cpu_sources.FP32_FLAGS  # the fp32 kernels need AVX-512 only
+ENV_NO_PREBUILT = "DIFFUSION_RUNTIME_NO_PREBUILT"  # "1": ignore the prebuilt libraries (compile as without them)
 
 _lock = threading.Lock()
 _loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}
 _bound: list[dict] = []  # every state ``bind`` filled, so ``forget`` can empty them
 _loaded_ever: dict[str, bool] = {}  # source stem -> needs AVX512-BF16, for every library loaded (kept by forget)
+_origins: dict[str, str] = {}  # source stem -> where its library came from ("prebuilt", "cache", "built")
 
 
 def kernel_cache_dir() -> Path:
@@ -42,28 +46,41 @@ def kernel_cache_dir() -> Path:
     return Path(root) / "diffusion-runtime" / "kernels"
 
 
-def _compiler() -> str | None:
-    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+_fallback_dir: list[Path] = []
 
 
-def _build(compiler: str, source: Path, target: Path, flags: tuple[str, ...]) -> str | None:
-    """Compile ``source`` into ``target``; None, or why it failed."""
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
+def _writable_dir(preferred: Path) -> Path:
+    """``preferred`` if a library can be written there, else (with one warning) a private temporary
+    folder for this process: a read-only or unusable cache costs a rebuild per process, not a crash."""
     try:
-        done = subprocess.run([compiler, *flags, str(source), "-o", tmp], capture_output=True, text=True,
-                              timeout=300)
-        if done.returncode != 0:
-            tail = (done.stderr.strip().splitlines() or ["no output"])[-1]
-            return f"building {source.name} with {compiler} failed (exit {done.returncode}): {tail}"
-        os.replace(tmp, target)
-        return None
-    except (OSError, subprocess.SubprocessError) as e:
-        return f"building {source.name} with {compiler} failed: {e}"
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        preferred.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(suffix=".probe", dir=preferred)
+        os.close(fd)
+        os.unlink(probe)
+        return preferred
+    except OSError as e:
+        if not _fallback_dir:
+            _fallback_dir.append(Path(tempfile.mkdtemp(prefix="diffusion-runtime-kernels-")))
+            warnings.warn(f"kernel cache {preferred} is not writable ({e}); building our CPU kernels in "
+                          f"{_fallback_dir[0]} for this process only (set XDG_CACHE_HOME to a writable folder "
+                          "to keep them)", RuntimeWarning, stacklevel=3)
+        return _fallback_dir[0]
+
+
+def prebuilt_dirs() -> list[Path]:
+    """Where libraries built with the package are looked for first (read only: never written at run time)."""
+    if os.environ.get(ENV_NO_PREBUILT, "").strip() not in ("", "0"):
+        return []
+    return [Path(__file__).with_name(cpu_sources.PREBUILT)]
+
+
+def _compiler() -> str | None:
+    return cpu_sources.find_compiler()
+
+
+def declared(source: Path) -> cpu_sources.Kernel:
+    """What ``source``'s header declares (its functions, whether it needs AVX512-BF16)."""
+    return cpu_sources.kernel(source)
 
 
 def machine_reason(bf16: bool = True) -> str | None:
@@ -78,55 +95,100 @@ def machine_reason(bf16: bool = True) -> str | None:
     return None
 
 
-def _load(source: Path, bf16: bool) -> tuple[ctypes.CDLL | None, str | None]:
-    why = machine_reason(bf16)
+def _open(path: Path, stem: str, bf16: bool, origin: str) -> tuple[ctypes.CDLL | None, str | None]:
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        return None, f"loading {path} failed: {e}"
+    _loaded_ever[stem] = bf16
+    _origins[stem] = f"{origin} {path}"
+    return lib, None
+
+
+def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    try:
+        kernel = declared(source)
+    except (OSError, cpu_sources.DeclarationError) as e:
+        return None, f"the declaration of {source.name}: {e}"
+    why = machine_reason(kernel.bf16)
     if why:
         return None, why
-    flags = FLAGS if bf16 else FP32_FLAGS
+    # Built with the package for these very sources and flags (the name says so; see cpu_sources.py)
+    for folder in prebuilt_dirs():
+        path = folder / kernel.library_name()
+        if path.is_file():
+            lib, _ = _open(path, kernel.stem, kernel.bf16, "prebuilt")
+            if lib is not None:
+                return lib, None  # one that will not load (a foreign libgomp, say): compile as without it
     compiler = _compiler()
     if compiler is None:
         return None, "no C compiler found (set CC, or install gcc)"
-    parts = [source.read_bytes()] + [h.read_bytes() for h in sorted(source.parent.glob("*.h"))]  # cpu_math.h
-    key = hashlib.sha256(b"".join(parts) + " ".join((compiler,) + flags).encode()).hexdigest()[:16]
-    path = kernel_cache_dir() / f"{source.stem}-{key}.so"
+    path = kernel_cache_dir() / kernel.library_name(compiler)
+    if not path.exists():  # a read-only cache that already holds the library is used as it is
+        path = _writable_dir(path.parent) / path.name
+    origin = "cache"
     if not path.exists():
-        why = _build(compiler, source, path, flags)
+        why = cpu_sources.compile_kernel(compiler, kernel, path)
         if why:
             return None, why
-    try:
-        lib = ctypes.CDLL(str(path))
-        _loaded_ever[source.stem] = bf16
-        return lib, None
-    except OSError as e:
-        return None, f"loading {path} failed: {e}"
+        origin = "built"
+    return _open(path, kernel.stem, kernel.bf16, origin)
 
 
-def load(source: Path, bf16: bool = True) -> tuple[ctypes.CDLL | None, str | None]:
-    """The loaded library of ``source`` (built on first call; ``bf16=False`` for an fp32-only kernel,
-    built and run without AVX512-BF16), or None and why not. Cached."""
+def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
+    """The loaded library of ``source``: prebuilt with the package, else from the cache, else built now (the
+    CPU it needs comes from its header), or None and why not. Cached."""
     name = str(source)
     if name not in _loaded:
         with _lock:
             if name not in _loaded:
-                _loaded[name] = _load(source, bf16)
+                _loaded[name] = _load(source)
     return _loaded[name]
 
 
-def bind(state: dict, source: Path, symbols, bf16: bool = True) -> str | None:
-    """Fill ``state`` once with the entry points of ``source``'s library named by ``symbols()``
-    (name -> (restype, argtypes)), or with ``"why"``; returns why they are unavailable. After the
-    first call it only reads ``state`` (it runs once per kernel call)."""
+def build_cached(source: Path) -> tuple[str, str | None]:
+    """Make sure ``source``'s library is in the cache (or prebuilt) without loading it: (what happened, why
+    it failed or None). For ``python -m runtime.kernels.build``; safe to run for several sources at once."""
+    kernel = declared(source)
+    for folder in prebuilt_dirs():
+        if (folder / kernel.library_name()).is_file():
+            return "prebuilt", None
+    compiler = _compiler()
+    if compiler is None:
+        return "failed", "no C compiler found (set CC, or install gcc)"
+    path = kernel_cache_dir() / kernel.library_name(compiler)
+    if path.exists():
+        return "cached", None
+    why = cpu_sources.compile_kernel(compiler, kernel, path)
+    return ("failed", why) if why else ("built", None)
+
+
+_CTYPES = {"c_int": ctypes.c_int, "c_int64": ctypes.c_int64, "c_float": ctypes.c_float,
+           "c_double": ctypes.c_double, "c_void_p": ctypes.c_void_p, None: None}
+
+
+def bind(state: dict, source: Path) -> str | None:
+    """Fill ``state`` once with the entry points of ``source``'s library, their ``restype``/``argtypes`` from
+    the declaration header ``<stem>.h`` (cpu_sources.py), or with ``"why"``; returns why they are unavailable.
+    After the first call it only reads ``state`` (it runs once per kernel call)."""
     if not state:
         if not any(state is known for known in _bound):
             _bound.append(state)
-        lib, why = load(source, bf16)
+        lib, why = load(source)
         if lib is None:
             state["why"] = why
         else:
-            for name, (restype, argtypes) in symbols().items():
-                fn = getattr(lib, name)
-                fn.restype, fn.argtypes = restype, argtypes
-                state[name] = fn
+            entries = {}
+            for fn_decl in declared(source).functions:
+                try:
+                    fn = getattr(lib, fn_decl.name)
+                except AttributeError:
+                    state["why"] = f"{source.stem}'s library has no {fn_decl.name}, which {source.stem}.h declares"
+                    return state["why"]
+                fn.restype = _CTYPES[fn_decl.restype]
+                fn.argtypes = [_CTYPES[t] for t in fn_decl.argtypes]
+                entries[fn_decl.name] = fn
+            state.update(entries)
     return state.get("why")
 
 
@@ -136,6 +198,12 @@ def forget() -> None:
         _loaded.clear()
         for state in _bound:
             state.clear()
+
+
+def origins() -> dict[str, str]:
+    """Where each library loaded in this process came from: source stem -> "prebuilt PATH", "cache PATH" (built
+    by an earlier process or ``python -m runtime.kernels.build``) or "built PATH" (compiled by this one)."""
+    return dict(_origins)
 
 
 def loaded_on_host() -> list[str]:
@@ -148,5 +216,6 @@ def loaded_on_host() -> list[str]:
 
 def profiled(name: str):
     """A profiler range ``name`` around a kernel call while torch's profiler records (bench/profile_step.py
-    reads them), else nothing: entering a range costs about 10 us, a hundred times per UNet call."""
+    reads them), else nothing: entering a range has a cost of its own (measured: bench/RESULTS.md,
+    'Figures moved from docstrings'), paid a hundred times per UNet call."""
     return torch.profiler.record_function(name) if torch.autograd._profiler_enabled() else contextlib.nullcontext()

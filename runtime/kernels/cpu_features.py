@@ -14,6 +14,7 @@ is for code that decides, never for code that computes.
 from __future__ import annotations
 
 import contextlib
+import os
 import platform
 from dataclasses import dataclass, fields, replace
 
@@ -63,11 +64,29 @@ def _probe(name: str) -> bool:
         return False
 
 
+ENV = "DIFFUSION_RUNTIME_CPU_FLAGS"
+
+
+def _allowed() -> set[str] | None:
+    """The flags ``$DIFFUSION_RUNTIME_CPU_FLAGS`` lets us use ("avx512,avx512_bf16", or "none"), or None."""
+    text = os.environ.get(ENV)
+    if text is None or not text.strip():
+        return None
+    names = {n.strip().lower() for n in text.split(",") if n.strip()} - {"none"}
+    unknown = names - set(FLAGS)
+    if unknown:
+        raise ValueError(f"${ENV}={text!r}: unknown CPU flag(s) {sorted(unknown)}; known: {', '.join(FLAGS)}, or none")
+    return names
+
+
 def host() -> CpuFeatures:
-    """What this machine's CPU has (PyTorch's probes, read now)."""
+    """What this machine's CPU has (PyTorch's probes, read now), less any flag ``$DIFFUSION_RUNTIME_CPU_FLAGS``
+    leaves out: setting it can only take flags away (to run as on a smaller CPU), never add one."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return CpuFeatures(x86_64=False)
-    return CpuFeatures(x86_64=True, **{flag: _probe(probe) for flag, probe in _PROBES.items()})
+    allowed = _allowed()
+    return CpuFeatures(x86_64=True, **{flag: _probe(probe) and (allowed is None or flag in allowed)
+                                       for flag, probe in _PROBES.items()})
 
 
 def model_name() -> str:

@@ -1,4 +1,4 @@
-/* GEGLU activation, bf16, for x86-64 CPUs with AVX512-BF16 (kernels/geglu_cpu.py).
+/* GEGLU activation, bf16, for x86-64 CPUs with AVX512-BF16 (runtime/kernels/geglu_cpu.py).
  *
  * out[r, c] = value[r, c] * gelu(gate[r, c]) with value = proj[r, :n], gate = proj[r, n:2n], the
  * exact (erf) GELU computed in fp32 and rounded to bf16 once: eager PyTorch rounds gelu(gate) to

@@ -9,7 +9,6 @@ Reference: the same formula in fp32 (tests/kernels/test_geglu_cpu.py).
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -23,8 +22,7 @@ _state: dict = {}  # the loaded entry point by name, or "why": the reason it is 
 
 def cpu_geglu_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    return cpu_build.bind(_state, SOURCE, lambda: {"dr_geglu_bf16": (None, [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_int])})
+    return cpu_build.bind(_state, SOURCE)  # entry point: geglu_cpu.h
 
 
 def cpu_geglu_supports(proj: torch.Tensor) -> str | None:

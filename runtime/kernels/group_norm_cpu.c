@@ -1,4 +1,4 @@
-/* GroupNorm followed by SiLU, bf16, for x86-64 CPUs with AVX512-BF16 (kernels/group_norm_cpu.py).
+/* GroupNorm followed by SiLU, bf16, for x86-64 CPUs with AVX512-BF16 (runtime/kernels/group_norm_cpu.py).
  *
  * out = silu((x - mean_g) / sqrt(var_g + eps) * weight[c] + bias[c]) over contiguous NCHW x, the
  * statistics of each (batch, group) in fp32 over two passes (mean, then centred squares), the

@@ -10,7 +10,6 @@ Reference: the same formula in fp32 (tests/kernels/test_group_norm_cpu.py).
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -28,12 +27,7 @@ _state: dict = {}  # the loaded entry points by name, or "why": the reason they 
 
 def cpu_group_norm_ready() -> str | None:
     """None when the kernel runs on this machine (building it on first call), else why not."""
-    def symbols():
-        shape = [ctypes.c_void_p] * 4 + [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int, ctypes.c_float]
-        return {"dr_group_norm_silu_bf16": (None, shape + [ctypes.c_int]),
-                "dr_group_norm_silu_nhwc_bf16": (None, shape + [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int])}
-
-    return cpu_build.bind(_state, SOURCE, symbols)
+    return cpu_build.bind(_state, SOURCE)  # entry points: group_norm_cpu.h
 
 
 def _channels_last(x: torch.Tensor) -> bool:

@@ -1,5 +1,5 @@
 /* The feed-forward's GEGLU projection in one kernel, bf16, for x86-64 CPUs with AVX512-BF16
- * (kernels/linear_geglu_cpu.py packs the weight).
+ * (runtime/kernels/linear_geglu_cpu.py packs the weight).
  *
  * out[r, j] = (x[r] . W[j] + b[j]) * gelu(x[r] . W[d + j] + b[d + j]) for j < d: the linear to 2d
  * columns and the GEGLU activation without writing the (rows, 2d) projection. Each block of 16

@@ -5,13 +5,14 @@ linear_geglu_f32_cpu.c).
 with ``wp = linear_geglu_weight(w)``: the products with fp32 sums (vdpbf16ps in bf16, FMAs in fp32), the bias
 and the exact GELU on those sums, and the (rows, 2d) projection never written. In bf16 the unfused path
 (oneDNN's linear, then the GEGLU kernel) rounds the projection to bf16 first: this one is closer to fp32
-(tests/kernels/test_linear_geglu_cpu.py) and 1.1-1.4x faster on the SD UNets' shapes (bench/RESULTS.md). In
+(tests/kernels/test_linear_geglu_cpu.py) and faster on the SD UNets' shapes (measured: bench/RESULTS.md,
+session 16, 'The feed-forward's projection and GEGLU in one kernel; AMX and AVX-512-only CPUs'; the range
+first written here: 'Figures moved from docstrings'). In
 fp32 it differs from eager by the order of the sums. The bf16 kernel needs AVX512-BF16, the fp32 one
 AVX-512; ``cpu_linear_geglu_ready(dtype)`` says why one cannot run here.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -30,9 +31,7 @@ def cpu_linear_geglu_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
     why not."""
     if dtype not in SOURCES:
         return f"the kernel is for bf16 or fp32, not {dtype}"
-    return cpu_build.bind(_states[dtype], SOURCES[dtype], lambda: {_ENTRY[dtype]: (None, [
-        ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int])}, bf16=dtype == torch.bfloat16)
+    return cpu_build.bind(_states[dtype], SOURCES[dtype])  # entry points: linear_geglu_cpu.h, linear_geglu_f32_cpu.h
 
 
 def _packed_shape(d: int, k: int, dtype: torch.dtype) -> tuple[int, ...]:
@@ -76,7 +75,7 @@ def cpu_linear_geglu_supports(x: torch.Tensor, wp: torch.Tensor, bias: torch.Ten
 
 def linear_geglu_launch(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel without ``cpu_linear_geglu_supports``: for a caller that packed ``wp`` and ``bias`` from
-    the module itself and checked ``x`` (optim/geglu.py, once per call)."""
+    the module itself and checked ``x`` (runtime/optim/geglu.py, once per call)."""
     d, k = 16 * wp.shape[0], x.shape[-1]
     xc = x.contiguous()
     out = x.new_empty(*x.shape[:-1], d)

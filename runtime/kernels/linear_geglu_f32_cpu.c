@@ -1,5 +1,5 @@
 /* The feed-forward's GEGLU projection in one kernel, fp32, for x86-64 CPUs with AVX-512 (no bf16 needed;
- * kernels/linear_geglu_cpu.py packs the weight).
+ * runtime/kernels/linear_geglu_cpu.py packs the weight).
  *
  * out[r, j] = (x[r] . W[j] + b[j]) * gelu(x[r] . W[d + j] + b[d + j]) for j < d, as linear_geglu_cpu.c
  * computes it in bf16: per block of 16 output columns the 16 value and 16 gate columns are multiplied

@@ -1,5 +1,5 @@
 /* A 3x3, stride-1, padding-1 convolution as Winograd F(2x2, 3x3) over channels-last bf16 tensors, for
- * x86-64 CPUs with AVX512-BF16 (kernels/winograd_cpu.py transforms and packs the kernel).
+ * x86-64 CPUs with AVX512-BF16 (runtime/kernels/winograd_cpu.py transforms and packs the kernel).
  *
  * Each 2x2 output tile reads the 4x4 input window d around it. With B^T = [1 0 -1 0; 0 1 1 0;
  * 0 -1 1 0; 0 1 0 -1] and A^T = [1 1 1 0; 0 1 -1 -1] (Lavin & Gray 2015), the tile is

@@ -6,19 +6,20 @@ and the kernel are each transformed into 16 numbers, multiplied position by posi
 input channels: 16 independent matmuls, on vdpbf16ps with fp32 sums) and the 16 sums transformed
 back into the 2x2 block. On this CPU the direct bf16 convolutions already run at the matmul units'
 rate, so this is the way to fewer seconds: 2.25x fewer multiplies for two transforms that cost
-little (measured 1.5-2x faster than oneDNN's direct convolution, bench/RESULTS.md).
+little (measured faster than oneDNN's direct convolution: bench/RESULTS.md, session 14, 'Winograd
+F(2x2, 3x3) convolutions'; the range first written here: 'Figures moved from docstrings').
 
 ``winograd_weight(w)`` is the transformed kernel, computed from ``w`` once (in C, fp32), rounded to
 bf16 and packed for the kernel (16/9 the size of ``w``). ``cpu_winograd_conv3x3(x, u, bias)`` is
 ``conv2d(x, w, bias, padding=1)`` for a channels-last or contiguous bf16 (N, C, H, W) input; the
 result is channels-last, like oneDNN's. The transformed input and kernel are rounded to bf16 where
-the direct bf16 convolution rounds only its output, so its error against fp32 is about 2.5x the
-direct one's in rms, 1.5-2x in max (tests/kernels/test_winograd_cpu.py holds it to a budget).
+the direct bf16 convolution rounds only its output, so its error against fp32 is larger than the
+direct one's in rms and in max (measured: bench/RESULTS.md, session 14, as above, and 'Figures moved
+from docstrings'; tests/kernels/test_winograd_cpu.py holds it to a budget).
 ``cpu_winograd_ready()`` says why the kernel cannot run here.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -34,13 +35,7 @@ GROUP = 64  # tiles per task: each pass over the kernel's weights serves this ma
 
 def cpu_winograd_ready() -> str | None:
     """None when the transform kernels run on this machine (building them on first call), else why not."""
-    def symbols():
-        args = [ctypes.c_void_p] * 5 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        with_residual = args[:3] + [ctypes.c_void_p] + args[3:]
-        return {"dr_winograd_conv3x3_bf16": (None, with_residual), "dr_winograd_up2_conv3x3_bf16": (None, args),
-                "dr_winograd_weight_bf16": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 4)}
-
-    return cpu_build.bind(_state, SOURCE, symbols)
+    return cpu_build.bind(_state, SOURCE)  # entry points: winograd_cpu.h
 
 
 def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
@@ -49,7 +44,9 @@ def winograd_weight(w: torch.Tensor, up2: bool = False) -> torch.Tensor:
     output channels, in pairs of input channels (vdpbf16ps multiplies pairs): (C_out / 32, 16, C_in / 2,
     32, 2); ``up2``: only the 9 positions ``cpu_winograd_up2_conv3x3`` multiplies (after nearest doubling,
     row and column 2 of every transformed window are zero: positions 4a + b, a and b in {0, 1, 3}),
-    (C_out / 32, 9, C_in / 2, 32, 2). In C: SD 1.5's biggest kernel takes milliseconds (torch ops took 0.4-0.8 s, 22 s over its UNet)."""
+    (C_out / 32, 9, C_in / 2, 32, 2). In C: SD 1.5's biggest kernel takes far less time than with torch ops
+    (measured: bench/RESULTS.md, 'Figures moved from docstrings', and session 14's paragraph on the first
+    call after ``optimize``)."""
     if w.ndim != 4 or tuple(w.shape[2:]) != (3, 3) or w.shape[1] % 2 or w.shape[0] % 32:
         raise ValueError("winograd_weight: want a (C_out, C_in, 3, 3) weight with C_in even and C_out a multiple "
                          f"of 32, got {tuple(w.shape)}")
@@ -103,7 +100,7 @@ def residual_layout(residual: torch.Tensor | None, shape: tuple[int, ...], dtype
 def winograd_launch(x: torch.Tensor, u: torch.Tensor, bias: torch.Tensor | None, up2: bool,
                     residual: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel without ``cpu_winograd_supports``: for a caller that made ``u`` and ``bias`` from the
-    conv itself and checked ``x`` (optim/winograd.py, once per call). ``residual`` (not with ``up2``):
+    conv itself and checked ``x`` (runtime/optim/winograd.py, once per call). ``residual`` (not with ``up2``):
     a tensor of the output's shape added before the rounding, as a ResNet block adds its input."""
     name = "cpu_winograd_up2_conv3x3" if up2 else "cpu_winograd_conv3x3"
     n, c, h, w = x.shape

@@ -1,5 +1,5 @@
 /* The fp32 sibling of winograd_cpu.c: a 3x3, stride-1, padding-1 convolution as Winograd F(2x2, 3x3) over
- * channels-last fp32 tensors, for x86-64 CPUs with AVX-512 (kernels/winograd_cpu.py packs the kernel).
+ * channels-last fp32 tensors, for x86-64 CPUs with AVX-512 (runtime/kernels/winograd_cpu.py packs the kernel).
  *
  * Same transforms and task layout as the bf16 kernel (see there): per task up to ``group`` tiles are
  * transformed into the thread's scratch, multiplied by the transformed kernel in blocks of WR tiles x 32

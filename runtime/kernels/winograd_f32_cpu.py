@@ -2,17 +2,17 @@
 
 The same algorithm and task layout as the bf16 kernel, with every number fp32: the transformed input
 and kernel are not rounded, the products are FMAs. On this CPU eager fp32 convolutions run at the
-fp32 matmul rate, so 2.25x fewer multiplies are 1.6-2.9x fewer seconds per convolution (bench/RESULTS.md,
-session 15), and the result is closer to fp64 than the direct convolution's (its transforms are exact
-in binary: halves and sums). ``winograd_weight_f32(w)`` is ``G w G^T`` packed for the kernel, (C_out /
-32, 16, C_in, 32), 16/9 the size of ``w``; ``cpu_winograd_conv3x3_f32(x, u, bias)`` is
+fp32 matmul rate, so 2.25x fewer multiplies are fewer seconds per convolution too (measured:
+bench/RESULTS.md, session 15, 'Winograd in fp32, and the pass at level 1'; the range first written here:
+'Figures moved from docstrings'), and the result is closer to fp64 than the direct convolution's (its
+transforms are exact in binary: halves and sums). ``winograd_weight_f32(w)`` is ``G w G^T`` packed for
+the kernel, (C_out / 32, 16, C_in, 32), 16/9 the size of ``w``; ``cpu_winograd_conv3x3_f32(x, u, bias)`` is
 ``conv2d(x, w, bias, padding=1)`` for an (N, C, H, W) fp32 input, its result channels-last. Needs AVX-512
 (F, BW, VL), not its bf16 extension: it is built without it and runs on CPUs without native bf16, where
 levels 1 and 2 compute in fp32.
 """
 from __future__ import annotations
 
-import ctypes
 from pathlib import Path
 
 import torch
@@ -27,12 +27,7 @@ _state: dict = {}
 
 def cpu_winograd_f32_ready() -> str | None:
     """None when the fp32 kernels run on this machine (building them on first call), else why not."""
-    def symbols():
-        args = [ctypes.c_void_p] * 6 + [ctypes.c_int] * 5 + [ctypes.c_int64, ctypes.c_int, ctypes.c_int]
-        return {"dr_winograd_conv3x3_f32": (None, args),
-                "dr_winograd_weight_f32": (None, [ctypes.c_void_p] * 2 + [ctypes.c_int] * 3)}
-
-    return cpu_build.bind(_state, SOURCE, symbols, bf16=False)
+    return cpu_build.bind(_state, SOURCE)  # entry points: winograd_f32_cpu.h
 
 
 def winograd_weight_f32(w: torch.Tensor) -> torch.Tensor:

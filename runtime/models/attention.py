@@ -1,6 +1,6 @@
 """Multi-head attention with diffusers' weight names and the slots passes plug into.
 
-Extension points (DESIGN.md §3):
+Extension points (docs/ARCHITECTURE.md §3):
 - ``Attention.backend``: a callable ``(q, k, v, mask) -> out`` on ``(batch, heads, tokens,
   head_dim)`` tensors. Default ``sdpa_backend`` (PyTorch SDPA). Set per module, or for a whole
   model with ``ModelMixin.set_attention_backend``.
@@ -8,6 +8,9 @@ Extension points (DESIGN.md §3):
   ``compute()`` runs the attention; a pass (TGATE) may return a cached output instead.
 - ``fuse_projections`` / ``unfuse_projections``: one matmul for q/k/v (self-attention) or k/v
   (cross-attention); the separate projections stay, so unfusing is exact.
+- ``Attention.slice_size`` (``set_attention_slice``): ``None``, or diffusers' sliced attention,
+  ``slice_size`` (batch x head) rows at a time, each slice computed by ``backend``
+  (runtime/models/attention_slicing.py).
 """
 from __future__ import annotations
 
@@ -17,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention_slicing import check_slice_size, sliced_attention
 from .layers import Linear
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -25,6 +29,53 @@ AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[
 def sdpa_backend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
     """PyTorch's scaled-dot-product attention; the default backend everywhere."""
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def xformers_backend(attention_op=None) -> AttentionBackend:
+    """A backend running xformers' ``memory_efficient_attention`` (with ``op=attention_op``).
+
+    xformers takes ``(B, T, H, D)`` and an additive float bias of shape ``(B, H, T, S)`` whose
+    last dimension is stored padded to a multiple of 8 (its alignment rule); a boolean mask
+    (True = attend) becomes that bias.
+    """
+    def backend(q, k, v, mask=None):
+        import xformers.ops as xops
+
+        bias = None
+        if mask is not None:
+            b, h, t, s = q.shape[0], q.shape[1], q.shape[2], k.shape[2]
+            if mask.dtype == torch.bool:
+                mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+            padded = torch.zeros(b, h, t, (s + 7) // 8 * 8, dtype=q.dtype, device=q.device)
+            padded[..., :s] = mask.to(q.dtype).expand(b, h, t, s)
+            bias = padded[..., :s]
+        out = xops.memory_efficient_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                              attn_bias=bias, op=attention_op)
+        return out.transpose(1, 2)  # (B, T, H, D) -> (B, H, T, D)
+
+    backend.is_xformers = True
+    backend.attention_op = attention_op
+    return backend
+
+
+def xformers_ready() -> None:
+    """Raise a clear error unless xformers is installed and a CUDA device runs its kernel."""
+    import importlib.util
+
+    from .errors import BackendUnavailableError, DependencyMissingError
+
+    if importlib.util.find_spec("xformers") is None:
+        raise DependencyMissingError(
+            "enable_xformers_memory_efficient_attention: xformers is not installed (pip install xformers; "
+            "see https://github.com/facebookresearch/xformers)", name="xformers")
+    if not torch.cuda.is_available():
+        raise BackendUnavailableError(
+            "enable_xformers_memory_efficient_attention: xformers' memory-efficient attention runs only on "
+            "CUDA GPUs, and torch.cuda.is_available() is False here")
+    import xformers.ops as xops
+
+    q = torch.randn((1, 2, 40), device="cuda")
+    xops.memory_efficient_attention(q, q, q)  # xformers' own error if its kernel cannot run here
 
 
 class Attention(nn.Module):
@@ -66,6 +117,18 @@ class Attention(nn.Module):
         self.backend: AttentionBackend = sdpa_backend
         self.output_hook = None
         self.fused: str | None = None  # None, "qkv" or "kv"
+        self.slice_size: int | None = None  # sliced attention through ``backend`` (None: one call)
+
+    # ---- sliced attention (diffusers' set_attention_slice) ---------------------------------
+    @property
+    def sliceable_head_dim(self) -> int:
+        """What diffusers slices over: the head count (slices run over batch x heads)."""
+        return self.heads
+
+    def set_attention_slice(self, slice_size: int | None) -> None:
+        """Compute attention ``slice_size`` (batch x head) rows at a time; ``None`` turns it off."""
+        check_slice_size(slice_size, self.sliceable_head_dim)
+        self.slice_size = slice_size
 
     # ---- fused projections ---------------------------------------------------------------
     @torch.no_grad()
@@ -109,7 +172,10 @@ class Attention(nn.Module):
         q = q.view(batch, tokens, self.heads, self.dim_head).transpose(1, 2)
         k = k.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
         v = v.view(batch, -1, self.heads, self.dim_head).transpose(1, 2)
-        out = self.backend(q, k, v, mask)
+        if self.slice_size is None:
+            out = self.backend(q, k, v, mask)
+        else:
+            out = sliced_attention(self.backend, q, k, v, mask, self.slice_size)
         # (B, H, T, D) -> (B, T, H*D)
         out = out.transpose(1, 2).reshape(batch, tokens, self.heads * self.dim_head)
         return self.to_out[1](self.to_out[0](out))

@@ -4,13 +4,19 @@ A crash at any point leaves the target folder absent or exactly as it was before
 weights of the previous save), never a mix. Files in an existing folder that are not this save's
 family (another variant's weights, a README) are carried over as hard links; this family's old
 files (old shards, an old single file, an index, a pickle of the same name) are not, so nothing
-stale lingers. The swap is two renames (old -> backup, new -> target); a crash between them
-leaves the target absent and the backup beside it.
+stale lingers. The swap is one atomic exchange of the two folders (Linux ``renameat2`` with
+``RENAME_EXCHANGE``), so a crash at any instant leaves the old folder or the new one at the target;
+where the kernel lacks it, two renames (old -> backup, new -> target), and a crash between them
+leaves the target absent and the backup beside it. A full disk is an ``OSError`` (ENOSPC) naming
+the target, with the temporary folder removed and the previous folder untouched.
 """
 from __future__ import annotations
 
+import ctypes
+import errno
 import os
 import shutil
+import sys
 import tempfile
 import uuid
 from pathlib import Path
@@ -41,9 +47,12 @@ def _link_or_copy(src, dst) -> None:
 
 
 def write_weights(
-    folder: Path, tensors: dict[str, torch.Tensor], names: WeightNames, max_shard_size: int | str, safe: bool
+    folder: Path, tensors: dict[str, torch.Tensor], names: WeightNames, max_shard_size: int | str, safe: bool,
+    save_function=None,
 ) -> list[str]:
-    """Write ``tensors`` (already prepared) as one file or shards + index; returns the file names."""
+    """Write ``tensors`` (already prepared) as one file or shards + index; returns the file names.
+
+    ``save_function(shard, path)`` replaces ``torch.save`` for pickle files."""
     single = names.safetensors if safe else names.pickle
     plan = safetensors_io.plan_shards(tensors, safetensors_io.parse_size(max_shard_size), single)
     written = []
@@ -52,7 +61,7 @@ def write_weights(
         if safe:
             safetensors_io.write_safetensors(shard, folder / filename)
         else:
-            torch.save(shard, folder / filename)
+            (save_function or torch.save)(shard, folder / filename)
         written.append(filename)
     if len(plan) > 1:
         index = names.safetensors_index if safe else names.pickle_index
@@ -70,6 +79,7 @@ def save_folder(
     config_name: str,
     max_shard_size: int | str,
     safe: bool,
+    save_function=None,
 ) -> Path:
     """Write config (via ``write_config(folder)``) and weights into ``save_directory`` atomically."""
     target = Path(save_directory).expanduser().absolute()
@@ -82,22 +92,58 @@ def save_folder(
         if target.is_dir():
             _carry_over(target, tmp, names, config_name)
         write_config(tmp)
-        write_weights(tmp, tensors, names, max_shard_size, safe)
+        write_weights(tmp, tensors, names, max_shard_size, safe, save_function)
         _fsync_dir(tmp)
-        if target.is_dir():
-            cwd = _cwd_inside(target)
-            backup = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(target, backup)
-            os.rename(tmp, target)
-            if cwd is not None:  # the process sat in the old folder: follow it to the new one
-                os.chdir(cwd if cwd.is_dir() else target)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.rename(tmp, target)
-    except BaseException:
+        swap_in(tmp, target)
+    except BaseException as exc:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            raise disk_full(target) from exc
         raise
     return target
+
+
+def disk_full(target: Path) -> OSError:
+    return OSError(errno.ENOSPC, f"save_pretrained: no space left on the device holding {target.parent}; "
+                                 f"nothing was saved to {target} (its previous contents, if any, are intact)")
+
+
+def swap_in(tmp: Path, target: Path) -> None:
+    """Make the finished folder ``tmp`` the ``target``: one atomic exchange where the kernel has it."""
+    if not target.is_dir():
+        os.rename(tmp, target)
+        return
+    cwd = _cwd_inside(target)
+    if _exchange(tmp, target):
+        old = tmp  # the exchange left the previous folder under the temporary name
+    else:
+        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(target, old)
+        os.rename(tmp, target)
+    if cwd is not None:  # the process sat in the old folder: follow it to the new one
+        os.chdir(cwd if cwd.is_dir() else target)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+_RENAME_EXCHANGE = 2
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two paths atomically (Linux renameat2 RENAME_EXCHANGE); False where that is unsupported."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):  # glibc < 2.28, musl without it
+        return False
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):  # old kernel, or a filesystem without it
+        return False
+    raise OSError(err, os.strerror(err), str(b))
 
 
 def _cwd_inside(target: Path) -> Path | None:

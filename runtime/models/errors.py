@@ -1,6 +1,6 @@
 """Error classes of diffusion-runtime (re-exported as ``runtime.errors``).
 
-They live in ``models`` because imports run runtime -> optim -> models: the lowest layer
+They live in ``runtime.models`` because imports run pipelines -> optim -> models: the lowest layer
 owns them so every layer can raise them.
 
 Every error subclasses the builtin that fits it, so callers can catch either ours or the
@@ -43,3 +43,11 @@ class InputError(RuntimeErrorBase, ValueError):
 
 class OptimizationError(RuntimeErrorBase, ValueError):
     """An optimize() override or pass setting is invalid."""
+
+
+class DependencyMissingError(RuntimeErrorBase, ModuleNotFoundError):
+    """An optional package a requested feature needs is not installed (e.g. xformers)."""
+
+
+class BackendUnavailableError(RuntimeErrorBase, ValueError):
+    """A requested kernel or backend cannot run on this machine (e.g. xformers without CUDA)."""

@@ -5,12 +5,14 @@ only turns its exceptions into ours, naming the id, the file and what was tried.
 """
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from pathlib import Path
 
 from .errors import CheckpointNotFoundError
 
-HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token")
+HUB_KWARGS = ("revision", "cache_dir", "local_files_only", "token", "force_download", "proxies")
 
 
 def _local_dir(path_or_id: str | os.PathLike, subfolder: str | None) -> Path | None:
@@ -34,8 +36,14 @@ def resolve_folder(
     cache_dir: str | os.PathLike | None = None,
     local_files_only: bool = False,
     token: str | bool | None = None,
+    force_download: bool = False,
+    proxies: dict | None = None,
 ) -> Path:
-    """Return a local folder holding the checkpoint (downloading into the hub cache if needed)."""
+    """Return a local folder holding the checkpoint (downloading into the hub cache if needed).
+
+    ``force_download`` and ``proxies`` go to huggingface_hub; a huggingface_hub whose
+    ``snapshot_download`` takes no ``proxies`` (2.x: HTTP(S)_PROXY instead) gets a warning.
+    """
     local = _local_dir(path_or_id, subfolder)
     if local is not None:
         if not local.is_dir():
@@ -59,6 +67,8 @@ def resolve_folder(
             local_files_only=local_files_only,
             token=token,
             allow_patterns=patterns,
+            force_download=force_download,
+            **_proxies_kwargs(snapshot_download, proxies),
         )
     except LocalEntryNotFoundError as exc:
         raise CheckpointNotFoundError(
@@ -84,3 +94,14 @@ def resolve_file(
     if not path.is_file():
         raise CheckpointNotFoundError(f"{filename} not found in {folder}")
     return path
+
+
+def _proxies_kwargs(download, proxies: dict | None) -> dict:
+    if not proxies:
+        return {}
+    if "proxies" in inspect.signature(download).parameters:
+        return {"proxies": proxies}
+    warnings.warn(
+        "proxies: this huggingface_hub has no proxies argument, so they are not used; set the "
+        "HTTP_PROXY / HTTPS_PROXY environment variables instead", UserWarning, stacklevel=3)
+    return {}

@@ -3,12 +3,12 @@
 Weight names follow diffusers: ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2``, ``conv2``,
 ``conv_shortcut``; samplers hold ``conv``.
 
-Extension points (DESIGN.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
+Extension points (docs/ARCHITECTURE.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
 silu(norm(x))`` for its GroupNorm-then-SiLU steps (default ``group_norm_silu``); a pass sets a fused
 kernel there. ``ResnetBlock2D.conv2_residual``: ``None`` or a callable ``(conv, h, residual) ->
-residual + conv(h)`` for its last convolution and the residual add (optim/winograd.py adds the residual
+residual + conv(h)`` for its last convolution and the residual add (runtime/optim/winograd.py adds the residual
 inside the convolution's output). ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
-for the doubling-then-conv step (optim/upsample.py folds the upsampling into the conv).
+for the doubling-then-conv step (runtime/optim/upsample.py folds the upsampling into the conv).
 """
 from __future__ import annotations
 

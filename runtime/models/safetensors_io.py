@@ -54,7 +54,7 @@ def read_header(path: str | os.PathLike) -> dict:
         raw = f.read(header_len)
     try:
         header = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as exc:
         raise CheckpointError(f"{path}: corrupt safetensors header (not valid JSON: {exc})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{path}: corrupt safetensors header (expected a JSON object)")
@@ -67,7 +67,10 @@ def read_header(path: str | os.PathLike) -> dict:
             start, end = info["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has no data_offsets") from None
-        needed = max(needed, int(end))
+        if not all(type(v) is int for v in (start, end)) or not 0 <= start <= end:
+            raise CheckpointError(f"{path}: corrupt safetensors header: tensor {name!r} has data_offsets "
+                                  f"{info['data_offsets']!r}; expected two integers 0 <= start <= end")
+        needed = max(needed, end)
     if needed > data_bytes:
         raise CheckpointError(
             f"{path}: truncated safetensors file: its tensors need {needed} data bytes "
@@ -92,7 +95,13 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike)
     """Write one safetensors file with ``{"format": "pt"}`` metadata (diffusers and transformers expect it)."""
     from safetensors.torch import save_file
 
-    save_file(tensors, str(path), metadata=dict(SAVE_METADATA))
+    try:
+        save_file(tensors, str(path), metadata=dict(SAVE_METADATA))
+    except Exception as exc:  # the Rust writer's I/O errors (a full disk: "os error 28") are no OSError
+        found = re.search(r"os error (\d+)", str(exc))
+        if isinstance(exc, OSError) or not found:
+            raise
+        raise OSError(int(found.group(1)), f"{os.strerror(int(found.group(1)))}: writing {path} ({exc})") from exc
 
 
 def read_index(path: str | os.PathLike) -> dict[str, str]:

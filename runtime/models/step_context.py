@@ -1,4 +1,4 @@
-"""The step context: which denoising step a model is being called for (DESIGN.md §3).
+"""The step context: which denoising step a model is being called for (docs/ARCHITECTURE.md §3).
 
 The pipeline announces each step before calling the model (index, count, timestep as a Python
 number, and whether the batch holds classifier-free guidance's [unconditional, conditional]

@@ -72,6 +72,10 @@ class CLIPTokenizer:
     ):
         specs = dict(zip(SPECIAL_KEYS, map(_token_spec, (bos_token, eos_token, unk_token, pad_token))))
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = (specs[k][0] for k in SPECIAL_KEYS)
+        if isinstance(model_max_length, bool) or not isinstance(model_max_length, (int, float)) \
+                or not 1 <= model_max_length < 2**31 or model_max_length != int(model_max_length):
+            raise ConfigError(f"{name_or_path or 'CLIPTokenizer'}: model_max_length={model_max_length!r} must be "
+                              f"an integer from 1 to 2**31 - 1 (CLIP's is {CLIP_CONTEXT_LENGTH})")
         self.model_max_length = int(model_max_length)
         self.name_or_path = name_or_path
         self._vocab, self._merges = dict(vocab), list(merges)
@@ -108,6 +112,16 @@ class CLIPTokenizer:
 
         kwargs = {k: v for k, v in hub_kwargs.items() if k in HUB_KWARGS}
         folder = resolve_folder(path_or_id, subfolder, allow_patterns=["*.json", "*.txt"], **kwargs)
+        try:
+            return cls._from_folder(folder, path_or_id)
+        except (ConfigError, CheckpointNotFoundError):
+            raise
+        except Exception as exc:  # a value of the wrong type or shape in one of the files (the Rust side's too)
+            raise ConfigError(f"{folder}: cannot build a CLIP tokenizer from these files "
+                              f"({type(exc).__name__}: {exc})") from exc
+
+    @classmethod
+    def _from_folder(cls, folder: Path, path_or_id):
         config = read_json(folder / "tokenizer_config.json") if (folder / "tokenizer_config.json").is_file() else {}
         settings = {k: config[k] for k in SPECIAL_KEYS if config.get(k) is not None}
         if (folder / "special_tokens_map.json").is_file():  # overrides tokenizer_config.json, as in transformers

@@ -73,7 +73,7 @@ class FeedForward(nn.Module):
 class BasicTransformerBlock(nn.Module):
     """Pre-LayerNorm self-attention, cross-attention and feed-forward, each with a residual add.
 
-    Token-merge extension point (DESIGN.md §3, ToMe / tomesd): ``self.token_merge`` is ``None`` or
+    Token-merge extension point (docs/ARCHITECTURE.md §3, ToMe / tomesd): ``self.token_merge`` is ``None`` or
     a callable ``token_merge(hidden_states) -> (m_attn, u_attn, m_cross, u_cross, m_ff, u_ff)``
     returning six functions on ``(B, T, C)`` tokens. It is called once per forward with the
     block's input; each merge ``m_*`` is applied to the normed input of its sub-layer

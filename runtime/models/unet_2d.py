@@ -13,6 +13,7 @@ from .layers import Conv2d
 
 from .block_table import build_block
 from .config import register_to_config
+from .config_checks import check_unet2d
 from .embeddings import TimestepEmbedding, Timesteps
 from .errors import ConfigError, InputError
 from .modeling import ModelMixin
@@ -56,6 +57,7 @@ class UNet2DModel(ModelMixin):
         num_train_timesteps: int | None = None,  # only for time_embedding_type="learned"
     ):
         super().__init__()
+        check_unet2d({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         n = len(block_out_channels)
         if len(down_block_types) != n or len(up_block_types) != n:
             raise ConfigError(

@@ -13,14 +13,15 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from .attention_slicing import AttentionSlicingMixin
 from .layers import Conv2d, Linear
-
 from .block_table import build_block
 from .config import register_to_config
 from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embedding
 from .errors import InputError
 from .modeling import ModelMixin
 from .outputs import ModelOutput
+from .single_file import FromOriginalModelMixin
 from .unet_config import UNetLayout, resolve_layout
 
 
@@ -62,7 +63,7 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
-class UNet2DConditionModel(ModelMixin):
+class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelMixin):
     """Conditional UNet: ``(noisy latents, timestep, text states) -> prediction``."""
 
     @register_to_config

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .config_checks import check_unet_condition
 from .errors import ConfigError
 
 _WHERE = "UNet2DConditionModel config"
@@ -47,6 +48,7 @@ def _require(cfg: dict, key: str, value, allowed: tuple) -> None:
 
 def resolve_layout(cfg: dict) -> UNetLayout:
     """Validate ``cfg`` (the ``__init__`` arguments) and return the per-block layout."""
+    check_unet_condition(cfg)
     down, up, channels = list(cfg["down_block_types"]), list(cfg["up_block_types"]), list(cfg["block_out_channels"])
     n = len(down)
     if n == 0 or len(up) != n or len(channels) != n:

@@ -2,6 +2,13 @@
 
 Config keys and state-dict names are diffusers' (``encoder.down_blocks.0.resnets.0.conv1``,
 ``quant_conv``, ``decoder.mid_block.attentions.0.to_q`` ...), so its checkpoints load unchanged.
+
+Memory controls, with diffusers' names and semantics: ``enable_slicing()`` encodes and decodes a
+batch one image at a time; ``enable_tiling()`` encodes and decodes images larger than
+``tile_sample_min_size`` (the config's ``sample_size``) in overlapping tiles blended linearly
+(runtime/models/vae_tiling.py); ``disable_slicing()`` / ``disable_tiling()`` undo them.
+``_offload_hook`` (set by runtime/pipelines/offload.py, ``None`` otherwise) runs before
+``encode`` and ``decode``, as diffusers' ``apply_forward_hook`` does for accelerate's hooks.
 """
 from __future__ import annotations
 
@@ -12,11 +19,14 @@ from .layers import Conv2d
 
 from .block_table import block_class
 from .config import register_to_config
+from .config_checks import check_autoencoder_kl
 from .errors import ConfigError
 from .modeling import ModelMixin
 from .noise import randn_tensor
 from .outputs import AutoencoderKLOutput, DecoderOutput
+from .single_file import FromOriginalModelMixin
 from .vae_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
+from .vae_tiling import blend_h, blend_v, tiled_decode_sample, tiled_encode_moments
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
@@ -135,7 +145,7 @@ class Decoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-class AutoencoderKL(ModelMixin):
+class AutoencoderKL(FromOriginalModelMixin, ModelMixin):
     """VAE with a diagonal-Gaussian posterior: ``encode`` -> ``.latent_dist``, ``decode`` -> ``.sample``."""
 
     @register_to_config
@@ -161,6 +171,7 @@ class AutoencoderKL(ModelMixin):
         mid_block_add_attention: bool = True,
     ):
         super().__init__()
+        check_autoencoder_kl({k: v for k, v in locals().items() if k not in ("self", "__class__")})
         if act_fn not in SUPPORTED_ACTIVATIONS:
             raise ConfigError(f"AutoencoderKL config act_fn: {act_fn!r} is not supported (only 'silu')")
         n = len(block_out_channels)
@@ -178,20 +189,88 @@ class AutoencoderKL(ModelMixin):
                                layers_per_block, norm_num_groups, mid_block_add_attention)
         self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
         self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        # memory controls (diffusers' attribute names; users may set the tile sizes by hand)
+        self.use_slicing = False
+        self.use_tiling = False
+        side = sample_size[0] if isinstance(sample_size, (list, tuple)) else sample_size
+        self.tile_sample_min_size = int(side)
+        self.tile_latent_min_size = int(side / (2 ** (len(block_out_channels) - 1)))
+        self.tile_overlap_factor = 0.25
+        self._offload_hook = None
 
-    def encode(self, x: torch.Tensor, return_dict: bool = True):
-        """Images (B, in_channels, H, W) -> posterior over latents (B, latent_channels, H/f, W/f)."""
+    # ---- memory controls -------------------------------------------------------------------
+    def enable_slicing(self) -> None:
+        """Encode and decode a batch one image at a time (less memory for batches, same result)."""
+        self.use_slicing = True
+
+    def disable_slicing(self) -> None:
+        self.use_slicing = False
+
+    def enable_tiling(self, use_tiling: bool = True) -> None:
+        """Encode and decode large images in overlapping tiles (memory bounded by the tile size)."""
+        self.use_tiling = bool(use_tiling)
+
+    def disable_tiling(self) -> None:
+        self.use_tiling = False
+
+    blend_v = staticmethod(blend_v)
+    blend_h = staticmethod(blend_h)
+
+    def _before_call(self, x: torch.Tensor) -> torch.Tensor:
+        """The offload hook (if any) brings the weights; the input follows them."""
+        if self._offload_hook is not None:
+            self._offload_hook(self)
+            device = self.device
+            if x.device != device:
+                x = x.to(device)
+        return x
+
+    def _encode(self, x: torch.Tensor) -> torch.Tensor:
+        """Images -> posterior moments (tiled above the tile size when tiling is on)."""
+        if self.use_tiling and (x.shape[-1] > self.tile_sample_min_size or x.shape[-2] > self.tile_sample_min_size):
+            return self._tiled_encode(x)
         moments = self.encoder(x)
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
+        return moments
+
+    def _tiled_encode(self, x: torch.Tensor) -> torch.Tensor:
+        return tiled_encode_moments(self, x)
+
+    def tiled_encode(self, x: torch.Tensor, return_dict: bool = True):
+        """Tiled encode whatever the size (diffusers' public, deprecated-there form): the posterior."""
+        posterior = DiagonalGaussianDistribution(self._tiled_encode(self._before_call(x)))
+        return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
+
+    def encode(self, x: torch.Tensor, return_dict: bool = True):
+        """Images (B, in_channels, H, W) -> posterior over latents (B, latent_channels, H/f, W/f)."""
+        x = self._before_call(x)
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode(part) for part in x.split(1)])
+        else:
+            moments = self._encode(x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(latent_dist=posterior) if return_dict else (posterior,)
 
-    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
-        """Latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f); ``generator`` unused."""
+    def _decode(self, z: torch.Tensor) -> torch.Tensor:
+        if self.use_tiling and (z.shape[-1] > self.tile_latent_min_size or z.shape[-2] > self.tile_latent_min_size):
+            return tiled_decode_sample(self, z)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
-        image = self.decoder(z)
+        return self.decoder(z)
+
+    def tiled_decode(self, z: torch.Tensor, return_dict: bool = True):
+        """Tiled decode whatever the size (diffusers' public method)."""
+        image = tiled_decode_sample(self, self._before_call(z))
+        return DecoderOutput(sample=image) if return_dict else (image,)
+
+    def decode(self, z: torch.Tensor, return_dict: bool = True, generator=None):
+        """Latents (B, latent_channels, h, w) -> images (B, out_channels, h*f, w*f); ``generator`` unused."""
+        z = self._before_call(z)
+        if self.use_slicing and z.shape[0] > 1:
+            image = torch.cat([self._decode(part) for part in z.split(1)])
+        else:
+            image = self._decode(z)
         return DecoderOutput(sample=image) if return_dict else (image,)
 
     def forward(self, sample: torch.Tensor, sample_posterior: bool = False, return_dict: bool = True,

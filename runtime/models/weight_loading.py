@@ -7,7 +7,9 @@ Order of events in ``load_weights``:
    (ShapeMismatchError naming key, expected and found shape) and casts to the target dtype.
 2. ``load_state_dict(assign=True, strict=False)``; missing and unexpected keys come from its
    return value (after any renaming), never from comparing key sets ourselves.
-3. Missing keys are a MissingWeightsError; unexpected keys a logged warning naming them.
+3. Missing keys are a MissingWeightsError; unexpected keys a logged warning naming them; a shape
+   mismatch is a ShapeMismatchError, or with ``ignore_mismatched_sizes`` a warning (the model
+   keeps its own initialised tensor, as diffusers does).
 4. Non-persistent buffers (not in any checkpoint, e.g. ``position_ids``) are still on the meta
    device. A module that owns such buffers (or whose children do) may define
    ``_init_non_persistent_buffers()`` to recompute them in place on the CPU (the fast path).
@@ -83,33 +85,58 @@ def load_weights(
     dtype: torch.dtype | None = None,
     assign: bool = True,
     rebuild=None,
-) -> None:
+    ignore_mismatched_sizes: bool = False,
+) -> dict:
     """Load ``state_dict`` into ``model`` (see the module docstring); ``source`` names the files.
 
     ``rebuild``: a callable returning a fresh model with real buffers, used only for step 4.
+    ``ignore_mismatched_sizes``: a weight whose shape differs keeps the model's own (freshly
+    initialised) value, with a warning naming key and both shapes, instead of a
+    ShapeMismatchError; the model must then be built with real tensors (``assign=False``).
+    Returns diffusers' loading-info dict: ``missing_keys``, ``unexpected_keys``,
+    ``mismatched_keys`` (``(key, checkpoint shape, model shape)``) and ``error_msgs``.
     """
     mismatches: list[tuple[str, tuple, tuple]] = []
     with _shape_and_dtype_hooks(model, mismatches, dtype):
         result = model.load_state_dict(state_dict, strict=False, assign=assign)
-    if mismatches:
+    name = type(model).__name__
+    if mismatches and not ignore_mismatched_sizes:
         lines = "; ".join(f"{k}: model expects {list(e)}, checkpoint has {list(f)}" for k, e, f in mismatches[:SHOW_KEYS])
         more = f" ... and {len(mismatches) - SHOW_KEYS} more" if len(mismatches) > SHOW_KEYS else ""
         raise ShapeMismatchError(
             f"{source}: {len(mismatches)} weight(s) have a shape that does not fit "
-            f"{type(model).__name__}'s config: {lines}{more}"
+            f"{name}'s config: {lines}{more} (pass ignore_mismatched_sizes=True, and "
+            f"low_cpu_mem_usage=False, to keep the model's freshly initialised weights for these)"
         )
-    if result.missing_keys:
+    mismatched = {k for k, _, _ in mismatches}
+    missing = sorted(k for k in result.missing_keys if k not in mismatched)
+    if missing:
         raise MissingWeightsError(
-            f"{source}: the checkpoint lacks weights that {type(model).__name__} needs "
-            f"(they would stay uninitialized): {list_keys(sorted(result.missing_keys))}"
+            f"{source}: the checkpoint lacks weights that {name} needs "
+            f"(they would stay uninitialized): {list_keys(missing)}"
         )
     if result.unexpected_keys:
         logger.warning(
             "%s: weights not used by %s were ignored: %s",
-            source, type(model).__name__, list_keys(sorted(result.unexpected_keys)),
+            source, name, list_keys(sorted(result.unexpected_keys)),
+        )
+    if mismatches:
+        logger.warning(
+            "Some weights of %s were not initialized from the model checkpoint at %s and are newly "
+            "initialized because the shapes did not match:\n%s\nYou should probably TRAIN this model on a "
+            "down-stream task to be able to use it for predictions and inference.",
+            name, source,
+            "\n".join(f"- {k}: found shape {torch.Size(f)} in the checkpoint and {torch.Size(e)} in the model "
+                      "instantiated" for k, e, f in mismatches),
         )
     if assign:
         materialize_buffers(model, rebuild, source)
+    return {
+        "missing_keys": missing,
+        "unexpected_keys": sorted(result.unexpected_keys),
+        "mismatched_keys": [(k, torch.Size(f), torch.Size(e)) for k, e, f in mismatches],
+        "error_msgs": [],
+    }
 
 
 def _meta_buffers(model: nn.Module) -> list[str]:

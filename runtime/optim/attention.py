@@ -1,11 +1,11 @@
 """Attention backend pass: the fastest backend this device runs, set on every Attention slot.
 
-Choice (DESIGN.md §4, level 1): on CUDA our fused Triton kernel where it supports the call's
+Choice (docs/ARCHITECTURE.md §4, level 1): on CUDA our fused Triton kernel where it supports the call's
 shapes (SDPA otherwise, decided per call), else xformers if installed, else PyTorch SDPA. On a
 machine without CUDA the Triton kernel is never selected for real work. On CPU our C kernels
-(kernels/attention_cpu.py) take the calls they support: bf16 with AVX512-BF16, fp32 with AVX-512 (an
+(runtime/kernels/attention_cpu.py) take the calls they support: bf16 with AVX512-BF16, fp32 with AVX-512 (an
 fp32 pipeline's error stays SDPA's: exact class), SDPA the rest. On a CPU with AMX tiles "auto" keeps
-SDPA for bf16, whose bf16 matmuls use the tiles (optim/hardware.py: AMX_REASON).
+SDPA for bf16, whose bf16 matmuls use the tiles (runtime/optim/hardware.py: AMX_REASON).
 """
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The pass protocol and the report ``optimize`` leaves on a pipeline (DESIGN.md §4).
+"""The pass protocol and the report ``optimize`` leaves on a pipeline (docs/ARCHITECTURE.md §4).
 
 A pass is a small object: ``name``, ``exact``, ``supports(pipe) -> reason | None``,
 ``apply(pipe)`` (keeps what it replaced on itself) and ``revert(pipe)`` (restores it exactly).

@@ -2,7 +2,9 @@
 
 The approximate passes' defaults were chosen from measured quality, but how much a model tolerates
 depends on the model, the step count and the size (on the shipped shapes model, TGATE gated at half
-the steps without its guidance drop turns a fifth of the colours wrong). The check measures closeness
+the steps without its guidance drop turns colours wrong; measured: bench/RESULTS.md, 'Shipped shapes
+model: adherence and parity per level and pass (2026-12-01)', and 'Figures moved from docstrings').
+The check measures closeness
 to eager: TGATE's guidance drop draws a different image by design (cleaner, on the shipped model), so
 under the default floor it is usually the first pass switched off. With ``check`` the plan is measured before it is
 kept: one call of the eager pipeline and one of the plan (without compile, which is near-exact
@@ -25,8 +27,9 @@ from runtime.models.errors import OptimizationError
 
 from .parity import psnr
 
-# Switched off in this order until the image is within the floor: TGATE first (about 1.2x alone, and
-# with its guidance drop the furthest from eager), ToMe next, DeepCache (the largest gain) last.
+# Switched off in this order until the image is within the floor: TGATE first (a modest gain alone,
+# measured: bench/RESULTS.md, 'Figures moved from docstrings'; and with its guidance drop the
+# furthest from eager), ToMe next, DeepCache (the largest gain) last.
 BACK_OFF = ("tgate", "tome", "deepcache")
 DEFAULTS = {"floor_db": 30.0, "seed": 0, "prompt": "a red circle on a blue background, in the centre",
             "num_inference_steps": 20}

@@ -43,6 +43,25 @@ def default_cache_dir() -> str:
     return os.path.join(root, "diffusion-runtime", "inductor")
 
 
+def usable_cache_dir(path: str) -> str:
+    """``path``, created if needed; where it cannot be written (read-only volume, a file in the way),
+    a temporary folder for this process, with a warning: compiling then starts cold, never crashes."""
+    import tempfile
+    import warnings
+
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(suffix=".probe", dir=path)
+        os.close(fd)
+        os.unlink(probe)
+        return path
+    except OSError as e:
+        fallback = tempfile.mkdtemp(prefix="diffusion-runtime-inductor-")
+        warnings.warn(f"compile cache {path} is not writable ({e}); using {fallback} for this process "
+                      "(no warm start next time)", RuntimeWarning, stacklevel=3)
+        return fallback
+
+
 @contextmanager
 def inductor_cache_dir(path: str):
     """Point inductor's on-disk caches at ``path`` for the duration of a compiled call."""
@@ -95,12 +114,14 @@ class CompilePass(Pass):
     regional: bool | None = None
     cache_dir: str | None = None
     # Inductor's freezing folds weights into the graph as constants and pre-packs them for oneDNN
-    # (CPU): measured 1.86x over eager fp32 for the bf16 small UNet vs 1.59x eager bf16. Weights
+    # (CPU): for the bf16 small UNet it measured faster than eager bf16 (bench/RESULTS.md,
+    # 'Figures moved from docstrings'). Weights
     # edited in place after the first call are not seen; revert and optimize again after editing.
     freezing: bool | None = None  # None: on for CPU pipelines compiled whole (not regionally)
     # Compile a bf16 CPU pipeline too. Off by default: on top of our eager bf16 kernels (attention,
-    # packed weights) inductor measured no faster on this CPU (small, 256x256: level 2 1.78x compiled
-    # vs 1.91x not, after 8 minutes of compiling; bench/RESULTS.md), so level 2 skips it there.
+    # packed weights) inductor measured no faster on this CPU, after minutes of compiling (small,
+    # 256x256, level 2 compiled and not; measured: bench/RESULTS.md, session 12, 'Level 2 without
+    # compile: packed linears, fused GEGLU, compile skipped for bf16 on CPU'), so level 2 skips it there.
     force: bool = False
 
     def __post_init__(self):
@@ -112,9 +133,10 @@ class CompilePass(Pass):
         if not hasattr(torch, "compile"):
             return "torch.compile is not available in this torch"
         if self.regional is None and self._regional(pipe) and pipeline_device(pipe).type == "cpu":
-            # Measured on the small model, 256x256, 10 steps (bench/RESULTS.md): level 3 ran 2.48x
-            # eager without compile and 2.24x with regional compile; regional bf16 alone 1.37x vs
-            # 1.63x uncompiled. Pass regional=True to compile regionally anyway.
+            # Measured on the small model, 256x256, 10 steps: level 3 ran faster without compile
+            # than with regional compile, and so did bf16 alone (bench/RESULTS.md, 'Figures moved
+            # from docstrings'; also 'small, 256x256, 10 PNDM steps, guidance 7.5'). Pass regional=True to compile
+            # regionally anyway.
             return ("approximate passes keep per-step Python hooks in the UNet, so only regional "
                     "compilation applies, and on CPU it measured slower than not compiling")
         if not self._modules(pipe):
@@ -152,8 +174,7 @@ class CompilePass(Pass):
         return found
 
     def apply(self, pipe) -> None:
-        cache_dir = str(Path(self.cache_dir or default_cache_dir()).expanduser())
-        Path(cache_dir).mkdir(parents=True, exist_ok=True)
+        cache_dir = usable_cache_dir(str(Path(self.cache_dir or default_cache_dir()).expanduser()))
         # Frozen weights are per-instance constants: regional blocks could no longer share code.
         default_freezing = pipeline_device(pipe).type == "cpu" and not self._regional(pipe)
         freezing = self.freezing if self.freezing is not None else default_freezing

@@ -26,6 +26,9 @@ def denoiser(pipe) -> ModelMixin | None:
 
 
 def pipeline_device(pipe) -> torch.device:
+    offload = getattr(pipe, "_offload_device", None)  # CPU offload: the networks rest on the CPU, run there
+    if offload is not None:
+        return offload
     for m in pipeline_models(pipe).values():
         return m.device
     return torch.device("cpu")

@@ -9,7 +9,7 @@ and the up layers that read their skips; ``None`` keeps the whole block. ``inter
 whole UNet every step and changes nothing; ``interval=None`` (the default) picks 2 or 3 by the
 call's step count (``resolve_interval``).
 
-Plugs into ``UNet2DConditionModel.feature_cache`` (DESIGN.md §3). The cache is per thread and the
+Plugs into ``UNet2DConditionModel.feature_cache`` (docs/ARCHITECTURE.md §3). The cache is per thread and the
 mode per step comes from the step context the pipeline announces, so concurrent calls on one
 pipeline each keep their own features. Any scheduler works: the decision is by loop index.
 """
@@ -25,9 +25,9 @@ from .base import Pass
 from .components import denoiser
 
 
-# Measured on the shipped shapes model (bench/RESULTS.md, 48 held-out prompts, DDIM): interval 3
-# after a quarter of the steps keeps adherence at 50 steps (40.2 dB) but not at 20 (30.4 dB, colour
-# 0.83 -> 0.73), where interval 2 does (40.1 dB, colour 0.81).
+# Measured on the shipped shapes model (48 held-out prompts, DDIM): interval 3 after a quarter of
+# the steps keeps adherence at 50 steps but not at 20, where interval 2 does (measured:
+# bench/RESULTS.md, session 11, 'Level 3 defaults chosen from measured quality; `optimize(check=...)`').
 AUTO_LONG = 30
 
 
@@ -96,12 +96,15 @@ class DeepCachePass(Pass):
     interval: int | None = None
     branch: int = 0
     # The default cuts before the shallowest block's first layer: the shallow path is conv_in and the
-    # last up layer (1.83x end to end at interval 3 on small against 1.60x for layer 0; on the shipped
-    # model 39.0 against 40.1 dB at the default interval/start, same adherence; bench/RESULTS.md).
+    # last up layer (faster end to end than layer 0 at interval 3 on small; on the shipped model about
+    # the same PSNR at the default interval/start, same adherence; measured: bench/RESULTS.md,
+    # session 11, "DeepCache's cut before the first layer (`layer=-1`, now the default); compiled
+    # levels on the shipped model").
     # It is what the deepcache package's path at cache_layer_id=0 amounts to (the down layer it runs
     # there feeds nothing). ``0`` cuts after the first layer (the paper's setting for Stable
     # Diffusion): conv_in, one down layer and the last two up layers. ``None`` runs the whole block
-    # (1.46x on small where the package gave 1.94x).
+    # (well below the package's speed-up on small; measured: bench/RESULTS.md, 'Predictions and what
+    # they gave (optimization layer, 2026-11-22)', the DeepCache row).
     layer: int | None = -1
     # Steps before ``start`` (an index, or a fraction of the call's steps when a float) always run
     # the whole UNet: the early steps set layout and colour, and a few-step call has few of them.

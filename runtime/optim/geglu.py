@@ -1,18 +1,20 @@
 """Fused GEGLU feed-forward: the projection and ``value * gelu(gate)`` in one kernel (level 1, exact class).
 
 bf16 calls (CPUs with AVX512-BF16) and fp32 calls (CPUs with AVX-512) run our linear+GEGLU kernel
-(kernels/linear_geglu_cpu.py): the products with fp32 sums, the bias and the erf GELU on those sums;
-the (rows, 2d) projection is never written. In bf16 that is one rounding instead of two, 1.1-1.4x faster
+(runtime/kernels/linear_geglu_cpu.py): the products with fp32 sums, the bias and the erf GELU on those sums;
+the (rows, 2d) projection is never written. In bf16 that is one rounding instead of two, and faster
 than oneDNN's linear plus the activation kernel on the SD UNets' shapes; in fp32 it differs from eager by
-the order of the sums and is 1.5-2x faster than eager's linear (which first copies the bias into its
-output), GELU and product. Its packed weight is made on first use and again when the weight changes
+the order of the sums and is faster than eager's linear (which first copies the bias into its
+output), GELU and product (measured: bench/RESULTS.md, session 16, 'The feed-forward's projection and
+GEGLU in one kernel; AMX and AVX-512-only CPUs'; the ranges first written here: 'Figures moved from
+docstrings'). Its packed weight is made on first use and again when the weight changes
 (prepack's rule). Calls it does not take (compiling, autograd, other dtypes) run the projection, then
-the activation: our bf16 kernel (kernels/geglu_cpu.c: one read of the projection, one rounding; eager
+the activation: our bf16 kernel (runtime/kernels/geglu_cpu.c: one read of the projection, one rounding; eager
 rounds twice) or, for the rest, the eager formula.
 On a CPU with AMX tiles the bf16 projection stays with oneDNN's linear, whose tile matmuls are expected to
-be faster (optim/hardware.py; ``amx=True`` fuses anyway); fp32 (AMX has none) and the activation
+be faster (runtime/optim/hardware.py; ``amx=True`` fuses anyway); fp32 (AMX has none) and the activation
 kernel, bound by memory, run as elsewhere.
-Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (DESIGN.md §3).
+Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3).
 """
 from __future__ import annotations
 

@@ -1,9 +1,9 @@
 """Fused GroupNorm + SiLU in the UNet's and VAE's resnet blocks (level 1, exact class).
 
-On a CPU with AVX512-BF16 our C kernel (kernels/group_norm_cpu.c) computes the bf16 calls: fp32
+On a CPU with AVX512-BF16 our C kernel (runtime/kernels/group_norm_cpu.c) computes the bf16 calls: fp32
 statistics, one rounding, one write (eager rounds after the norm and after the SiLU and writes the
 normed intermediate). Other calls (fp32, non-contiguous) take the eager form, so an fp32 pipeline
-computes exactly what it did. Plugs into ``ResnetBlock2D.norm_silu`` (DESIGN.md §3).
+computes exactly what it did. Plugs into ``ResnetBlock2D.norm_silu`` (docs/ARCHITECTURE.md §3).
 """
 from __future__ import annotations
 

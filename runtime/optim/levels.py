@@ -1,4 +1,4 @@
-"""The level table (DESIGN.md §4) and the plan ``optimize`` builds from a level and overrides."""
+"""The level table (docs/ARCHITECTURE.md §4) and the plan ``optimize`` builds from a level and overrides."""
 from __future__ import annotations
 
 from typing import Any

@@ -1,8 +1,9 @@
 """channels_last for the UNet and the VAE where it is faster on the device (exact).
 
 Decided by measurement, not habit. On the 2-core AVX512-BF16 CPU this project runs on,
-``bench/bench_channels_last.py`` measured conv+GroupNorm+SiLU at UNet shapes at 0.73x-1.12x of
-NCHW (slower at 512 channels on 8x8, faster at 128 channels on 32x32-64x64): no consistent gain in
+``bench/bench_channels_last.py`` measured conv+GroupNorm+SiLU at UNet shapes against NCHW (slower at
+512 channels on 8x8, faster at 128 channels on 32x32-64x64; measured: bench/RESULTS.md, 'Predictions
+and what they gave (optimization layer, 2026-11-22)', the channels_last rows): no consistent gain in
 eager mode, so "auto" leaves CPUs alone. On CUDA, cuDNN's tensor-core convolutions prefer NHWC,
 so "auto" turns it on there.
 """

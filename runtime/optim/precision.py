@@ -26,7 +26,7 @@ class PrecisionPass(Pass):
     name = "precision"
     exact = False
     # Documented bound: image PSNR against fp32 eager at least this, checked by tests on the tiny
-    # random pipeline (10 steps; measured 49 dB there).
+    # random pipeline (10 steps; what it measured there: bench/RESULTS.md, 'Figures moved from docstrings').
     psnr_floor_db: ClassVar[float] = 35.0
     dtype: str = "auto"
     vae_fp32: str = "auto"  # "auto": fp32 for fp16 runs where the VAE says force_upcast; "always"; "never"

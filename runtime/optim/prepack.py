@@ -2,9 +2,11 @@
 
 Eager ``F.conv2d`` on CPU hands oneDNN plain NCHW weights, and oneDNN reorders them into its
 blocked layout on every call: at the UNet's deep, small-spatial layers that reorder costs as
-much as the convolution (512 channels at 8x8: 2.1 ms eager against 1.4 ms packed). Eager
-``F.linear`` with a bias in bf16 first copies the broadcast bias into its output, then multiplies
-(a (2048, 1024) copy took as long as a third of the matmul). This pass gives each bf16
+much as the convolution (512 channels at 8x8; measured: bench/RESULTS.md, session 12, 'Our bf16 CPU
+attention kernel and packed convolution weights', prepack). Eager ``F.linear`` with a bias in bf16
+first copies the broadcast bias into its output, then multiplies (a (2048, 1024) copy took a sizeable
+share of the matmul's time; measured: bench/RESULTS.md, session 12, 'Level 2 without compile: packed
+linears, fused GEGLU, compile skipped for bf16 on CPU'). This pass gives each bf16
 ``nn.Conv2d`` and ``nn.Linear`` of the pipeline's models (fp32 ones too with ``fp32=True``;
 measured no faster) a forward that packs its weight once (convolutions: per input shape) and calls
 oneDNN's convolution / linear with the packed weight, the bias added inside.
@@ -131,7 +133,8 @@ def _packer(module: nn.Module):
 class PrepackPass(Pass):
     name = "prepack"
     exact = True
-    # fp32 weights too: measured no faster packed on this CPU (0.98x end to end on small), so by
+    # fp32 weights too: measured no faster packed on this CPU (end to end on small: bench/RESULTS.md,
+    # session 12, 'Our bf16 CPU attention kernel and packed convolution weights', ours-conv_prepack), so by
     # default only bf16 ones (after precision) are packed and fp32 weights are not duplicated.
     fp32: bool = False
 

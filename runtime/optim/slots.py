@@ -1,4 +1,4 @@
-"""A pass that puts one of our CPU kernels into a model's callable slot (DESIGN.md §3).
+"""A pass that puts one of our CPU kernels into a model's callable slot (docs/ARCHITECTURE.md §3).
 
 Subclasses name the module type, the slot, the callable to put there and the kernel's readiness;
 ``apply`` sets the slot on every such module of the pipeline's models and ``revert`` puts back

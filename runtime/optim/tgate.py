@@ -13,7 +13,7 @@ pipeline runs the conditional half alone (half the batch) and takes its predicti
 the UNet's ``guidance_gate`` slot.
 
 Caches are per thread and per call (reset at step 0), so concurrent calls stay correct. Plugs into
-``Attention.output_hook`` (DESIGN.md §3); it never copies a forward.
+``Attention.output_hook`` (docs/ARCHITECTURE.md §3); it never copies a forward.
 """
 from __future__ import annotations
 
@@ -79,12 +79,13 @@ class TGatePass(Pass):
     # Documented bound at the default: image PSNR against eager at least this, checked by tests on
     # the tiny random pipeline (10 steps); adherence at level 3 is tested on the shipped model. The
     # paper gates SD 1.5 at 10 of 25 steps and drops guidance after the gate. On the shipped shapes
-    # model (48 held-out prompts, bench/RESULTS.md) a gate at half the steps *with* the drop reads
-    # back as well as eager or better (overall, TGATE alone: 0.98 against 0.88 at 20 steps; level 3:
-    # 0.88 against 0.87 at 10 steps, 0.97 against 0.88 at 20 and 50): late guidance at 7.5 only
-    # over-sharpens there. Without the drop that gate turns colours wrong (0.83 -> 0.65), so
-    # ``drop_cfg=False`` wants ``gate_step=0.8``. PSNR against eager is ~23 dB with the drop: it
-    # draws a cleaner image, not the same one.
+    # model (48 held-out prompts) a gate at half the steps *with* the drop reads back as well as
+    # eager or better (overall adherence, TGATE alone at 20 steps and level 3 at 10, 20 and 50 steps):
+    # late guidance at 7.5 only over-sharpens there. Without the drop that gate turns colours wrong,
+    # so ``drop_cfg=False`` wants ``gate_step=0.8``. PSNR against eager is low with the drop: it
+    # draws a cleaner image, not the same one. Measured: bench/RESULTS.md, session 13, 'TGATE drops
+    # guidance after its gate', TGATE's guidance drop (without the drop: 'Shipped shapes model:
+    # adherence and parity per level and pass (2026-12-01)').
     psnr_floor_db: ClassVar[float] = 30.0
     gate_step: int | float = 0.5
     drop_cfg: bool = True

@@ -7,10 +7,10 @@ similarity are averaged into their destinations. Given the same generator it dra
 random cells and makes the same choices as tomesd (tests/optim/test_token_merge.py compares them).
 
 Why our own: on CPU tomesd's merge and unmerge are ``torch.gather`` / ``scatter`` over
-(B, N, C) index tensors expanded along C, which took 3.4-4.1 ms per block at 1024 tokens of 128
-channels (ours 1.5), about what merging saves in attention. Here each is whole-row copies over the
-flattened (B*N, C) tokens (``index_select`` / ``index_add_``), and unmerging is one gather
-through the inverse map. Knows nothing about models; optim/tome.py plugs it in.
+(B, N, C) index tensors expanded along C, which at 1024 tokens of 128 channels took far longer than
+ours, about what merging saves in attention (measured: bench/RESULTS.md, session 15, 'Token merging
+without tomesd's gathers'). Here each is whole-row copies over the flattened (B*N, C) tokens
+(``index_select`` / ``index_add_``), and unmerging is one gather through the inverse map. Knows nothing about models; runtime/optim/tome.py plugs it in.
 """
 from __future__ import annotations
 

@@ -5,9 +5,10 @@ Before a transformer block's self-attention, ``ratio`` of the tokens are merged 
 (bipartite soft matching over a 2-D grid, with one destination token per ``sx`` x ``sy`` cell);
 after it they are copied back out. Only blocks whose token grid is downsampled at most
 ``max_downsample`` times from the latent are merged (the high-resolution ones, where attention
-costs most). The matching algorithm is the ``tomesd`` package's, run by optim/token_merge.py
-(row copies, 2.2-2.5x faster than tomesd's gathers on CPU, same choices); this file plugs it into the
-transformer blocks' ``token_merge`` slot (DESIGN.md §3) and never copies a forward.
+costs most). The matching algorithm is the ``tomesd`` package's, run by runtime/optim/token_merge.py
+(row copies, faster than tomesd's gathers on CPU, same choices; measured: bench/RESULTS.md, session 15,
+'Token merging without tomesd's gathers'); this file plugs it into the
+transformer blocks' ``token_merge`` slot (docs/ARCHITECTURE.md §3) and never copies a forward.
 
 Randomness (which token of each cell is the destination) comes from a generator seeded with
 ``seed`` at the start of each call, per thread: results are reproducible and concurrent calls do
@@ -68,7 +69,8 @@ class ToMePass(Pass):
     name = "tome"
     exact = False
     # Documented bound at ratio 0.5: image PSNR against eager at least this, checked by tests on
-    # the tiny random pipeline (10 steps, max_downsample 2; measured 46 dB there).
+    # the tiny random pipeline (10 steps, max_downsample 2; what it measured there: bench/RESULTS.md,
+    # 'Figures moved from docstrings').
     psnr_floor_db: ClassVar[float] = 30.0
     ratio: float = 0.5
     max_downsample: int = 1

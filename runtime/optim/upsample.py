@@ -7,12 +7,13 @@ for an even output row the window's upper row carries kernel row 0 and its lower
 for an odd one, rows 0 + 1 and row 2 (columns alike). So one 2x2 conv with four times the output
 channels over the small input (padded by one) computes all four phases, and one copy interleaves
 them: 16 multiply-adds per input pixel and channel pair instead of 36, no doubled input in memory.
-Measured 1.5-2x faster than upsample-then-conv in fp32 and 2-2.4x in bf16 at the UNets' and VAEs'
-shapes (bench/RESULTS.md); the fp32 result differs by rounding only (sums taken in another order).
+Measured faster than upsample-then-conv in fp32 and in bf16 at the UNets' and VAEs' shapes
+(bench/RESULTS.md, session 13, 'TGATE drops guidance after its gate', upsampling folded into the
+conv; the ranges first written here: 'Figures moved from docstrings'); the fp32 result differs by rounding only (sums taken in another order).
 
 The folded weights follow the conv's weight (rebuilt when its storage, version or dtype changes,
 as ``prepack`` does); bf16 and fp32 calls on CPU go to oneDNN with them packed. Plugs into
-``Upsample2D.conv_2x`` (DESIGN.md §3); calls with an explicit output size (odd latent sizes) take
+``Upsample2D.conv_2x`` (docs/ARCHITECTURE.md §3); calls with an explicit output size (odd latent sizes) take
 the eager path.
 """
 from __future__ import annotations
@@ -80,7 +81,8 @@ class FoldedUpsampleConv:
             return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         self._refresh(conv)
         # packed once for oneDNN, fp32 too: unpacked, SD 1.5's fp32 folds (up to 105 MB of weights at 4x4
-        # pixels) spent most of each call reordering them (55 -> 11 ms alone, 321 ms inside the UNet)
+        # pixels) spent most of each call reordering them (measured: bench/RESULTS.md, session 15, "The
+        # upsample pass's fp32 folds, packed")
         fast = self.onednn and x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float32)
         g = self.packed(x) if fast else self.folded(x)
         return interleave_phases(g, conv.out_channels)

@@ -2,8 +2,8 @@
 
 The direct convolutions run at this CPU's matmul rate (bench/RESULTS.md, sessions 12 and 15), so the way
 to fewer seconds is fewer multiplies: Winograd's minimal filtering computes each 2x2 block of outputs
-with 16 multiply-adds per channel pair instead of 36 (kernels/winograd_cpu.py for bf16,
-kernels/winograd_f32_cpu.py for fp32). This pass gives each bf16 or fp32 3x3, stride-1, padding-1
+with 16 multiply-adds per channel pair instead of 36 (runtime/kernels/winograd_cpu.py for bf16,
+runtime/kernels/winograd_f32_cpu.py for fp32). This pass gives each bf16 or fp32 3x3, stride-1, padding-1
 ``nn.Conv2d`` of the pipeline's models whose channel counts the kernels take (input even and at least
 ``min_channels``, output a multiple of 32) a forward that runs it that way, and each ``Upsample2D``
 whose conv it takes a ``conv_2x`` that runs the nearest doubling and the conv in one kernel, in bf16
@@ -14,14 +14,16 @@ the upsample pass's fold, when those passes ran first).
 
 The transformed kernel is computed on first use and rebuilt when the weight's storage, version or
 dtype changes, as prepack does. Costs memory: 16/9 of each weight it takes, in the weight's dtype,
-beside the weight. SD 1.5's UNet at level 1 (fp32): 4.25 GB anonymous memory against 1.1 GB without the
-pass; at level 2 (bf16, in place of prepack's packed copies, which are then never made) 10.2 GB peak RSS
-against 9.5 GB (``winograd=False`` when memory is short). In bf16 the result differs from the direct
-convolution by rounding only: 2.5x its rms error against fp32, 1.5-2x its max
-(tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct fp32 convolution's
-(tests/kernels/test_winograd_f32_cpu.py).
+beside the weight: SD 1.5's UNet holds more memory with the pass than without it at level 1 (fp32) and
+at level 2 (bf16, in place of prepack's packed copies, which are then never made) (measured:
+bench/RESULTS.md, session 15, 'Winograd in fp32, and the pass at level 1', and 'Figures moved from
+docstrings'; ``winograd=False`` when memory is short). In bf16 the result differs from the direct
+convolution by rounding only, with a larger rms and max error against fp32 than the direct convolution's
+(measured: bench/RESULTS.md, session 14, 'Winograd F(2x2, 3x3) convolutions', and 'Figures moved
+from docstrings'; tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct
+fp32 convolution's (tests/kernels/test_winograd_f32_cpu.py).
 On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
-outrun these vdpbf16ps products by more than the 2.25x Winograd saves (optim/hardware.py; ``amx=True``
+outrun these vdpbf16ps products by more than the 2.25x Winograd saves (runtime/optim/hardware.py; ``amx=True``
 takes them anyway); the fp32 ones (AMX has no fp32) are taken.
 Each ResnetBlock2D whose second conv it takes gets a ``conv2_residual`` that adds the block's residual
 inside the kernel's output transform (one pass over the output fewer; in bf16 one rounding fewer).
@@ -51,7 +53,7 @@ DTYPES = (torch.bfloat16, torch.float32)
 
 def kernel_ready(dtype: torch.dtype) -> str | None:
     """None when the kernel for ``dtype`` runs here, else why not."""
-    # imported here: importing ``kernels`` reads TRITON_INTERPRET, which the kernel tests set first
+    # imported here: importing ``runtime.kernels`` reads TRITON_INTERPRET, which the kernel tests set first
     if dtype == torch.float32:
         from runtime.kernels.winograd_f32_cpu import cpu_winograd_f32_ready as ready
     else:

@@ -2,9 +2,10 @@
 from .auto import AutoPipelineForImage2Image, AutoPipelineForInpainting, AutoPipelineForText2Image
 from .base import DiffusionPipeline
 from .ddpm import DDPMPipeline
+from .depth2img import StableDiffusionDepth2ImgPipeline
 from .img2img import StableDiffusionImg2ImgPipeline
 from .inpaint import StableDiffusionInpaintPipeline
-from .output import ImagePipelineOutput, StableDiffusionPipelineOutput
+from .output import ImagePipelineOutput, StableDiffusionPipelineOutput, StableDiffusionXLPipelineOutput
 from .sdxl import StableDiffusionXLPipeline
 from .sdxl_tasks import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLInpaintPipeline
 from .stable_diffusion import StableDiffusionPipeline
@@ -16,6 +17,7 @@ PIPELINE_CLASSES: dict[str, type] = {
         StableDiffusionPipeline,
         StableDiffusionImg2ImgPipeline,
         StableDiffusionInpaintPipeline,
+        StableDiffusionDepth2ImgPipeline,
         StableDiffusionXLPipeline,
         StableDiffusionXLImg2ImgPipeline,
         StableDiffusionXLInpaintPipeline,
@@ -31,6 +33,7 @@ __all__ = [
     "DiffusionPipeline",
     "ImagePipelineOutput",
     "PIPELINE_CLASSES",
+    "StableDiffusionDepth2ImgPipeline",
     "StableDiffusionImg2ImgPipeline",
     "StableDiffusionInpaintPipeline",
     "StableDiffusionPipeline",
@@ -38,4 +41,5 @@ __all__ = [
     "StableDiffusionXLImg2ImgPipeline",
     "StableDiffusionXLInpaintPipeline",
     "StableDiffusionXLPipeline",
+    "StableDiffusionXLPipelineOutput",
 ]

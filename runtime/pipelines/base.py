@@ -25,7 +25,7 @@ from .registry import UNSUPPORTED_OPTIONAL, library_of, model_class, pipeline_cl
 
 logger = logging.getLogger(__name__)
 
-LOAD_KWARGS = ("variant", "use_safetensors")
+LOAD_KWARGS = ("variant", "use_safetensors", "check_finite")
 
 
 def _call_with_accepted(fn, *args, **kwargs):
@@ -54,6 +54,9 @@ class DiffusionPipeline:
 
     component_names: tuple[str, ...] = ()
     optional_components: tuple[str, ...] = ()
+    model_cpu_offload_seq: str | None = None  # the order networks run in ("text_encoder->unet->vae")
+    _exclude_from_cpu_offload: tuple[str, ...] = ()
+    hf_device_map = None
     config_defaults: dict = {}  # non-component keys of model_index.json (requires_safety_checker...)
 
     def __init__(self, *args, **kwargs):
@@ -92,6 +95,12 @@ class DiffusionPipeline:
         return [c for c in self.components.values() if isinstance(c, nn.Module)]
 
     @property
+    def _execution_device(self) -> torch.device:
+        """Where the networks run: the offload device when CPU offload is on, else the pipeline's."""
+        offload = self.__dict__.get("_offload_device")
+        return offload if offload is not None else self.device
+
+    @property
     def device(self) -> torch.device:
         for module in self._modules():
             for p in module.parameters():
@@ -106,9 +115,12 @@ class DiffusionPipeline:
                 return p.dtype
         return torch.float32
 
-    def to(self, *args, device=None, dtype=None):
+    def to(self, *args, device=None, dtype=None, silence_dtype_warnings: bool = False):
         """Move every module component to ``device`` and/or cast it to ``dtype``; returns self."""
         device, dtype = _parse_to_args(args, device, dtype)
+        if device is not None and self.__dict__.get("_offload") is not None and torch.device(device).type != "cpu":
+            logger.warning("%s.to(%s) with CPU offload on: the offload hooks stay and move the networks back; "
+                           "call remove_all_hooks() first to keep them there", type(self).__name__, device)
         for module in self._modules():
             module.to(device=device, dtype=dtype)
         return self
@@ -116,6 +128,54 @@ class DiffusionPipeline:
     def __repr__(self) -> str:
         parts = [f"  {n}: {type(c).__name__ if c is not None else None}" for n, c in self.components.items()]
         return f"{type(self).__name__}(\n" + "\n".join(parts) + "\n)"
+
+    # ---- memory controls (diffusers' names) ------------------------------------------------
+    def enable_attention_slicing(self, slice_size: str | int | list | None = "auto") -> None:
+        """Sliced attention in every network that has ``set_attention_slice`` (the UNet): "auto" (half
+        the heads of each module at a time), "max" (one), an int, a list (one per module) or None."""
+        self.set_attention_slice(slice_size)
+
+    def disable_attention_slicing(self) -> None:
+        self.enable_attention_slicing(None)
+
+    def set_attention_slice(self, slice_size) -> None:
+        for module in self._modules():
+            if hasattr(module, "set_attention_slice"):
+                module.set_attention_slice(slice_size)
+
+    def enable_model_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Networks rest on the CPU; each moves whole to the accelerator when it runs (offload.py).
+        Without an accelerator: diffusers' RuntimeError."""
+        from . import offload
+
+        offload.enable(self, "model", gpu_id=gpu_id, device=device)
+
+    def enable_sequential_cpu_offload(self, gpu_id: int | None = None, device: torch.device | str | None = None) -> None:
+        """Every layer's weights rest on the CPU and visit the accelerator for that layer's forward
+        only (offload.py). Without an accelerator: diffusers' RuntimeError."""
+        from . import offload
+
+        offload.enable(self, "sequential", gpu_id=gpu_id, device=device)
+
+    def remove_all_hooks(self) -> None:
+        """Take the offload hooks off (the networks stay where they are)."""
+        from . import offload
+
+        offload.remove(self)
+
+    def maybe_free_model_hooks(self) -> None:
+        """After a call with model offload: every network back on the CPU."""
+        offload = self.__dict__.get("_offload")
+        if offload is not None:
+            offload.offload_all()
+
+    def _offload_phase(self, *names: str) -> None:
+        """A call's phase begins: with offload on, bring its networks (hooks cover direct calls too)."""
+        offload = self.__dict__.get("_offload")
+        if offload is not None:
+            offload.check_call()
+            offload.refresh(self)
+            offload.onload_names(self, names)
 
     # ---- progress bar --------------------------------------------------------------------
     def set_progress_bar_config(self, **kwargs) -> None:
@@ -163,7 +223,7 @@ class DiffusionPipeline:
         if cls.component_names:  # a concrete pipeline class loads any compatible folder
             return cls
         name = index.get("_class_name")
-        if name not in classes:
+        if not isinstance(name, str) or name not in classes:
             raise ConfigError(
                 f"{index_path}: _class_name {name!r} is not a pipeline diffusion-runtime implements; "
                 f"supported: {', '.join(sorted(classes))}"
@@ -178,6 +238,9 @@ class DiffusionPipeline:
                 raise ConfigError(f"{index_path}: {cls.__name__} needs the component {name!r}, which is missing or null")
             return None
         library, class_name = entry
+        if not isinstance(class_name, str) or not isinstance(library, (str, type(None))):
+            raise ConfigError(f"{index_path}: component {name!r} is {list(entry)!r}; expected "
+                              "[library, class name], two strings")
         our = model_class(class_name)
         if our is None:
             if optional:
@@ -195,18 +258,45 @@ class DiffusionPipeline:
 
     # ---- saving ----------------------------------------------------------------------------
     def save_pretrained(self, save_directory: str | os.PathLike, variant: str | None = None, **kwargs) -> None:
-        """Write model_index.json and each component in its subfolder (model_index.json last)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
-        index.update({k: v for k, v in self.config.items() if not k.startswith("_")})
-        for name, component in self.components.items():
-            if component is None:
-                index[name] = [None, None]
-                continue
-            index[name] = [library_of(component), type(component).__name__]
-            _call_with_accepted(component.save_pretrained, directory / name, variant=variant, **kwargs)
-        atomic_write_text(directory / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+        """Write model_index.json and each component in its subfolder (model_index.json last).
+
+        The whole folder is written in a temporary sibling (what the target already holds is carried
+        over as hard links, so other variants stay) and swapped in at the end, as a model's save is
+        (runtime/models/checkpoint_save.py): a crash or a full disk leaves the previous pipeline
+        folder as it was, never some components old and others new. Large files are carried over as
+        hard links: every writer of weights writes new files, never into an existing one."""
+        import errno
+        import shutil
+        import tempfile
+
+        from runtime.models.checkpoint_save import _link_or_copy, disk_full, swap_in
+
+        directory = Path(save_directory).expanduser().absolute()
+        if directory.exists() and not directory.is_dir():
+            raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a folder")
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+        try:
+            if directory.is_dir():  # small files copied, so nothing written in place can reach the old folder
+                shutil.copytree(directory, tmp, symlinks=True, dirs_exist_ok=True,
+                                ignore=lambda d, names: ["model_index.json"] if Path(d) == directory else [],
+                                copy_function=lambda a, b: (shutil.copy2(a, b) if os.path.getsize(a) < 2**20
+                                                            else _link_or_copy(a, b)))
+            index = {"_class_name": type(self).__name__, "_diffusers_version": DIFFUSERS_COMPAT_VERSION}
+            index.update({k: v for k, v in self.config.items() if not k.startswith("_")})
+            for name, component in self.components.items():
+                if component is None:
+                    index[name] = [None, None]
+                    continue
+                index[name] = [library_of(component), type(component).__name__]
+                _call_with_accepted(component.save_pretrained, tmp / name, variant=variant, **kwargs)
+            atomic_write_text(tmp / "model_index.json", json.dumps(index, indent=2, sort_keys=True) + "\n")
+            swap_in(tmp, directory)
+        except BaseException as exc:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                raise disk_full(directory) from exc
+            raise
 
     # ---- sharing ---------------------------------------------------------------------------
     @classmethod

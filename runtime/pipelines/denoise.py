@@ -5,7 +5,7 @@ announce the step -> UNet -> guidance -> scheduler.step -> [after_step hook] -> 
 Where the UNet's ``guidance_gate`` says so (TGATE after its gate), a guided step runs the
 conditional half of the batch alone and takes its prediction as is.
 The Python timestep values come from one ``timesteps.tolist()`` before the loop: nothing in the
-loop calls ``.item()`` or searches the schedule (DESIGN.md §3).
+loop calls ``.item()`` or searches the schedule (docs/ARCHITECTURE.md §3).
 """
 from __future__ import annotations
 
@@ -53,6 +53,17 @@ def conditional_half(value, batch: int):
     return value
 
 
+def _finite(x: torch.Tensor, what: str, index: int, count: int, timestep) -> None:
+    """NaN/inf mid-loop is an error naming the step and the component, not a black image later."""
+    if not bool(torch.isfinite(x).all()):
+        from runtime.models.errors import InputError
+
+        bad = int((~torch.isfinite(x)).sum())
+        hint = " (fp16/bf16 overflow? try dtype=torch.float32)" if x.dtype in (torch.float16, torch.bfloat16) else ""
+        raise InputError(f"step {index + 1} of {count} (timestep {timestep}): {what} holds {bad} NaN/inf "
+                         f"value(s) of {x.numel()} ({x.dtype}){hint}")
+
+
 def denoise(
     pipe,
     scheduler,
@@ -94,10 +105,13 @@ def denoise(
                 if announce is not None:
                     announce(i, count, values[i], guided)
                 # dtype rule: the UNet runs in its own dtype; latents and scheduler math stay in theirs (fp32)
-                noise_pred = unet(x.to(unet_dtype), t, return_dict=False, **kwargs)[0].to(latents.dtype)
+                noise_pred = unet(x.to(unet_dtype), t, return_dict=False, **kwargs)[0]
+                _finite(noise_pred, "the UNet's noise prediction", i, count, values[i])
+                noise_pred = noise_pred.to(latents.dtype)
                 if guided:
                     noise_pred = guide(noise_pred, guidance_scale, guidance_rescale)
                 state["latents"] = scheduler.step(noise_pred, t, latents, return_dict=False, **extra_step_kwargs)[0]
+                _finite(state["latents"], f"the latents after {type(scheduler).__name__}.step", i, count, values[i])
                 if after_step is not None:
                     after_step(i, state)
                 if callback_on_step_end is not None:

@@ -9,6 +9,7 @@ from runtime.image_io import image_size, preprocess_image
 
 from .checks import check_strength
 from .sd_base import GenerationCall, StableDiffusionBase
+from .single_file import FromSingleFileMixin
 from .vae_codec import encode_image
 
 
@@ -36,7 +37,7 @@ def repeat_to_batch(latents: torch.Tensor, batch: int, what: str) -> torch.Tenso
     return latents.repeat(batch // latents.shape[0], 1, 1, 1)
 
 
-class StableDiffusionImg2ImgPipeline(StableDiffusionBase):
+class StableDiffusionImg2ImgPipeline(FromSingleFileMixin, StableDiffusionBase):
     """(prompt, image, strength) -> image; as diffusers' StableDiffusionImg2ImgPipeline."""
 
     use_latent_stats = False  # SDXL's image-to-image normalizes encoded latents by the VAE's latents_mean/std

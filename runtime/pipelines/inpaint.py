@@ -16,6 +16,7 @@ from runtime.image_io import image_size, preprocess_image, preprocess_mask
 from .checks import check_strength
 from .img2img import repeat_to_batch, strength_timesteps
 from .sd_base import GenerationCall, StableDiffusionBase
+from .single_file import FromSingleFileMixin
 from .vae_codec import encode_image
 
 
@@ -23,7 +24,7 @@ def _is_latents(image, channels: int) -> bool:
     return isinstance(image, torch.Tensor) and image.ndim == 4 and image.shape[1] == channels
 
 
-class StableDiffusionInpaintPipeline(StableDiffusionBase):
+class StableDiffusionInpaintPipeline(FromSingleFileMixin, StableDiffusionBase):
     """(prompt, image, mask_image) -> image; as diffusers' StableDiffusionInpaintPipeline."""
 
     callback_tensor_names = ("latents", "prompt_embeds", "negative_prompt_embeds", "mask", "masked_image_latents")

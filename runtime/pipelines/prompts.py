@@ -8,19 +8,29 @@ import torch
 logger = logging.getLogger(__name__)
 
 
-def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: bool = True) -> torch.Tensor:
-    """(B, max_length) token ids, padded; a prompt longer than the limit is cut, with a warning."""
+def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: bool = True,
+             what: str = "prompt") -> torch.Tensor:
+    """(B, max_length) token ids, padded; a text longer than the limit is cut, with a warning.
+
+    The warning quotes what was cut as diffusers does: the tokens between the limit and <eos>,
+    decoded, one entry per text that was cut. ``what`` names the argument ("negative_prompt",
+    "prompt_2", ...) in the message; for ``prompt`` it is diffusers' message word for word.
+    """
     limit = max_length or tokenizer.model_max_length
     ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     if warn:
-        full = tokenizer(texts, padding="longest", return_tensors="pt").input_ids
-        if full.shape[-1] > ids.shape[-1] or (full.shape[-1] == ids.shape[-1] and not torch.equal(full, ids)):
-            dropped = tokenizer.batch_decode(full[:, limit - 1 : -1])  # the tokens between the cut and <eos>
+        removed = []
+        for text in texts:
+            full = tokenizer([text], padding="longest", return_tensors="pt").input_ids[0]
+            if full.shape[-1] > limit:
+                removed.append(tokenizer.decode(full[limit - 1 : -1]))
+        if removed:
             logger.warning(
-                "The following part of your input was truncated because CLIP can only handle sequences up to "
+                "The following part of your input%s was truncated because CLIP can only handle sequences up to "
                 "%d tokens: %s",
+                "" if what == "prompt" else f" ({what})",
                 limit,
-                dropped,
+                removed,
             )
     return ids
 
@@ -68,7 +78,7 @@ def encode_sd_prompt(
         return prompt_embeds, None
     if negative_prompt_embeds is None:
         negative = as_list(negative_prompt if negative_prompt is not None else "", batch_size)
-        ids = tokenize(tokenizer, negative, max_length=prompt_embeds.shape[1], warn=False)
+        ids = tokenize(tokenizer, negative, max_length=prompt_embeds.shape[1], what="negative_prompt")
         negative_prompt_embeds = text_encoder(ids.to(text_encoder.device))[0]
     negative_prompt_embeds = repeat_per_image(negative_prompt_embeds.to(device=device, dtype=dtype), num_images_per_prompt)
     return prompt_embeds, negative_prompt_embeds

@@ -1,7 +1,7 @@
 """The one table from model_index.json class names to our classes, and back to libraries.
 
 model_index.json names each component as [library, class]; we map the class name to our own
-implementation. Names we do not implement (safety checker, image processor) map to None, and
+implementation. Names we do not implement (safety checker, CLIP image processor) map to None, and
 the pipeline loads without them.
 """
 from __future__ import annotations
@@ -17,6 +17,11 @@ MODEL_CLASSES: dict[str, tuple[str, str, str]] = {
     "CLIPTextModelWithProjection": ("runtime.models.clip", "CLIPTextModelWithProjection", "transformers"),
     "CLIPTokenizer": ("runtime.models.tokenizer", "CLIPTokenizer", "transformers"),
     "CLIPTokenizerFast": ("runtime.models.tokenizer", "CLIPTokenizer", "transformers"),
+    # depth-to-image: the depth estimator and its image processor (feature_extractor/preprocessor_config.json)
+    "DPTForDepthEstimation": ("runtime.models.dpt", "DPTForDepthEstimation", "transformers"),
+    "DPTImageProcessor": ("runtime.models.dpt_image_processor", "DPTImageProcessor", "transformers"),
+    "DPTImageProcessorPil": ("runtime.models.dpt_image_processor", "DPTImageProcessor", "transformers"),
+    "DPTFeatureExtractor": ("runtime.models.dpt_image_processor", "DPTImageProcessor", "transformers"),
 }
 
 # Components we knowingly run without; loading warns once, naming them.

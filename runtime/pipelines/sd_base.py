@@ -11,6 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -22,7 +23,9 @@ from runtime.image_io import OUTPUT_TYPES, postprocess
 
 from .base import DiffusionPipeline
 from .checks import (
+    check_finite_number,
     check_generators,
+    check_memory,
     check_negative_prompt,
     check_size,
     check_steps,
@@ -31,7 +34,7 @@ from .checks import (
 from .denoise import denoise, step_kwargs
 from .output import StableDiffusionPipelineOutput
 from .prompts import encode_sd_prompt
-from .vae_codec import decode_latents, vae_scale_factor
+from .vae_codec import decode_latents, needs_upcast, vae_scale_factor
 
 logger = logging.getLogger(__name__)
 
@@ -87,6 +90,7 @@ class StableDiffusionBase(DiffusionPipeline):
     callback_tensor_names = ("latents", "prompt_embeds", "negative_prompt_embeds")
     conditioning_names = ("prompt_embeds", "negative_prompt_embeds")  # cast to unet.dtype before the loop
     fix_legacy_scheduler = True  # SD 1.x folders with steps_offset=0 / clip_sample=True, as diffusers fixes them
+    model_cpu_offload_seq = "text_encoder->text_encoder_2->image_encoder->unet->vae"
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -106,7 +110,30 @@ class StableDiffusionBase(DiffusionPipeline):
 
     @property
     def _execution_device(self) -> torch.device:
-        return self.unet.device
+        offload = self.__dict__.get("_offload_device")
+        return offload if offload is not None else self.unet.device
+
+    # ---- deprecated VAE aliases (diffusers moved them to the VAE: pipe.vae.enable_slicing() ...) ----
+    def _vae_alias(self, name: str, target: str) -> None:
+        warnings.warn(f"Calling `{name}()` on a `{type(self).__name__}` is deprecated and will be removed in a "
+                      f"future version; use `pipe.vae.{target}()` instead.", FutureWarning, stacklevel=3)
+        getattr(self.vae, target)()
+
+    def enable_vae_slicing(self) -> None:
+        """Deprecated: ``pipe.vae.enable_slicing()``."""
+        self._vae_alias("enable_vae_slicing", "enable_slicing")
+
+    def disable_vae_slicing(self) -> None:
+        """Deprecated: ``pipe.vae.disable_slicing()``."""
+        self._vae_alias("disable_vae_slicing", "disable_slicing")
+
+    def enable_vae_tiling(self) -> None:
+        """Deprecated: ``pipe.vae.enable_tiling()``."""
+        self._vae_alias("enable_vae_tiling", "enable_tiling")
+
+    def disable_vae_tiling(self) -> None:
+        """Deprecated: ``pipe.vae.disable_tiling()``."""
+        self._vae_alias("disable_vae_tiling", "disable_tiling")
 
     def default_size(self) -> tuple[int, int]:
         size = self.unet.config.sample_size
@@ -158,6 +185,23 @@ class StableDiffusionBase(DiffusionPipeline):
 
         return kwargs
 
+    def _check_memory(self, height: int, width: int, images: int, decode: bool) -> None:
+        """Before any allocation: the size asked against the memory of the device it runs on."""
+        vae = self.vae
+        itemsize = 4 if vae is None or needs_upcast(vae) else vae.dtype.itemsize
+        decode_size = None
+        if vae is not None and getattr(vae, "use_tiling", False):
+            tile = int(vae.tile_sample_min_size)
+            decode_size = (min(height, tile), min(width, tile))
+        check_memory(
+            decode_images=1 if vae is not None and getattr(vae, "use_slicing", False) else None,
+            decode_size=decode_size,
+            height=height, width=width, images=images, factor=self.vae_scale_factor,
+            latent_channels=vae.config.latent_channels if vae is not None else self.unet.config.in_channels,
+            vae_block_out_channels=vae.config.block_out_channels if vae is not None else (128, 256),
+            vae_itemsize=itemsize, decode=decode and vae is not None, device=self._execution_device,
+        )
+
     # ---- the call ---------------------------------------------------------------------
     @torch.no_grad()
     def _generate(
@@ -176,6 +220,8 @@ class StableDiffusionBase(DiffusionPipeline):
             raise InputError(f"callback_on_step_end_tensor_inputs {unknown} are not in {list(self.callback_tensor_names)}")
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
             raise InputError(f"num_images_per_prompt must be a positive integer, got {num_images_per_prompt!r}")
+        for name, value in (("guidance_scale", guidance_scale), ("eta", eta), ("guidance_rescale", guidance_rescale)):
+            check_finite_number(name, value)
         self._check_task(args)
         height, width = self._task_size(height, width, args)
         if height is not None:
@@ -183,6 +229,8 @@ class StableDiffusionBase(DiffusionPipeline):
         batch_size = prompt_batch_size(prompt, prompt_embeds)
         check_negative_prompt(prompt, negative_prompt, batch_size, negative_prompt_embeds, prompt_embeds)
         check_generators(generator, batch_size * num_images_per_prompt)
+        if height is not None:
+            self._check_memory(height, width, batch_size * num_images_per_prompt, output_type != "latent")
 
         do_cfg = guidance_scale > 1.0 and self.unet.config.get("time_cond_proj_dim") is None
         call = GenerationCall(
@@ -191,6 +239,7 @@ class StableDiffusionBase(DiffusionPipeline):
             scheduler=fresh_scheduler(self.scheduler), do_cfg=do_cfg, height=height, width=width,
             num_inference_steps=num_inference_steps, args=args,
         )
+        self._offload_phase("text_encoder", "text_encoder_2")
         self._encode_prompts(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra)
         # dtype rule: latents and scheduler math stay fp32; conditioning is cast to the UNet's dtype once
         unet_dtype = self.unet.dtype
@@ -206,6 +255,7 @@ class StableDiffusionBase(DiffusionPipeline):
         call.num_inference_steps = num_inference_steps if timesteps is None and sigmas is None else len(schedule)
         schedule, steps = self._prepare_latents(call, latents, schedule)
 
+        self._offload_phase("unet")
         denoise(
             self, call.scheduler, call.state, schedule, steps, do_cfg=do_cfg, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, extra_step_kwargs=step_kwargs(call.scheduler, generator, eta),
@@ -218,6 +268,12 @@ class StableDiffusionBase(DiffusionPipeline):
         else:
             decoded = decode_latents(self, self.vae, latents, where=type(self).__name__)
             images = postprocess(decoded, output_type)
+        self.maybe_free_model_hooks()
+        return self._output(images, return_dict)
+
+    @staticmethod
+    def _output(images, return_dict: bool):
+        """diffusers' SD return value: no safety checker runs, so the NSFW slot is None."""
         if not return_dict:
             return (images, None)
         return StableDiffusionPipelineOutput(images=images, nsfw_content_detected=None)

@@ -9,8 +9,10 @@ import torch
 
 from runtime.models.errors import ConfigError
 
+from .output import StableDiffusionXLPipelineOutput
 from .prompts import as_list, repeat_per_image, tokenize
 from .sd_base import GenerationCall, StableDiffusionBase
+from .single_file import FromSingleFileMixin
 
 
 def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int | None):
@@ -20,7 +22,7 @@ def _hidden(text_encoder, ids: torch.Tensor, clip_skip: int | None):
     return out.hidden_states[-(clip_skip + 2) if clip_skip else -2], pooled
 
 
-class StableDiffusionXLPipeline(StableDiffusionBase):
+class StableDiffusionXLPipeline(FromSingleFileMixin, StableDiffusionBase):
     """prompt -> image with SDXL; arguments and defaults as diffusers' StableDiffusionXLPipeline."""
 
     component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
@@ -31,6 +33,11 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
     conditioning_names = ("prompt_embeds", "negative_prompt_embeds", "add_text_embeds", "add_time_ids")
     fix_legacy_scheduler = False
     time_ids_grouped = False  # how guidance orders the time ids (diffusers differs between its SDXL tasks)
+
+    @staticmethod
+    def _output(images, return_dict: bool):
+        """diffusers' SDXL pipelines have no NSFW slot: ``(images,)`` or an output with ``images``."""
+        return StableDiffusionXLPipelineOutput(images=images) if return_dict else (images,)
 
     def _encoders(self):
         if self.tokenizer is not None and self.text_encoder is not None:
@@ -43,9 +50,10 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
         pairs = self._encoders()
         if prompt_embeds is None:
             texts = [as_list(prompt, batch), as_list(extra.get("prompt_2") or prompt, batch)][: len(pairs)]
+            names = ["prompt", "prompt_2" if extra.get("prompt_2") else "prompt"][: len(pairs)]
             parts = []
-            for text, (tokenizer, encoder) in zip(texts, pairs):
-                hidden, pool = _hidden(encoder, tokenize(tokenizer, text), clip_skip)
+            for text, what, (tokenizer, encoder) in zip(texts, names, pairs):
+                hidden, pool = _hidden(encoder, tokenize(tokenizer, text, what=what), clip_skip)
                 pooled = pool if pooled is None and pool is not None else pooled
                 parts.append(hidden)
             prompt_embeds = torch.cat(parts, dim=-1)  # (B, T, C1 + C2)
@@ -58,9 +66,11 @@ class StableDiffusionXLPipeline(StableDiffusionBase):
         elif call.do_cfg and negative_prompt_embeds is None:
             negative = negative_prompt or ""
             negatives = [as_list(negative, batch), as_list(extra.get("negative_prompt_2") or negative, batch)]
+            names = ["negative_prompt", "negative_prompt_2" if extra.get("negative_prompt_2") else "negative_prompt"]
             parts = []
-            for text, (tokenizer, encoder) in zip(negatives[: len(pairs)], pairs):
-                ids = tokenize(tokenizer, text, max_length=prompt_embeds.shape[1], warn=False)
+            # zip: a refiner (text_encoder_2 only) reads negative_prompt, as in diffusers
+            for text, what, (tokenizer, encoder) in zip(negatives, names, pairs):
+                ids = tokenize(tokenizer, text, max_length=prompt_embeds.shape[1], what=what)
                 hidden, pool = _hidden(encoder, ids, None)
                 negative_pooled = pool if negative_pooled is None and pool is not None else negative_pooled
                 parts.append(hidden)

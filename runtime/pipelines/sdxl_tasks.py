@@ -6,6 +6,7 @@ ones, guidance groups the time ids [negatives..., positives...], and refiner-sty
 """
 from __future__ import annotations
 
+from .checks import check_finite_number
 from .img2img import StableDiffusionImg2ImgPipeline
 from .inpaint import StableDiffusionInpaintPipeline
 from .sd_base import GenerationCall
@@ -40,6 +41,8 @@ class _SDXLImageTaskMixin:
             "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
             "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
             "negative_aesthetic_score", "clip_skip")}
+        for name in ("aesthetic_score", "negative_aesthetic_score"):
+            check_finite_number(name, extra[name])
         return self._generate(args=args, extra=extra, **kw)
 
 

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 from .sd_base import StableDiffusionBase
+from .single_file import FromSingleFileMixin
 
 
-class StableDiffusionPipeline(StableDiffusionBase):
+class StableDiffusionPipeline(FromSingleFileMixin, StableDiffusionBase):
     """prompt -> image; arguments and defaults as diffusers' StableDiffusionPipeline."""
 
     def __call__(

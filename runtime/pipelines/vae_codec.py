@@ -21,16 +21,36 @@ def needs_upcast(vae) -> bool:
     return vae.dtype == torch.float16 and bool(vae.config.get("force_upcast", False))
 
 
+MEMORY_SETTINGS = ("use_slicing", "use_tiling", "tile_sample_min_size", "tile_latent_min_size", "tile_overlap_factor")
+
+
 def working_vae(pipe, vae):
-    """The VAE to run: ``vae`` itself, or an fp32 copy kept on the pipeline (the shared one is untouched)."""
+    """The VAE to run: ``vae`` itself, or an fp32 copy kept on the pipeline (the shared one is untouched).
+
+    The copy follows the VAE's slicing and tiling settings and, with CPU offload on, its offload hook.
+    """
     if not needs_upcast(vae):
         return vae
     with _UPCAST_LOCK:  # why: concurrent calls must not cast the shared module in place
         cached = pipe.__dict__.get("_fp32_vae")
-        if cached is None or cached[0] is not vae or cached[1].device != vae.device:
-            cached = (vae, copy.deepcopy(vae).to(torch.float32))
+        if cached is None or cached[0] is not vae or (
+                cached[1].device != vae.device and getattr(vae, "_offload_hook", None) is None):
+            hook = getattr(vae, "_offload_hook", None)
+            if hook is not None:
+                vae._offload_hook = None  # why: deepcopy would copy the offload manager with it
+            try:
+                cached = (vae, copy.deepcopy(vae).to(torch.float32))
+            finally:
+                if hook is not None:
+                    vae._offload_hook = hook
             pipe.__dict__["_fp32_vae"] = cached
-    return cached[1]
+        model = cached[1]
+        for name in MEMORY_SETTINGS:
+            if hasattr(vae, name):
+                setattr(model, name, getattr(vae, name))
+        if hasattr(vae, "_offload_hook"):
+            model._offload_hook = vae._offload_hook
+    return model
 
 
 @torch.no_grad()
@@ -68,4 +88,13 @@ def decode_latents(pipe, vae, latents: torch.Tensor, where: str) -> torch.Tensor
     else:
         latents = latents / config.scaling_factor
     latents = latents.to(device=model.device, dtype=model.dtype)
-    return model.decode(latents, return_dict=False)[0]
+    image = model.decode(latents, return_dict=False)[0]
+    if not bool(torch.isfinite(image).all()):
+        from runtime.models.errors import InputError
+
+        bad = int((~torch.isfinite(image)).sum())
+        raise InputError(f"{where}: the VAE decoder's output holds {bad} NaN/inf value(s) of {image.numel()} "
+                         f"in {model.dtype} from finite latents" + (
+                             f": {model.dtype} overflowed; run the VAE in float32 (force_upcast)"
+                             if model.dtype in (torch.float16, torch.bfloat16) else ""))
+    return image

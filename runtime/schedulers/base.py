@@ -13,103 +13,28 @@ once per timestep, as every pipeline calls them; nothing searches the schedule p
 from __future__ import annotations
 
 import copy
-import functools
-import inspect
-import json
 import math
 import operator
-import os
-from dataclasses import dataclass, fields
-from pathlib import Path
 
 import numpy as np
 import torch
 
-from runtime.models.config import ConfigMixin
-from runtime.models.noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
 from runtime.models.errors import ConfigError, InputError
-from runtime.models.files import atomic_write_text
+from runtime.models.noise import randn_tensor  # noqa: F401  (re-exported for the schedulers)
 
-USE_DEFAULT_VALUES = "_use_default_values"
+from .outputs import SchedulerOutput  # noqa: F401  (re-exported)
+from .scheduler_config import USE_DEFAULT_VALUES, SchedulerConfigMixin, register_to_config  # noqa: F401
+
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("linspace", "leading", "trailing")
 
 
-@functools.lru_cache(maxsize=None)
-def _init_arg_names(cls) -> tuple[str, ...]:
-    return tuple(inspect.signature(cls.__init__).parameters)[1:]  # once per class, not per construction
-
-
-@dataclass
-class SchedulerOutput:
-    """What ``step`` returns: the next sample and, where the scheduler has it, its x0 estimate."""
-
-    prev_sample: torch.Tensor
-    pred_original_sample: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return tuple(getattr(self, f.name) for f in fields(self) if getattr(self, f.name) is not None)
-
-    def __getitem__(self, index):
-        if isinstance(index, str):
-            return getattr(self, index)
-        return self.to_tuple()[index]
-
-
-class SchedulerMixin(ConfigMixin):
+class SchedulerMixin(SchedulerConfigMixin):
     """Config I/O with diffusers' scheduler semantics, plus the step index of one run."""
 
-    config_name = "scheduler_config.json"
-    warn_unknown_config_keys = False  # configs are interchanged between schedulers
     order: int = 1
     _step_index: int | None = None
     _begin_index: int | None = None
-
-    def __new__(cls, *args, **kwargs):
-        obj = super().__new__(cls)
-        # The keys given explicitly; the rest took defaults, which a switch of scheduler class
-        # must not carry over (diffusers' "_use_default_values").
-        obj._explicit_keys = set(_init_arg_names(cls)[: len(args)]) | set(kwargs)
-        return obj
-
-    def register_config(self, config: dict, metadata: dict | None = None) -> None:
-        explicit = getattr(self, "_explicit_keys", set(config))
-        defaults = sorted(k for k in config if k not in explicit)
-        metadata = dict(metadata or {})
-        if defaults:
-            metadata[USE_DEFAULT_VALUES] = defaults
-        super().register_config(config, metadata)
-
-    @classmethod
-    def from_config(cls, config: dict | None = None, *, _source: str | None = None, **overrides):
-        """Build from a config mapping; keys the source only defaulted take this class's defaults."""
-        config = dict(config or {})
-        defaulted = set(config.pop(USE_DEFAULT_VALUES, None) or ())
-        config = {k: v for k, v in config.items() if k not in defaulted}
-        config.update(overrides)
-        init_kwargs, metadata = cls.extract_init_kwargs(config, source=_source)
-        obj = cls.__new__(cls, **init_kwargs)
-        object.__setattr__(obj, "_pending_metadata", metadata)
-        obj.__init__(**init_kwargs)
-        del obj._pending_metadata
-        return obj
-
-    @classmethod
-    def from_pretrained(cls, path_or_id: str | os.PathLike, subfolder: str | None = None, **hub_kwargs):
-        config = cls.load_config(path_or_id, subfolder=subfolder, **hub_kwargs)
-        return cls.from_config(config, _source=f"{path_or_id}/{subfolder or ''}/{cls.config_name}")
-
-    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs) -> Path:
-        """Write scheduler_config.json atomically (diffusers' layout, without in-memory-only keys)."""
-        directory = Path(save_directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        data = {k: v for k, v in self.config.items() if k not in (USE_DEFAULT_VALUES, "_name_or_path")}
-        data["_class_name"] = type(self).__name__
-        target = directory / self.config_name
-        atomic_write_text(target, json.dumps(data, indent=2, sort_keys=True) + "\n")
-        return target
-
-    save_config = save_pretrained
 
     def fresh_copy(self):
         """An independent copy for one pipeline call (its own timesteps and step state)."""
@@ -137,10 +62,54 @@ class SchedulerMixin(ConfigMixin):
         """Start the run at ``timesteps[begin_index]`` (img2img pipelines call this)."""
         self._begin_index = int(begin_index)
 
+    def _timestep_position(self, timestep: torch.Tensor) -> int | None:
+        """Where an accelerator tensor sits in ``self.timesteps`` when it is one of its elements.
+
+        Pipelines pass ``for t in scheduler.timesteps`` elements: views into the schedule, whose
+        position is known without copying the value back to the host (no device sync).
+        """
+        schedule = getattr(self, "timesteps", None)
+        if (not isinstance(schedule, torch.Tensor) or schedule.device != timestep.device
+                or not schedule.is_contiguous() or timestep.dtype != schedule.dtype
+                or timestep.untyped_storage().data_ptr() != schedule.untyped_storage().data_ptr()):
+            return None
+        position = timestep.storage_offset() - schedule.storage_offset()
+        return position if 0 <= position < schedule.shape[0] else None
+
+    def timestep_value(self, timestep, what: str = "timestep"):
+        """The number a timestep argument names: a Python number or a 0-d / 1-element tensor."""
+        name = type(self).__name__
+        if isinstance(timestep, torch.Tensor):
+            if timestep.numel() != 1:
+                raise InputError(f"{name}: {what} must be a number or a 1-element tensor, "
+                                 f"got a tensor of shape {tuple(timestep.shape)}")
+            if timestep.device.type != "cpu":
+                position = self._timestep_position(timestep.reshape(()))
+                schedule = getattr(self, "_schedule", None)
+                if position is not None and schedule is not None and len(schedule) == len(self.timesteps):
+                    return schedule[position]
+            return timestep.item()
+        if isinstance(timestep, np.ndarray) and timestep.size == 1:
+            return timestep.item()
+        if isinstance(timestep, np.generic):
+            return timestep.item()
+        if isinstance(timestep, bool) or not isinstance(timestep, (int, float)):
+            raise InputError(f"{name}: {what} must be a number or a 1-element tensor, got {timestep!r}")
+        return timestep
+
+    def timestep_int(self, timestep, what: str = "timestep") -> int:
+        """An integer training timestep in [0, num_train_timesteps); InputError naming it otherwise."""
+        value = self.timestep_value(timestep, what)
+        t = int(value)
+        if t != value or not 0 <= t < self.config.num_train_timesteps:
+            raise InputError(f"{type(self).__name__}: {what}={value!r} must be an integer in "
+                             f"[0, {self.config.num_train_timesteps}) (num_train_timesteps)")
+        return t
+
     def index_for_timestep(self, timestep, schedule_timesteps: torch.Tensor | None = None) -> int:
         """Position of ``timestep`` in the schedule; the second match where it occurs twice."""
         schedule = self.timesteps if schedule_timesteps is None else schedule_timesteps
-        value = float(timestep)
+        value = float(self.timestep_value(timestep))
         matches = [i for i, t in enumerate(schedule.tolist()) if t == value]
         if not matches:
             if self._missing_timestep_is_last:
@@ -169,8 +138,9 @@ class SchedulerMixin(ConfigMixin):
         if getattr(self, "num_inference_steps", None) is None:
             raise InputError(f"{type(self).__name__}: call set_timesteps(num_inference_steps) before step()")
 
-    def _sigma_indices(self, timesteps: torch.Tensor) -> list[int]:
+    def _sigma_indices(self, timesteps) -> list[int]:
         """Schedule positions for add_noise on the sigma-based schedulers (diffusers' rules)."""
+        timesteps = as_timesteps(timesteps, type(self).__name__)
         if self._begin_index is None:
             return [self.index_for_timestep(t) for t in timesteps.reshape(-1).tolist()]
         index = self._step_index if self._step_index is not None else self._begin_index
@@ -202,14 +172,35 @@ def betas_for_alpha_bar(num_steps: int, alpha_transform_type: str = "cosine", ma
     return torch.tensor(betas, dtype=torch.float32)
 
 
-BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2", "sigmoid", "laplace", "exp")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")  # what most schedulers take
+DDPM_BETA_SCHEDULES = (*BETA_SCHEDULES, "laplace", "sigmoid")
+HEUN_BETA_SCHEDULES = (*BETA_SCHEDULES, "exp")
+
+
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
-               trained_betas=None, scheduler: str = "scheduler") -> torch.Tensor:
-    """The training noise schedule named by a scheduler config (diffusers' beta_schedule values)."""
+               trained_betas=None, scheduler: str = "scheduler", beta_schedules=BETA_SCHEDULES) -> torch.Tensor:
+    """The training noise schedule named by a scheduler config (the beta_schedule values diffusers
+    takes for that scheduler, ``beta_schedules``)."""
+    if not isinstance(num_train_timesteps, int) or isinstance(num_train_timesteps, bool) \
+            or not 1 <= num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+        # a bound, so a corrupt config is an error rather than a multi-GB schedule or an hour-long loop
+        raise ConfigError(f"{scheduler}: num_train_timesteps={num_train_timesteps!r} must be an integer from 1 to "
+                          f"{MAX_TRAIN_TIMESTEPS} (released models use 1000)")
     if trained_betas is not None:
-        return torch.tensor(trained_betas, dtype=torch.float32)
+        try:
+            betas = torch.tensor(np.asarray(trained_betas, dtype=np.float64), dtype=torch.float32)
+        except (TypeError, ValueError, OverflowError):
+            betas = None
+        if betas is None or betas.shape != (num_train_timesteps,) or not bool(((betas > 0) & (betas < 1)).all()):
+            raise ConfigError(f"{scheduler}: trained_betas must be {num_train_timesteps} numbers in (0, 1), one per "
+                              f"training timestep (num_train_timesteps); got {str(trained_betas)[:80]}")
+        return betas
+    if beta_schedule not in beta_schedules:
+        raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; "
+                          f"expected one of {', '.join(beta_schedules)}")
     if beta_schedule == "linear":
         return torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float32)
     if beta_schedule == "scaled_linear":
@@ -220,7 +211,7 @@ def make_betas(num_train_timesteps: int, beta_start: float, beta_end: float, bet
         return betas_for_alpha_bar(num_train_timesteps, alpha_transform_type=beta_schedule)
     if beta_schedule == "sigmoid":
         return torch.sigmoid(torch.linspace(-6, 6, num_train_timesteps)) * (beta_end - beta_start) + beta_start
-    raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}; expected one of {', '.join(BETA_SCHEDULES)}")
+    raise ConfigError(f"{scheduler}: unsupported beta_schedule={beta_schedule!r}")
 
 
 def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
@@ -235,13 +226,13 @@ def rescale_zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 def alphas_cumprod_for(num_train_timesteps: int, beta_start: float, beta_end: float, beta_schedule: str,
                        trained_betas=None, rescale_betas_zero_snr: bool = False, zero_snr_floor: bool = False,
-                       scheduler: str = "scheduler") -> torch.Tensor:
+                       scheduler: str = "scheduler", beta_schedules=BETA_SCHEDULES) -> torch.Tensor:
     """alpha-bar(t) for a config: betas, the optional zero-terminal-SNR rescale, cumprod.
 
     ``zero_snr_floor``: the sigma-based schedulers replace a zero terminal alpha-bar by 2**-24
     so that sigma stays finite (diffusers does the same).
     """
-    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, scheduler)
+    betas = make_betas(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas, scheduler, beta_schedules)
     if rescale_betas_zero_snr:
         betas = rescale_zero_terminal_snr(betas)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
@@ -301,6 +292,25 @@ def threshold_sample(sample: torch.Tensor, ratio: float, max_value: float) -> to
     return (torch.clamp(flat, -s, s) / s).reshape(sample.shape).to(dtype)
 
 
+def as_timesteps(timesteps, scheduler: str = "scheduler") -> torch.Tensor:
+    """add_noise's timesteps as a tensor: a tensor, a Python number or a list of numbers."""
+    if isinstance(timesteps, torch.Tensor):
+        return timesteps
+    try:
+        return torch.as_tensor(timesteps)
+    except (TypeError, ValueError, RuntimeError):
+        raise InputError(f"{scheduler}.add_noise: timesteps must be a tensor, a number or a list of numbers, "
+                         f"got {timesteps!r}") from None
+
+
+def _train_index(timesteps, like: torch.Tensor) -> torch.Tensor:
+    """Integer training timesteps on ``like``'s device, for indexing alpha-bar."""
+    timesteps = as_timesteps(timesteps).to(like.device)
+    if timesteps.is_floating_point():
+        timesteps = timesteps.long()
+    return timesteps
+
+
 def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     values = values.flatten()
     return values.reshape(-1, *([1] * (like.ndim - 1)))  # (B, 1, 1, 1)
@@ -309,12 +319,12 @@ def _broadcast(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
 def add_noise_vp(alphas_cumprod: torch.Tensor, original: torch.Tensor, noise: torch.Tensor,
                  timesteps: torch.Tensor) -> torch.Tensor:
     """Forward diffusion q(x_t | x_0) = sqrt(abar) x_0 + sqrt(1 - abar) eps, abar at integer t."""
-    abar = alphas_cumprod.to(device=original.device, dtype=original.dtype)[timesteps.to(original.device)]
+    abar = alphas_cumprod.to(device=original.device, dtype=original.dtype)[_train_index(timesteps, original)]
     return _broadcast(abar**0.5, original) * original + _broadcast((1 - abar) ** 0.5, original) * noise
 
 
 def velocity_vp(alphas_cumprod: torch.Tensor, sample: torch.Tensor, noise: torch.Tensor,
                 timesteps: torch.Tensor) -> torch.Tensor:
     """v = sqrt(abar) eps - sqrt(1 - abar) x_0 (Salimans & Ho 2022), the v-prediction target."""
-    abar = alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[timesteps.to(sample.device)]
+    abar = alphas_cumprod.to(device=sample.device, dtype=sample.dtype)[_train_index(timesteps, sample)]
     return _broadcast(abar**0.5, sample) * noise - _broadcast((1 - abar) ** 0.5, sample) * sample

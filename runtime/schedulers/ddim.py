@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import (
@@ -93,6 +93,9 @@ class DDIMScheduler(SchedulerMixin):
         self._step_index = None
         self._begin_index = None
 
+    def previous_timestep(self, timestep) -> int:
+        return self.timestep_int(timestep) - self.config.num_train_timesteps // self.num_inference_steps
+
     def _abar(self, t: int) -> torch.Tensor:
         return self.alphas_cumprod[t] if t >= 0 else self.final_alpha_cumprod
 
@@ -100,7 +103,8 @@ class DDIMScheduler(SchedulerMixin):
              use_clipped_model_output: bool = False, generator=None, variance_noise=None,
              return_dict: bool = True):
         self._require_timesteps()
-        t = self._schedule[self._current_index(timestep)]
+        # As diffusers: the previous timestep is arithmetic, so any timestep (and order) works.
+        t = self.timestep_int(timestep)
         prev_t = t - self.config.num_train_timesteps // self.num_inference_steps
         alpha_prod_t, alpha_prod_t_prev = self.alphas_cumprod[t], self._abar(prev_t)
         x0, eps = predict_x0_eps(self.config.prediction_type, model_output, sample, alpha_prod_t)
@@ -115,7 +119,6 @@ class DDIMScheduler(SchedulerMixin):
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + std_dev_t * variance_noise
-        self._step_index += 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

@@ -4,10 +4,11 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import (
+    DDPM_BETA_SCHEDULES,
     PREDICTION_TYPES,
     TIMESTEP_SPACINGS,
     SchedulerMixin,
@@ -70,7 +71,8 @@ class DDPMScheduler(SchedulerMixin):
         check_choice(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         check_choice(name, "variance_type", variance_type, VARIANCE_TYPES)
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                                 trained_betas, rescale_betas_zero_snr, scheduler=name)
+                                                 trained_betas, rescale_betas_zero_snr, scheduler=name,
+                                                 beta_schedules=DDPM_BETA_SCHEDULES)
         self.one = torch.tensor(1.0)
         self.init_noise_sigma = 1.0
         self.variance_type = variance_type
@@ -108,14 +110,29 @@ class DDPMScheduler(SchedulerMixin):
         self._set_schedule(ts.astype(np.int64), device)
 
     def previous_timestep(self, timestep) -> int:
-        index = self.index_for_timestep(timestep)
+        """The schedule's next entry after ``timestep`` (-1 after the last); ``timestep - 1`` before
+        set_timesteps, as diffusers."""
+        t = self.timestep_int(timestep)
+        if not (self.custom_timesteps or self.num_inference_steps):
+            return t - 1
+        index = self._position_in_schedule(timestep, t)
         return self._schedule[index + 1] if index + 1 < len(self._schedule) else -1
+
+    def _position_in_schedule(self, timestep, t: int) -> int:
+        if isinstance(timestep, torch.Tensor) and timestep.device.type != "cpu":
+            position = self._timestep_position(timestep.reshape(()))
+            if position is not None:
+                return position
+        try:
+            return self._schedule.index(t)
+        except ValueError:
+            raise InputError(f"DDPMScheduler.step: timestep {t} is not in the schedule set by set_timesteps "
+                             f"({len(self._schedule)} timesteps from {self._schedule[0]} to {self._schedule[-1]})") from None
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, generator=None,
              return_dict: bool = True):
-        i = self._current_index(timestep)
-        t = self._schedule[i]
-        prev_t = self._schedule[i + 1] if i + 1 < len(self._schedule) else -1
+        t = self.timestep_int(timestep)
+        prev_t = self.previous_timestep(timestep)
         predicted_variance = None
         if model_output.shape[1] == sample.shape[1] * 2 and self.variance_type in ("learned", "learned_range"):
             model_output, predicted_variance = torch.split(model_output, sample.shape[1], dim=1)
@@ -133,7 +150,6 @@ class DDPMScheduler(SchedulerMixin):
                 prev_sample = prev_sample + torch.exp(0.5 * variance) * noise
             else:
                 prev_sample = prev_sample + variance ** (0.5) * noise
-        self._step_index += 1
         if not return_dict:
             return (prev_sample, x0)
         return SchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)

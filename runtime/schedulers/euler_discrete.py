@@ -4,7 +4,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import SchedulerOutput, alphas_cumprod_for, check_choice, check_num_inference_steps, randn_tensor

@@ -8,10 +8,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
-from .base import SchedulerOutput, alphas_cumprod_for, check_num_inference_steps
+from .base import HEUN_BETA_SCHEDULES, SchedulerOutput, alphas_cumprod_for, check_num_inference_steps
 from .sigma_scheduler import SigmaSchedulerMixin, x0_from_sigma_output
 from .sigma_schedules import check_one_respacing
 
@@ -44,7 +44,8 @@ class HeunDiscreteScheduler(SigmaSchedulerMixin):
         check_one_respacing(name, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                             use_beta_sigmas=use_beta_sigmas)
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule,
-                                                 trained_betas, scheduler=name)
+                                                 trained_betas, scheduler=name,
+                                                 beta_schedules=HEUN_BETA_SCHEDULES)
         # Until set_timesteps: every training timestep (the schedule diffusers builds here too).
         self.sigmas = doubled(self._full_train_sigmas(), keep_last=True)
         self.timesteps = doubled(torch.arange(num_train_timesteps - 1, -1, -1, dtype=torch.float32), keep_last=False)

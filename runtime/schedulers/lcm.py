@@ -6,12 +6,10 @@ taken from the distillation's ``original_inference_steps`` grid.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import (
@@ -24,18 +22,8 @@ from .base import (
     randn_tensor,
     velocity_vp,
 )
-from .base import SchedulerOutput as _Output
+from .outputs import LCMSchedulerOutput
 from .ddim import clip_or_threshold
-
-
-@dataclass
-class LCMSchedulerOutput(_Output):
-    """LCM's step output: ``denoised`` is the consistency estimate of x0."""
-
-    denoised: torch.Tensor | None = None
-
-    def to_tuple(self) -> tuple:
-        return (self.prev_sample, self.denoised)
 
 
 def lcm_boundary_scalings(timestep, timestep_scaling: float, sigma_data: float = 0.5):
@@ -134,9 +122,15 @@ class LCMScheduler(SchedulerMixin):
              return_dict: bool = True):
         self._require_timesteps()
         i = self._current_index(timestep)
-        t = torch.tensor(self._schedule[i])  # the int64 timestep the pipeline passes, without a device sync
-        prev_t = self._schedule[i + 1] if i + 1 < len(self._schedule) else self._schedule[i]
-        alpha_prod_t = self.alphas_cumprod[self._schedule[i]]
+        # As diffusers: alpha-bar and the boundary scalings at the timestep passed (a Python number
+        # stays one), the previous timestep from the schedule.
+        t_int = self.timestep_int(timestep)
+        if isinstance(timestep, torch.Tensor):
+            t = torch.tensor(t_int, dtype=timestep.dtype)  # on the CPU: no device sync per step
+        else:
+            t = timestep
+        prev_t = self._schedule[i + 1] if i + 1 < len(self._schedule) else t_int
+        alpha_prod_t = self.alphas_cumprod[t_int]
         alpha_prod_t_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
         c_skip, c_out = lcm_boundary_scalings(t, self.config.timestep_scaling)
         x0 = lcm_x0(self.config.prediction_type, model_output, sample, alpha_prod_t)

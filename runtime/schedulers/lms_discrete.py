@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 
 from .base import SchedulerOutput, alphas_cumprod_for, check_num_inference_steps
 from .sigma_scheduler import SigmaSchedulerMixin, x0_from_sigma_output

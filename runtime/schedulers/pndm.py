@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import InputError
 
 from .base import (
@@ -100,23 +100,23 @@ class PNDMScheduler(SchedulerMixin):
 
     def step(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True,
              generator=None):
-        """One PRK stage or PLMS step (deterministic: ``generator`` is accepted and unused)."""
-        self._require_timesteps()
-        t = self._schedule[self._current_index(timestep)]
-        if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, t, sample)
-        else:
-            prev_sample = self._step_plms(model_output, t, sample)
+        """One PRK stage (the first 12 calls) or one PLMS step; ``generator`` is accepted and unused."""
+        if self.counter < len(self.prk_timesteps if self.prk_timesteps is not None else ()) \
+                and not self.config.skip_prk_steps:
+            return self.step_prk(model_output, timestep, sample, return_dict=return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict=return_dict)
+
+    def _output(self, prev_sample, return_dict: bool):
         self.counter += 1
-        self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
 
-    def _transfer(self, sample, eps, t: int, prev_t: int):
-        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
-        return pndm_transfer(sample, eps, self.alphas_cumprod[t], abar_prev, self.config.prediction_type)
+    def step_prk(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One of the four Runge-Kutta stages per interval (Liu et al. 2022, eq. 13).
 
-    def _step_prk(self, model_output, t: int, sample):
-        """One of the four Runge-Kutta stages per interval (Liu et al. 2022, eq. 13)."""
+        As diffusers: the previous timestep is ``timestep`` minus a half interval on even stages.
+        """
+        self._require_timesteps()
+        t = self.timestep_int(timestep)
         half = self.config.num_train_timesteps // self.num_inference_steps // 2
         prev_t = t - (0 if self.counter % 2 else half)
         t = int(self.prk_timesteps[self.counter // 4 * 4])
@@ -131,11 +131,15 @@ class PNDMScheduler(SchedulerMixin):
             model_output = self.cur_model_output + 1 / 6 * model_output
             self.cur_model_output = 0
         cur_sample = self.cur_sample if self.cur_sample is not None else sample
-        return self._transfer(cur_sample, model_output, t, prev_t)
+        return self._output(self._transfer(cur_sample, model_output, t, prev_t), return_dict)
 
-    def _step_plms(self, model_output, t: int, sample):
+    def step_plms(self, model_output: torch.Tensor, timestep, sample: torch.Tensor, return_dict: bool = True):
+        """One linear multistep step on the noise estimates; the previous timestep is arithmetic."""
+        self._require_timesteps()
         if not self.config.skip_prk_steps and len(self.ets) < 3:
-            raise InputError("PNDMScheduler: PLMS steps need the 12 PRK warm-up steps first; run the full schedule")
+            raise InputError("PNDMScheduler.step_plms: PLMS steps need the 12 PRK warm-up steps (step_prk) first; "
+                             "run the full schedule or set skip_prk_steps=True")
+        t = self.timestep_int(timestep)
         step = self.config.num_train_timesteps // self.num_inference_steps
         prev_t = t - step
         if self.counter != 1:
@@ -150,7 +154,11 @@ class PNDMScheduler(SchedulerMixin):
             sample, self.cur_sample = self.cur_sample, None
         else:
             model_output = plms_eps(self.ets)
-        return self._transfer(sample, model_output, t, prev_t)
+        return self._output(self._transfer(sample, model_output, t, prev_t), return_dict)
+
+    def _transfer(self, sample, eps, t: int, prev_t: int):
+        abar_prev = self.alphas_cumprod[prev_t] if prev_t >= 0 else self.final_alpha_cumprod
+        return pndm_transfer(sample, eps, self.alphas_cumprod[t], abar_prev, self.config.prediction_type)
 
     def add_noise(self, original_samples, noise, timesteps):
         return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

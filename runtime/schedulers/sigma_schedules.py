@@ -46,6 +46,30 @@ def beta_sigmas(sigma_min: float, sigma_max: float, num_steps: int, alpha: float
     return np.array([sigma_min + scipy.stats.beta.ppf(p, alpha, beta) * (sigma_max - sigma_min) for p in ramp])
 
 
+def shift_flow_sigmas(sigmas: np.ndarray, shift: float) -> np.ndarray:
+    """The resolution shift of flow-matching sigmas (Esser et al. 2024, SD3 eq. 23)."""
+    return shift * sigmas / (1 + (shift - 1) * sigmas)
+
+
+def flow_sigmas(num_steps: int, num_train_timesteps: int, shift: float) -> np.ndarray:
+    """DPM-Solver's flow-matching noise levels: 1 - t/T on a uniform grid, shifted, descending
+    (diffusers builds them as alphas = linspace(1, 1/T, n + 1) and drops sigma = 0)."""
+    sigmas = 1.0 - np.linspace(1, 1 / num_train_timesteps, num_steps + 1)
+    return np.flip(shift_flow_sigmas(sigmas, shift))[:-1].copy()
+
+
+def time_shift(kind: str, mu: float, sigmas: np.ndarray, sigma: float = 1.0) -> np.ndarray:
+    """Dynamic (resolution-dependent) shifting of flow sigmas by mu (Flux): exp(mu) or mu."""
+    shift = math.exp(mu) if kind == "exponential" else mu
+    return shift / (shift + (1 / sigmas - 1) ** sigma)
+
+
+def stretch_to_terminal(sigmas: np.ndarray, terminal: float) -> np.ndarray:
+    """Rescale 1 - sigma so the last sigma equals ``terminal`` (LTX-Video's shift_terminal)."""
+    one_minus = 1 - sigmas
+    return 1 - one_minus / (one_minus[-1] / (1 - terminal))
+
+
 def sigma_to_t(sigmas: np.ndarray, log_sigmas: np.ndarray) -> np.ndarray:
     """Fractional training timestep of each sigma, interpolating log(sigma) between neighbours."""
     sigmas = np.asarray(sigmas)
@@ -82,7 +106,10 @@ def check_one_respacing(scheduler: str, **flags) -> None:
         raise ConfigError(f"{scheduler}: only one of {', '.join(chosen)} can be true")
 
 
-def sigma_to_alpha_sigma_t(sigma: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(alpha_t, sigma_t) of the VP process from the noise-to-signal ratio sigma."""
+def sigma_to_alpha_sigma_t(sigma: torch.Tensor, flow: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(alpha_t, sigma_t) of the VP process from the noise-to-signal ratio sigma; with ``flow``,
+    of the flow-matching path x_t = (1 - sigma) x0 + sigma noise."""
+    if flow:
+        return 1 - sigma, sigma
     alpha_t = 1 / (sigma**2 + 1) ** 0.5
     return alpha_t, sigma * alpha_t

@@ -9,7 +9,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from runtime.models.config import register_to_config
+from .base import register_to_config
 from runtime.models.errors import ConfigError, InputError
 
 from .base import (
@@ -28,8 +28,11 @@ from .sigma_schedules import (
     check_one_respacing,
     interp_sigmas,
     respace_sigmas,
+    shift_flow_sigmas,
     sigma_to_alpha_sigma_t,
     sigma_to_t,
+    stretch_to_terminal,
+    time_shift,
     train_sigmas,
 )
 
@@ -55,26 +58,26 @@ def _combine(rhos, d1s):
     return torch.einsum("k,bkc...->bc...", rhos, d1s)  # sum_k rho_k D1_k over (B, K, C, ...)
 
 
-def _base_step(x, m0, sigma_t, sigma_s0, h_phi_1, predict_x0: bool):
-    alpha_t, s_t = sigma_to_alpha_sigma_t(sigma_t)
-    alpha_s0, s_s0 = sigma_to_alpha_sigma_t(sigma_s0)
+def _base_step(x, m0, sigma_t, sigma_s0, h_phi_1, predict_x0: bool, flow: bool):
+    alpha_t, s_t = sigma_to_alpha_sigma_t(sigma_t, flow)
+    alpha_s0, s_s0 = sigma_to_alpha_sigma_t(sigma_s0, flow)
     if predict_x0:
         return s_t / s_s0 * x - alpha_t * h_phi_1 * m0, alpha_t
     return alpha_t / alpha_s0 * x - s_t * h_phi_1 * m0, s_t
 
 
-def unipc_predict(x, outputs, sigmas, predict_x0: bool, solver_type: str):
+def unipc_predict(x, outputs, sigmas, predict_x0: bool, solver_type: str, flow: bool = False):
     """UniP-p: x at sigmas[0] -> the next point sigmas_next; ``outputs``/``sigmas`` newest first.
 
     ``sigmas`` = [sigma_next, sigma_s0, sigma_s1, ...]; ``outputs`` = [m0, m1, ...] (len = order).
     """
-    _, _, lambda_t = alpha_sigma_lambda(sigmas[0])
-    _, _, lambda_s0 = alpha_sigma_lambda(sigmas[1])
+    _, _, lambda_t = alpha_sigma_lambda(sigmas[0], flow)
+    _, _, lambda_s0 = alpha_sigma_lambda(sigmas[1], flow)
     h = lambda_t - lambda_s0
-    earlier = [alpha_sigma_lambda(s)[2] for s in sigmas[2:]]
+    earlier = [alpha_sigma_lambda(s, flow)[2] for s in sigmas[2:]]
     rks, R, b, h_phi_1, b_h = unipc_coefficients(h, lambda_s0, earlier, predict_x0, solver_type)
     m0 = outputs[0]
-    x_t_, scale = _base_step(x, m0, sigmas[0], sigmas[1], h_phi_1, predict_x0)
+    x_t_, scale = _base_step(x, m0, sigmas[0], sigmas[1], h_phi_1, predict_x0, flow)
     if len(outputs) == 1:
         return (x_t_ - scale * b_h * 0).to(x.dtype)
     d1s = torch.stack([(mi - m0) / rk for mi, rk in zip(outputs[1:], rks[:-1])], dim=1)  # (B, K, C, ...)
@@ -85,19 +88,19 @@ def unipc_predict(x, outputs, sigmas, predict_x0: bool, solver_type: str):
     return (x_t_ - scale * b_h * _combine(rhos_p, d1s)).to(x.dtype)
 
 
-def unipc_correct(x, model_t, outputs, sigmas, predict_x0: bool, solver_type: str):
+def unipc_correct(x, model_t, outputs, sigmas, predict_x0: bool, solver_type: str, flow: bool = False):
     """UniC-p: refine the sample at sigmas[0] with its own model output ``model_t``.
 
     ``x`` is the sample at sigmas[1] the last prediction started from; ``outputs`` = [m0, m1, ...]
     are the outputs at sigmas[1:], newest first.
     """
-    _, _, lambda_t = alpha_sigma_lambda(sigmas[0])
-    _, _, lambda_s0 = alpha_sigma_lambda(sigmas[1])
+    _, _, lambda_t = alpha_sigma_lambda(sigmas[0], flow)
+    _, _, lambda_s0 = alpha_sigma_lambda(sigmas[1], flow)
     h = lambda_t - lambda_s0
-    earlier = [alpha_sigma_lambda(s)[2] for s in sigmas[2:]]
+    earlier = [alpha_sigma_lambda(s, flow)[2] for s in sigmas[2:]]
     rks, R, b, h_phi_1, b_h = unipc_coefficients(h, lambda_s0, earlier, predict_x0, solver_type)
     m0 = outputs[0]
-    x_t_, scale = _base_step(x, m0, sigmas[0], sigmas[1], h_phi_1, predict_x0)
+    x_t_, scale = _base_step(x, m0, sigmas[0], sigmas[1], h_phi_1, predict_x0, flow)
     if len(outputs) == 1:
         rhos_c = torch.ones(1, dtype=x.dtype, device=x.device) * 0.5
         corr_res = 0
@@ -126,7 +129,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
                  use_dynamic_shifting: bool = False, time_shift_type: str = "exponential", sigma_min: float | None = None,
                  sigma_max: float | None = None, shift_terminal: float | None = None):
         name = type(self).__name__
-        check_choice(name, "prediction_type", prediction_type, PREDICTION_TYPES)
+        check_choice(name, "prediction_type", prediction_type, (*PREDICTION_TYPES, "flow_prediction"))
         check_choice(name, "timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
         self.solver_type = "bh2" if solver_type in ("midpoint", "heun", "logrho") else solver_type
         check_choice(name, "solver_type", self.solver_type, ("bh1", "bh2"))
@@ -134,10 +137,11 @@ class UniPCMultistepScheduler(SchedulerMixin):
         check_choice(name, "final_sigmas_type", final_sigmas_type, ("zero", "sigma_min"))
         check_one_respacing(name, use_karras_sigmas=use_karras_sigmas, use_exponential_sigmas=use_exponential_sigmas,
                             use_beta_sigmas=use_beta_sigmas)
-        for key, value in (("use_flow_sigmas", use_flow_sigmas), ("use_dynamic_shifting", use_dynamic_shifting),
-                           ("shift_terminal", shift_terminal)):
-            if value:
-                raise ConfigError(f"{name}: {key}={value!r} (flow-matching schedules) is not supported")
+        # diffusers' time_shift knows these two (a typo there fails later, in set_timesteps)
+        check_choice(name, "time_shift_type", time_shift_type, ("exponential", "linear"))
+        if shift_terminal is not None and not use_flow_sigmas:
+            raise ConfigError(f"{name}: shift_terminal={shift_terminal!r} needs use_flow_sigmas=True "
+                              "(diffusers rejects it too)")
         self.alphas_cumprod = alphas_cumprod_for(num_train_timesteps, beta_start, beta_end, beta_schedule, trained_betas,
                                                  rescale_betas_zero_snr, zero_snr_floor=True, scheduler=name)
         self.sigmas = ((1 - self.alphas_cumprod) / self.alphas_cumprod) ** 0.5
@@ -162,18 +166,43 @@ class UniPCMultistepScheduler(SchedulerMixin):
         return sample
 
     def set_timesteps(self, num_inference_steps: int | None = None, device=None, sigmas=None, mu=None) -> None:
+        """The schedule: VP sigmas (optionally respaced) or, with use_flow_sigmas, flow-matching
+        sigmas 1 - t/T shifted by flow_shift (or by mu with use_dynamic_shifting); ``sigmas``
+        replaces the flow grid (use_flow_sigmas only), as in diffusers."""
         cfg, name = self.config, type(self).__name__
-        if sigmas is not None or mu is not None:
-            raise InputError(f"{name}.set_timesteps: custom sigmas and mu need use_flow_sigmas, which is not supported")
+        if cfg.use_dynamic_shifting and mu is None:
+            raise InputError(f"{name}.set_timesteps: use_dynamic_shifting=True needs mu")
+        custom = None
+        if sigmas is not None:
+            if not cfg.use_flow_sigmas:
+                raise InputError(f"{name}.set_timesteps: custom sigmas need use_flow_sigmas=True in the config")
+            custom = np.array(sigmas, dtype=np.float64).reshape(-1)
+            num_inference_steps = len(custom)
         n = check_num_inference_steps(num_inference_steps, cfg.num_train_timesteps, name)
         ts = spaced_timesteps(cfg.timestep_spacing, n, cfg.num_train_timesteps, cfg.steps_offset, solver_grid=True,
                               scheduler=name).astype(np.int64)
-        table = train_sigmas(self.alphas_cumprod)
+        table = train_sigmas(self.alphas_cumprod) if custom is None else custom
         respaced = respace_sigmas(cfg, np.flip(table).copy(), n)
         if respaced is not None:
-            ts = sigma_to_t(respaced, np.log(table))
-            ts = ts.round() if cfg.use_karras_sigmas else ts
             sigmas, sigma_last = respaced, respaced[-1]
+            if cfg.use_karras_sigmas and cfg.use_flow_sigmas:  # Karras levels mapped to flow sigmas
+                sigmas = sigmas / (sigmas + 1)
+                ts, sigma_last = sigmas * cfg.num_train_timesteps, sigmas[-1]
+            else:
+                ts = sigma_to_t(respaced, np.log(table))
+                ts = ts.round() if cfg.use_karras_sigmas else ts
+        elif cfg.use_flow_sigmas:
+            sigmas = custom if custom is not None else np.linspace(1, 1 / cfg.num_train_timesteps, n + 1)[:-1]
+            if cfg.use_dynamic_shifting:
+                sigmas = time_shift(cfg.time_shift_type, mu, sigmas)
+            else:
+                sigmas = shift_flow_sigmas(sigmas, cfg.flow_shift)
+            if cfg.shift_terminal:
+                sigmas = stretch_to_terminal(sigmas, cfg.shift_terminal)
+            sigmas = np.array(sigmas, dtype=np.float64)
+            if abs(sigmas[0] - 1) < 1e-6:  # sigma = 1 has alpha = 0: an infinite log-SNR on the first steps
+                sigmas[0] -= 1e-6
+            ts, sigma_last = sigmas * cfg.num_train_timesteps, sigmas[-1]
         else:
             sigmas, sigma_last = interp_sigmas(ts, table), float(table[0])
         sigma_last = sigma_last if cfg.final_sigmas_type == "sigma_min" else 0
@@ -186,14 +215,17 @@ class UniPCMultistepScheduler(SchedulerMixin):
 
     def convert_model_output(self, model_output: torch.Tensor, *args, sample: torch.Tensor = None, **kwargs):
         """x0 estimate (predict_x0) or noise estimate, the quantity UniPC extrapolates."""
-        cfg = self.config
+        cfg, flow = self.config, self.config.use_flow_sigmas
         sigma = self.sigmas[self._step_index]
         if self.predict_x0:
-            x0 = x0_from_vp_output(cfg.prediction_type, model_output, sample, sigma)
+            x0 = x0_from_vp_output(cfg.prediction_type, model_output, sample, sigma, flow)
             if cfg.thresholding:
                 x0 = threshold_sample(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
             return x0
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+        if cfg.prediction_type == "flow_prediction":
+            raise ConfigError(f"{type(self).__name__}: prediction_type='flow_prediction' needs predict_x0=True "
+                              "(diffusers rejects it too)")
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma, flow)
         if cfg.prediction_type == "epsilon":
             return model_output
         if cfg.prediction_type == "sample":
@@ -211,7 +243,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
             k = self.this_order
             outputs = self.model_outputs[::-1][:k]  # newest first
             sample = unipc_correct(self.last_sample, converted, outputs, [s[i - j] for j in range(k + 1)],
-                                   self.predict_x0, self.solver_type)
+                                   self.predict_x0, self.solver_type, cfg.use_flow_sigmas)
         self.model_outputs = self.model_outputs[1:] + [converted]
         self.timestep_list = self.timestep_list[1:] + [timestep]
         this_order = min(cfg.solver_order, len(self.timesteps) - i) if cfg.lower_order_final else cfg.solver_order
@@ -223,7 +255,7 @@ class UniPCMultistepScheduler(SchedulerMixin):
             k = self.this_order
             outputs = self.model_outputs[::-1][:k]
             prev_sample = unipc_predict(sample, outputs, [s[i + 1]] + [s[i - j] for j in range(k)],
-                                        self.predict_x0, self.solver_type)
+                                        self.predict_x0, self.solver_type, cfg.use_flow_sigmas)
         self.lower_order_nums = min(self.lower_order_nums + 1, cfg.solver_order)
         self._step_index += 1
         return SchedulerOutput(prev_sample=prev_sample) if return_dict else (prev_sample,)
@@ -232,5 +264,5 @@ class UniPCMultistepScheduler(SchedulerMixin):
         sigmas = self.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
         sigma = sigmas[self._sigma_indices(timesteps)].flatten()
         sigma = sigma.reshape(-1, *([1] * (original_samples.ndim - 1)))  # (B, 1, 1, 1)
-        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma)
+        alpha_t, sigma_t = sigma_to_alpha_sigma_t(sigma, self.config.use_flow_sigmas)
         return alpha_t * original_samples + sigma_t * noise

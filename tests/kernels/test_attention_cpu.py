@@ -1,4 +1,4 @@
-"""Our CPU attention kernels against SDPA on the same inputs: bf16 (kernels/attention_cpu.c) against fp32
+"""Our CPU attention kernels against SDPA on the same inputs: bf16 (runtime/kernels/attention_cpu.c) against fp32
 SDPA, fp32 (attention_f32_cpu.c) against fp64 SDPA.
 
 Error budget in bf16: bf16 SDPA's own error on the same call (the kernel rounds where SDPA's flash kernel

@@ -1,4 +1,4 @@
-"""Our bf16 CPU GEGLU kernel (kernels/geglu_cpu.c) against the same formula in fp32.
+"""Our bf16 CPU GEGLU kernel (runtime/kernels/geglu_cpu.c) against the same formula in fp32.
 
 Budget: one bf16 rounding of the exact result (2^-8 relative, round-to-nearest gives 2^-9), where
 eager bf16 rounds twice (gelu, then the product); plus ABS_FLOOR where the reference itself is off:

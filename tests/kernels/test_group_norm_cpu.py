@@ -1,4 +1,4 @@
-"""Our bf16 CPU GroupNorm+SiLU kernel (kernels/group_norm_cpu.c) against the same formula in fp32.
+"""Our bf16 CPU GroupNorm+SiLU kernel (runtime/kernels/group_norm_cpu.c) against the same formula in fp32.
 
 Budget: never worse than eager bf16 (which rounds after the norm and again after the SiLU) on the
 same inputs, and within two bf16 ulps of the output scale everywhere.

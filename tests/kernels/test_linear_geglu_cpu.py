@@ -1,4 +1,4 @@
-"""Our linear+GEGLU CPU kernels (kernels/linear_geglu_cpu.c in bf16, linear_geglu_f32_cpu.c in fp32) against
+"""Our linear+GEGLU CPU kernels (runtime/kernels/linear_geglu_cpu.c in bf16, linear_geglu_f32_cpu.c in fp32) against
 the same function in fp64.
 
 Budget in bf16: one bf16 rounding of the exact result (2^-8 relative) plus a floor for the fp32 sums' own

@@ -1,4 +1,4 @@
-"""Our bf16 Winograd F(2x2, 3x3) CPU convolution (kernels/winograd_cpu.c) against the fp64 convolution.
+"""Our bf16 Winograd F(2x2, 3x3) CPU convolution (runtime/kernels/winograd_cpu.c) against the fp64 convolution.
 
 Budget: the transformed input and kernel are rounded to bf16 (the direct bf16 convolution rounds only
 its output), so the error is a few times the direct one's: rms within 3.5x the direct bf16

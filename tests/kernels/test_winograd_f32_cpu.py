@@ -1,4 +1,4 @@
-"""Our fp32 Winograd F(2x2, 3x3) CPU convolution (kernels/winograd_f32_cpu.c) against the fp64 convolution.
+"""Our fp32 Winograd F(2x2, 3x3) CPU convolution (runtime/kernels/winograd_f32_cpu.c) against the fp64 convolution.
 
 Budget: nothing is rounded to a narrower type, so the error is the direct fp32 convolution's order:
 rms and max-abs within 3x the direct fp32 convolution's on the same inputs (measured 0.4-1.6x), or

@@ -128,3 +128,18 @@ def test_geglu_fuses_the_projections_the_cpu_runs_fast(cpu):
     forced = tuple(d for d, ok in [(BF16, cpu.avx512_bf16), (FP32, cpu.avx512)] if ok)
     assert set(GEGLUPass(amx=True)._fused_dtypes()) == set(forced)
     assert ("AMX" in GEGLUPass().describe()) == cpu.amx
+
+
+def test_the_environment_can_take_flags_away_but_never_add_one(monkeypatch):
+    monkeypatch.delenv(cpu_features.ENV, raising=False)
+    real = cpu_features.host()
+    if not real.x86_64:
+        pytest.skip("not x86-64: no flags to take away")
+    monkeypatch.setenv(cpu_features.ENV, "none")
+    assert cpu_features.host() == CpuFeatures.of()
+    assert cpu_build.machine_reason(bf16=False) == "this CPU has no AVX-512"
+    monkeypatch.setenv(cpu_features.ENV, "avx512, amx")  # amx is kept only where the host has it
+    assert cpu_features.host() == CpuFeatures.of(*(f for f in ("avx512", "amx") if f in real.flags()))
+    monkeypatch.setenv(cpu_features.ENV, "avx512bf16")
+    with pytest.raises(ValueError, match=r"DIFFUSION_RUNTIME_CPU_FLAGS='avx512bf16': unknown CPU flag\(s\)"):
+        cpu_features.host()

@@ -1,4 +1,4 @@
-"""optim/token_merge.py against tomesd's bipartite_soft_matching_random2d (the reference algorithm)."""
+"""runtime/optim/token_merge.py against tomesd's bipartite_soft_matching_random2d (the reference algorithm)."""
 import pytest
 import torch
 

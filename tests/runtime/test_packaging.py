@@ -56,9 +56,9 @@ def test_the_wheel_holds_no_top_level_name_but_runtime(tmp_path):
     pytest.importorskip("setuptools")
     src = tmp_path / "src"
     src.mkdir()
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "setup.py"):
         shutil.copy(ROOT / name, src / name)
-    shutil.copytree(ROOT / "runtime", src / "runtime", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(ROOT / "runtime", src / "runtime", ignore=shutil.ignore_patterns("__pycache__", "_prebuilt"))
     for folder in ("bench", "tests", "train", "scripts"):  # present in a checkout: must stay out of the wheel
         shutil.copytree(ROOT / folder, src / folder, ignore=shutil.ignore_patterns("__pycache__"))
     done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
@@ -77,6 +77,14 @@ def test_the_wheel_holds_no_top_level_name_but_runtime(tmp_path):
     # what the runtime needs at run time travels with it: the kernels' C sources and the shipped model
     assert "runtime/kernels/winograd_cpu.c" in names and "runtime/kernels/cpu_math.h" in names
     assert "runtime/assets/shapes/model_index.json" in names
+    # setup.py prebuilds the C kernels where it can (Linux x86-64 with a compiler): then the wheel is tagged for
+    # the platform, not for a Python ABI, and its only native files are those libraries; else it stays pure
+    native = [n for n in names if n.endswith(".so")]
+    if wheel.name.endswith("-py3-none-any.whl"):
+        assert native == []
+    else:
+        assert wheel.name.endswith("-py3-none-linux_x86_64.whl"), wheel.name
+        assert native and all(n.startswith("runtime/kernels/_prebuilt/") for n in native), native
 
 
 def test_the_runtime_never_imports_bench_or_the_reference_libraries():
