@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_slicing import check_slice_size, sliced_attention
+from .layers import Linear
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -109,10 +110,10 @@ class Attention(nn.Module):
         self.group_norm = (
             nn.GroupNorm(norm_num_groups, query_dim, eps=eps, affine=True) if norm_num_groups is not None else None
         )
-        self.to_q = nn.Linear(query_dim, inner, bias=bias)
-        self.to_k = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_v = nn.Linear(kv_dim, inner, bias=bias)
-        self.to_out = nn.ModuleList([nn.Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
+        self.to_q = Linear(query_dim, inner, bias=bias)
+        self.to_k = Linear(kv_dim, inner, bias=bias)
+        self.to_v = Linear(kv_dim, inner, bias=bias)
+        self.to_out = nn.ModuleList([Linear(inner, query_dim, bias=out_bias), nn.Dropout(0.0)])
         self.backend: AttentionBackend = sdpa_backend
         self.output_hook = None
         self.fused: str | None = None  # None, "qkv" or "kv"
@@ -137,8 +138,8 @@ class Attention(nn.Module):
             return
         parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
         weight = torch.cat([p.weight for p in parts], dim=0)
-        fused = nn.Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
-                          device=weight.device, dtype=weight.dtype)
+        fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
+                       device=weight.device, dtype=weight.dtype)
         fused.weight.copy_(weight)
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))

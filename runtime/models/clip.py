@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Linear
+
 from .attention import AttentionBackend, sdpa_backend
 from .checkpointing import maybe_checkpoint
 from .config import register_to_config
@@ -88,10 +90,10 @@ class CLIPAttention(nn.Module):
         super().__init__()
         self.heads = heads
         self.head_dim = hidden_size // heads
-        self.q_proj = nn.Linear(hidden_size, hidden_size)
-        self.k_proj = nn.Linear(hidden_size, hidden_size)
-        self.v_proj = nn.Linear(hidden_size, hidden_size)
-        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.q_proj = Linear(hidden_size, hidden_size)
+        self.k_proj = Linear(hidden_size, hidden_size)
+        self.v_proj = Linear(hidden_size, hidden_size)
+        self.out_proj = Linear(hidden_size, hidden_size)
         self.backend: AttentionBackend = sdpa_backend
         self.fused: str | None = None  # None or "qkv"
 
@@ -102,7 +104,7 @@ class CLIPAttention(nn.Module):
             return
         parts = (self.q_proj, self.k_proj, self.v_proj)
         weight = torch.cat([p.weight for p in parts], dim=0)
-        fused = nn.Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
+        fused = Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
         fused.weight.copy_(weight)
         fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
         fused.requires_grad_(False)
@@ -130,8 +132,8 @@ class CLIPAttention(nn.Module):
 class CLIPMLP(nn.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, act):
         super().__init__()
-        self.fc1 = nn.Linear(hidden_size, intermediate_size)
-        self.fc2 = nn.Linear(intermediate_size, hidden_size)
+        self.fc1 = Linear(hidden_size, intermediate_size)
+        self.fc2 = Linear(intermediate_size, hidden_size)
         self.act = act
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -276,7 +278,7 @@ class _CLIPTextBase(ModelMixin):
             layer_norm_eps=layer_norm_eps, eos_token_id=eos_token_id,
         ))
         if self.has_projection:
-            self.text_projection = nn.Linear(hidden_size, projection_dim, bias=False)
+            self.text_projection = Linear(hidden_size, projection_dim, bias=False)
         self._init_weights(initializer_range, initializer_factor)
         self.register_load_state_dict_pre_hook(_rename_checkpoint_keys)
 

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, Linear
+
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     """``silu(norm(x))``: the eager form of a ResnetBlock2D's norm-then-activation."""
@@ -46,21 +48,21 @@ class ResnetBlock2D(nn.Module):
         self.time_embedding_norm = time_embedding_norm
         self.output_scale_factor = output_scale_factor
         self.norm1 = nn.GroupNorm(groups, in_channels, eps=eps, affine=True)
-        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.conv1 = Conv2d(in_channels, out_channels, 3, padding=1)
         if temb_channels is not None:
             proj_out = out_channels * 2 if time_embedding_norm == "scale_shift" else out_channels
-            self.time_emb_proj = nn.Linear(temb_channels, proj_out)
+            self.time_emb_proj = Linear(temb_channels, proj_out)
         else:
             self.time_emb_proj = None
         self.norm2 = nn.GroupNorm(groups_out or groups, out_channels, eps=eps, affine=True)
         self.dropout = nn.Dropout(dropout)
-        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nonlinearity = nn.SiLU()
         self.norm_silu = group_norm_silu  # extension point: (GroupNorm, x) -> silu(norm(x)); a pass fuses it
         self.conv2_residual = None  # extension point: (conv, h, residual) -> residual + conv(h); a pass fuses it
         needs_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = (
-            nn.Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias) if needs_shortcut else None
+            Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias) if needs_shortcut else None
         )
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor | None = None) -> torch.Tensor:
@@ -93,7 +95,7 @@ class Downsample2D(nn.Module):
         out_channels = out_channels or channels
         self.padding = padding
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels, 3, stride=2, padding=padding)
+            self.conv = Conv2d(channels, out_channels, 3, stride=2, padding=padding)
         else:
             self.conv = nn.AvgPool2d(2, stride=2)
 
@@ -109,7 +111,7 @@ class Upsample2D(nn.Module):
     def __init__(self, channels: int, use_conv: bool = True, out_channels: int | None = None):
         super().__init__()
         out_channels = out_channels or channels
-        self.conv = nn.Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
+        self.conv = Conv2d(channels, out_channels, 3, padding=1) if use_conv else None
         self.conv_2x = None
 
     def forward(self, x: torch.Tensor, output_size: tuple[int, int] | None = None) -> torch.Tensor:

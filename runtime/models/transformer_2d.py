@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import Conv2d, Linear
+
 from .attention import Attention
 from .checkpointing import maybe_checkpoint
 
@@ -42,7 +44,7 @@ class GEGLU(nn.Module):
 
     def __init__(self, dim_in: int, dim_out: int, bias: bool = True):
         super().__init__()
-        self.proj = nn.Linear(dim_in, dim_out * 2, bias=bias)
+        self.proj = Linear(dim_in, dim_out * 2, bias=bias)
         self.activation: TokenFn = geglu_activation
         self.fused: Callable[[torch.Tensor], torch.Tensor | None] | None = None
 
@@ -60,7 +62,7 @@ class FeedForward(nn.Module):
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, inner_dim: int | None = None, bias: bool = True):
         super().__init__()
         inner = inner_dim or dim * mult
-        self.net = nn.ModuleList([GEGLU(dim, inner, bias=bias), nn.Dropout(dropout), nn.Linear(inner, dim, bias=bias)])
+        self.net = nn.ModuleList([GEGLU(dim, inner, bias=bias), nn.Dropout(dropout), Linear(inner, dim, bias=bias)])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for layer in self.net:
@@ -150,9 +152,9 @@ class Transformer2DModel(nn.Module):
         self.use_linear_projection = use_linear_projection
         self.norm = nn.GroupNorm(norm_num_groups, in_channels, eps=1e-6, affine=True)
         if use_linear_projection:
-            self.proj_in = nn.Linear(in_channels, inner)
+            self.proj_in = Linear(in_channels, inner)
         else:
-            self.proj_in = nn.Conv2d(in_channels, inner, kernel_size=1)
+            self.proj_in = Conv2d(in_channels, inner, kernel_size=1)
         self.transformer_blocks = nn.ModuleList(
             BasicTransformerBlock(
                 inner, num_attention_heads, attention_head_dim, dropout=dropout,
@@ -162,9 +164,9 @@ class Transformer2DModel(nn.Module):
             for _ in range(num_layers)
         )
         if use_linear_projection:
-            self.proj_out = nn.Linear(inner, in_channels)
+            self.proj_out = Linear(inner, in_channels)
         else:
-            self.proj_out = nn.Conv2d(inner, in_channels, kernel_size=1)
+            self.proj_out = Conv2d(inner, in_channels, kernel_size=1)
         self.gradient_checkpointing = False
 
     def forward(

@@ -9,6 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import Conv2d
+
 from .block_table import build_block
 from .config import register_to_config
 from .config_checks import check_unet2d
@@ -67,7 +69,7 @@ class UNet2DModel(ModelMixin):
             raise ConfigError(f"UNet2DModel config mid_block_type: {mid_block_type!r} is not supported")
         time_dim = time_embedding_dim or block_out_channels[0] * 4
 
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         if time_embedding_type == "positional":
             self.time_proj = Timesteps(block_out_channels[0], flip_sin_to_cos, freq_shift)
         elif time_embedding_type == "learned":
@@ -123,7 +125,7 @@ class UNet2DModel(ModelMixin):
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, block_out_channels[0], eps=norm_eps)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(block_out_channels[0], out_channels, 3, padding=1)
+        self.conv_out = Conv2d(block_out_channels[0], out_channels, 3, padding=1)
 
     # ---- forward, in named stages --------------------------------------------------------
     def embed(self, timestep, batch: int, device: torch.device, class_labels: torch.Tensor | None) -> torch.Tensor:

@@ -8,11 +8,13 @@ shallow path and resume from a cached deep feature (see ``FeatureCache``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from .attention_slicing import AttentionSlicingMixin
+from .layers import Conv2d, Linear
 from .block_table import build_block
 from .config import register_to_config
 from .embeddings import Timesteps, TimestepEmbedding, activation, text_time_embedding
@@ -46,6 +48,12 @@ class FeatureCache:
     mode: str = "store"
     features: torch.Tensor | None = None
     layer: int | None = None
+
+
+class _Cut(NamedTuple):
+    mode: str
+    down: tuple  # (last, last_layers) for ``_down`` on the shallow path
+    up: dict  # start / start_layer (reuse) or store_at / store_layer (store) for ``_up``
 
 
 def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -119,14 +127,14 @@ class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelM
         self.num_upsamplers = lay.num_blocks - 1
         channels = list(block_out_channels)
 
-        self.conv_in = nn.Conv2d(in_channels, channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
+        self.conv_in = Conv2d(in_channels, channels[0], conv_in_kernel, padding=(conv_in_kernel - 1) // 2)
 
         # time, class and added embeddings
         time_embed_dim = time_embedding_dim or channels[0] * 4
         self.time_proj = Timesteps(channels[0], flip_sin_to_cos, freq_shift)
         self.time_embedding = TimestepEmbedding(channels[0], time_embed_dim, act_fn=act_fn,
                                                 post_act_fn=timestep_post_act, cond_proj_dim=time_cond_proj_dim)
-        self.encoder_hid_proj = nn.Linear(encoder_hid_dim, lay.cross_attention_dim[0]) \
+        self.encoder_hid_proj = Linear(encoder_hid_dim, lay.cross_attention_dim[0]) \
             if lay.encoder_hid_dim_type == "text_proj" else None
         self.class_embedding = None
         if class_embed_type is None and num_class_embeds is not None:
@@ -180,7 +188,7 @@ class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelM
 
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels[0], eps=norm_eps)
         self.conv_act = activation(act_fn)
-        self.conv_out = nn.Conv2d(channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
+        self.conv_out = Conv2d(channels[0], out_channels, conv_out_kernel, padding=(conv_out_kernel - 1) // 2)
         self.feature_cache: FeatureCache | None = None
 
     # ---- stages ------------------------------------------------------------------------------
@@ -290,29 +298,38 @@ class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelM
             cond["encoder_hidden_states"] = self.encoder_hid_proj(encoder_hidden_states)
         h = self.conv_in(sample)
 
-        cache = self.feature_cache
-        mode = None if cache is None else cache.mode
-        if mode is not None:
-            self._check_cache(cache)
-        resume = len(self.up_blocks) - 1 - cache.branch if mode is not None else None
-        layer = getattr(cache, "layer", None)
-        # the up layer the shallow path resumes at: the matching up block has one layer more than
-        # its down block, and the skip of down layer k feeds up layer (down layers - 1 - k)
-        cut = 0 if mode is None or layer is None else len(self.down_blocks[cache.branch].resnets) - 1 - layer
-        if mode == "reuse":
-            _, skips = self._down(h, emb, cond, last=cache.branch, last_layers=None if layer is None else layer + 1)
-            skips = self._add_residuals(skips, down_block_additional_residuals)
-            h = self._up(cache.features, skips, emb, cond, forward_size, start=resume, start_layer=cut)
+        cut = self._cut()  # DeepCache: None runs the whole network; "reuse" skips the deep part
+        reuse = cut is not None and cut.mode == "reuse"
+        h, skips = self._down(h, emb, cond, *cut.down) if reuse else self._down(h, emb, cond)
+        skips = self._add_residuals(skips, down_block_additional_residuals)
+        if reuse:
+            h = self.feature_cache.features
         else:
-            h, skips = self._down(h, emb, cond)
-            skips = self._add_residuals(skips, down_block_additional_residuals)
             h = self._mid(h, emb, cond)
             if mid_block_additional_residual is not None:
                 h = h + mid_block_additional_residual
-            h = self._up(h, skips, emb, cond, forward_size, store_at=resume, store_layer=cut)
+        h = self._up(h, skips, emb, cond, forward_size, **(cut.up if cut is not None else {}))
 
         h = self.conv_out(self.conv_act(self.conv_norm_out(h)))
         return UNet2DConditionOutput(sample=h) if return_dict else (h,)
+
+    def _cut(self) -> "_Cut | None":
+        """Where ``feature_cache`` cuts this call: None (no cache, or no mode this step), else the
+        arguments of ``_down`` (reuse: the shallow path) and of ``_up`` (where to resume or store)."""
+        cache = self.feature_cache
+        mode = None if cache is None else cache.mode
+        if mode is None:
+            return None
+        self._check_cache(cache)
+        layer = getattr(cache, "layer", None)
+        resume = len(self.up_blocks) - 1 - cache.branch
+        # the up layer the shallow path resumes at: the matching up block has one layer more than
+        # its down block, and the skip of down layer k feeds up layer (down layers - 1 - k)
+        up_layer = 0 if layer is None else len(self.down_blocks[cache.branch].resnets) - 1 - layer
+        if mode == "reuse":
+            return _Cut(mode, (cache.branch, None if layer is None else layer + 1),
+                        {"start": resume, "start_layer": up_layer})
+        return _Cut(mode, (), {"store_at": resume, "store_layer": up_layer})
 
     @staticmethod
     def _add_residuals(skips: list, residuals) -> list:

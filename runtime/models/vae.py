@@ -15,6 +15,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .layers import Conv2d
+
 from .block_table import block_class
 from .config import register_to_config
 from .config_checks import check_autoencoder_kl
@@ -86,7 +88,7 @@ class Encoder(nn.Module):
     def __init__(self, in_channels, out_channels, down_block_types, block_out_channels, layers_per_block,
                  norm_num_groups, double_z=True, mid_block_add_attention=True):
         super().__init__()
-        self.conv_in = nn.Conv2d(in_channels, block_out_channels[0], 3, padding=1)
+        self.conv_in = Conv2d(in_channels, block_out_channels[0], 3, padding=1)
         self.down_blocks = nn.ModuleList()
         channels = block_out_channels[0]
         for i, name in enumerate(down_block_types):
@@ -101,7 +103,7 @@ class Encoder(nn.Module):
                                         add_attention=mid_block_add_attention, attention_head_dim=channels)
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(channels, 2 * out_channels if double_z else out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, 2 * out_channels if double_z else out_channels, 3, padding=1)
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(sample)
@@ -119,7 +121,7 @@ class Decoder(nn.Module):
         super().__init__()
         reversed_channels = list(reversed(block_out_channels))
         channels = reversed_channels[0]
-        self.conv_in = nn.Conv2d(in_channels, channels, 3, padding=1)
+        self.conv_in = Conv2d(in_channels, channels, 3, padding=1)
         self.mid_block = UNetMidBlock2D(channels, None, resnet_eps=1e-6, resnet_groups=norm_num_groups,
                                         add_attention=mid_block_add_attention, attention_head_dim=channels)
         self.up_blocks = nn.ModuleList()
@@ -132,7 +134,7 @@ class Decoder(nn.Module):
             channels = reversed_channels[i]
         self.conv_norm_out = nn.GroupNorm(norm_num_groups, channels, eps=1e-6)
         self.conv_act = nn.SiLU()
-        self.conv_out = nn.Conv2d(channels, out_channels, 3, padding=1)
+        self.conv_out = Conv2d(channels, out_channels, 3, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
@@ -185,8 +187,8 @@ class AutoencoderKL(FromOriginalModelMixin, ModelMixin):
                                layers_per_block, norm_num_groups, True, mid_block_add_attention)
         self.decoder = Decoder(latent_channels, out_channels, up_block_types, block_out_channels,
                                layers_per_block, norm_num_groups, mid_block_add_attention)
-        self.quant_conv = nn.Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
-        self.post_quant_conv = nn.Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
+        self.quant_conv = Conv2d(2 * latent_channels, 2 * latent_channels, 1) if use_quant_conv else None
+        self.post_quant_conv = Conv2d(latent_channels, latent_channels, 1) if use_post_quant_conv else None
         # memory controls (diffusers' attribute names; users may set the tile sizes by hand)
         self.use_slicing = False
         self.use_tiling = False

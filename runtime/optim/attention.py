@@ -138,16 +138,10 @@ class AttentionPass(Pass):
 
     def apply(self, pipe) -> None:
         backend, why = choose_backend(self.backend, pipeline_device(pipe))
-        saved = self._state().setdefault("previous", [])
         for m in pipeline_models(pipe).values():
             for module in m.attention_modules():
-                saved.append((module, module.backend))
-                module.backend = backend
+                self.log().set(module, "backend", backend)
         self._state()["why"] = why
 
     def describe(self) -> str:
         return self._state().get("why", "")
-
-    def revert(self, pipe) -> None:
-        for module, backend in reversed(self._state().pop("previous", [])):
-            module.backend = backend

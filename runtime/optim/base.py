@@ -12,6 +12,8 @@ from typing import Any, ClassVar
 
 from runtime.models.errors import OptimizationError
 
+from .undo import RevertError, UndoLog
+
 
 @dataclass(frozen=True)
 class Pass:
@@ -27,7 +29,11 @@ class Pass:
         raise NotImplementedError
 
     def revert(self, pipe) -> None:
-        raise NotImplementedError
+        """Replay this pass's undo log backwards (undo.py); no pass writes its own restore code."""
+        try:
+            self.log().replay()
+        finally:
+            self.__dict__.pop("_saved", None)
 
     # ---- settings --------------------------------------------------------------------------
     def settings(self) -> dict[str, Any]:
@@ -44,6 +50,14 @@ class Pass:
             valid = ", ".join(cls.setting_names()) or "(none)"
             raise OptimizationError(f"pass {cls.name!r}: unknown settings {', '.join(unknown)}; valid: {valid}")
         return cls(**settings)
+
+    def log(self) -> UndoLog:
+        """Where ``apply`` records every change it makes (undo.py)."""
+        log = self.__dict__.get("_undo")
+        if log is None:
+            log = UndoLog(f"pass {self.name!r}")
+            object.__setattr__(self, "_undo", log)
+        return log
 
     def _state(self) -> dict:
         """Per-instance mutable storage for what apply() replaced (the dataclass is frozen)."""
@@ -68,8 +82,15 @@ class OptimizationReport:
     def revert(self) -> None:
         """Undo every applied pass, last first; the pipeline is the eager one again, bit for bit."""
         pipe = self._pipe
+        failed: list[tuple[str, BaseException]] = []
         while self.applied:
-            self.applied.pop().revert(pipe)
+            p = self.applied.pop()
+            try:
+                p.revert(pipe)
+            except RevertError as err:  # go on with the other passes, then say what is left
+                failed += [(f"{p.name}: {what}", e) for what, e in err.failed]
+        if failed:
+            raise RevertError("optimization revert", failed)
         if pipe is not None and getattr(pipe, "optimization", None) is self:
             pipe.optimization = None
 

@@ -184,8 +184,8 @@ class CompilePass(Pass):
             compiled = torch.compile(
                 module._call_impl, dynamic=self.dynamic, fullgraph=self.fullgraph, mode=self.mode
             )
-            saved.append((module, module._compiled_call_impl))
-            module._compiled_call_impl = _wrap(compiled, cache_dir, options)
+            self.log().set(module, "_compiled_call_impl", _wrap(compiled, cache_dir, options))
+            saved.append(module)
         how = "regionally (hook-free blocks)" if self._regional(pipe) else "whole"
         self._state()["why"] = (
             f"{len(saved)} module(s) compiled {how}, freezing {'on' if freezing else 'off'}, cache in {cache_dir}"
@@ -193,7 +193,3 @@ class CompilePass(Pass):
 
     def describe(self) -> str:
         return self._state().get("why", "")
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("previous", [])):
-            module._compiled_call_impl = previous

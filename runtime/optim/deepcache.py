@@ -137,11 +137,4 @@ class DeepCachePass(Pass):
 
     def apply(self, pipe) -> None:
         model = denoiser(pipe)
-        self._state()["previous"] = (model, model.feature_cache)
-        model.feature_cache = DeepCacheSlot(model, self.branch, self.interval, self.layer, self.start)
-
-    def revert(self, pipe) -> None:
-        previous = self._state().pop("previous", None)
-        if previous is not None:
-            model, slot = previous
-            model.feature_cache = slot
+        self.log().set(model, "feature_cache", DeepCacheSlot(model, self.branch, self.interval, self.layer, self.start))

@@ -18,13 +18,8 @@ class FusedQKVPass(Pass):
         return None
 
     def apply(self, pipe) -> None:
-        fused = self._state().setdefault("models", [])
         for m in pipeline_models(pipe).values():
             already = any(getattr(a, "fused", None) for a in m.attention_modules())
             if not already:  # a model the user fused by hand stays fused on revert
                 m.fuse_qkv_projections()
-                fused.append(m)
-
-    def revert(self, pipe) -> None:
-        for m in self._state().pop("models", []):
-            m.unfuse_qkv_projections()
+                self.log().call(f"{type(m).__name__} fused projections", m.unfuse_qkv_projections)

@@ -26,7 +26,7 @@ from runtime.models.transformer_2d import GEGLU, geglu_activation
 
 from .components import pipeline_device
 from .hardware import AMX_REASON, cpu_has_amx
-from .prepack import weight_cache
+from .derived import derived
 from .slots import CpuKernelSlotPass
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -52,7 +52,7 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
                 or x.ndim < 1 or x.shape[-1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return None
-        entry = weight_cache(cache, w)
+        entry = derived(cache, w)
         if "packed" not in entry:
             entry["packed"] = linear_geglu_weight(w, w.dtype)
             entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
@@ -106,17 +106,12 @@ class GEGLUPass(CpuKernelSlotPass):
         for module in self._modules(pipe):
             takes = tuple(d for d in dtypes if _fusable(module, d))
             if takes:
-                fused.append((module, module.fused))
-                module.fused = fused_linear_geglu(module, takes)
+                self.log().set(module, "fused", fused_linear_geglu(module, takes))
+                fused.append(module)
         self._state()["dtypes"] = "/".join("bf16" if d == torch.bfloat16 else "fp32" for d in dtypes) or "no"
 
     def describe(self) -> str:
         state = self._state()
         text = (f"{len(state.get('fused', []))} GEGLU projections fused with their activation ({state.get('dtypes')} "
-                f"calls), {len(state.get('previous', []))} activations on our bf16 kernel for the rest")
+                f"calls), {len(state.get('slotted', []))} activations on our bf16 kernel for the rest")
         return text + (f"; bf16 projections left to oneDNN: {AMX_REASON}" if not self.amx and cpu_has_amx() else "")
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("fused", [])):
-            module.fused = previous
-        super().revert(pipe)

@@ -17,7 +17,6 @@ from runtime.models.errors import OptimizationError
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
-from .snapshot import TensorSnapshot
 
 TARGETS = ("unet", "vae")
 
@@ -42,12 +41,7 @@ class MemoryFormatPass(Pass):
         return None
 
     def apply(self, pipe) -> None:
-        snaps = self._state().setdefault("snapshots", [])
         for name, model in pipeline_models(pipe).items():
             if name in TARGETS:
-                snaps.append(TensorSnapshot.take(model))
+                self.log().tensors(model)
                 model.to(memory_format=torch.channels_last)
-
-    def revert(self, pipe) -> None:
-        for snap in reversed(self._state().pop("snapshots", [])):
-            snap.restore()

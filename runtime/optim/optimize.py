@@ -42,7 +42,11 @@ def _apply(pipe, level: int, plan) -> OptimizationReport:
             if reason is not None:
                 report.skipped[p.name] = reason
                 continue
-            p.apply(pipe)
+            try:
+                p.apply(pipe)
+            except BaseException:
+                p.revert(pipe)  # what it changed before it failed: its undo log has it
+                raise
             report.applied.append(p)
             describe_pass = getattr(p, "describe", None)
             if describe_pass is not None and describe_pass():

@@ -17,7 +17,6 @@ from runtime.models.errors import OptimizationError
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .hardware import fast_half_dtype
-from .snapshot import TensorSnapshot
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -56,19 +55,14 @@ class PrecisionPass(Pass):
 
     def apply(self, pipe) -> None:
         dtype, why = self.target(pipe)
-        snaps = self._state().setdefault("snapshots", [])
         kept = []
         for name, model in pipeline_models(pipe).items():
             if self._keep_fp32(name, model, dtype):
                 kept.append(name)
                 continue
-            snaps.append(TensorSnapshot.take(model))
+            self.log().tensors(model)
             model.to(dtype=dtype)
         self._state()["why"] = why + (f"; {', '.join(kept)} kept in fp32 (force_upcast)" if kept else "")
 
     def describe(self) -> str:
         return self._state().get("why", "")
-
-    def revert(self, pipe) -> None:
-        for snap in reversed(self._state().pop("snapshots", [])):
-            snap.restore()

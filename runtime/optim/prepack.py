@@ -27,8 +27,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.layers import Conv2d, Linear
+
 from .base import Pass
 from .components import pipeline_device, pipeline_models
+from .derived import derived, weight_cache  # noqa: F401  (weight_cache: the earlier name of the rule)
+from .undo import entry
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
 
@@ -40,52 +44,68 @@ def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
-def weight_cache(cache: dict, w: torch.Tensor) -> dict:
-    """``cache``, emptied when the weight is not the one its entries were packed from."""
-    # inference tensors (weights converted inside inference_mode) have no version counter
-    owner = (w.data_ptr(), None if w.is_inference() else w._version, w.dtype)
-    if cache.get("owner") != owner:
-        cache.clear()
-        cache["owner"] = owner
-    return cache
+class PackedConv:
+    """The ``prepack`` entry of a convolution's compute chain: its oneDNN-packed weight per input shape."""
 
+    def __init__(self, conv: nn.Conv2d):
+        self.packed_cache: dict = {}
+        self.geometry = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
-def packed_conv_forward(conv: nn.Conv2d):
-    """A forward for ``conv`` that keeps its oneDNN-packed weight per input shape."""
-    cache: dict = {}
-    padding, stride, dilation, groups = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
+    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest) -> torch.Tensor:
         w = conv.weight
         if _plain(x, w) or x.ndim != 4:
-            return conv._conv_forward(x, w, conv.bias)
+            return rest(x)
+        padding, stride, dilation, groups = self.geometry
         key = tuple(x.shape)
-        packed = weight_cache(cache, w).get(key)
+        packed = derived(self.packed_cache, w).get(key)
         if packed is None:
-            packed = cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            packed = self.packed_cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
         return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, padding, stride, dilation, groups,
                                                        "none", [], "")
 
-    forward.packed_cache = cache
+
+class PackedLinear:
+    """The ``prepack`` entry of a linear's compute chain: its oneDNN-packed weight (valid for any row count)."""
+
+    def __init__(self, linear: nn.Linear):
+        self.packed_cache: dict = {}
+
+    def __call__(self, linear: nn.Linear, x: torch.Tensor, rest) -> torch.Tensor:
+        w = linear.weight
+        if _plain(x, w):
+            return rest(x)
+        packed = derived(self.packed_cache, w).get("packed")
+        if packed is None:  # the row count only hints oneDNN's choice of layout
+            packed = self.packed_cache["packed"] = torch.ops.mkldnn._reorder_linear_weight(
+                w.detach(), x.numel() // x.shape[-1])
+        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+
+
+def _standalone(module: nn.Module, impl):
+    """``impl`` as a forward of ``module`` outside a compute chain (its plain operator as the rest)."""
+    if isinstance(module, nn.Conv2d):
+        def plain(x):
+            return module._conv_forward(x, module.weight, module.bias)
+    else:
+        def plain(x):
+            return F.linear(x, module.weight, module.bias)
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return impl(module, x, plain)
+
+    forward.packed_cache = impl.packed_cache
     return forward
+
+
+def packed_conv_forward(conv: nn.Conv2d):
+    """A forward for any ``nn.Conv2d`` that keeps its oneDNN-packed weight per input shape."""
+    return _standalone(conv, PackedConv(conv))
 
 
 def packed_linear_forward(linear: nn.Linear):
-    """A forward for ``linear`` that keeps its oneDNN-packed weight (valid for any row count)."""
-    cache: dict = {}
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        w = linear.weight
-        if _plain(x, w):
-            return F.linear(x, w, linear.bias)
-        packed = weight_cache(cache, w).get("packed")
-        if packed is None:  # the row count only hints oneDNN's choice of layout
-            packed = cache["packed"] = torch.ops.mkldnn._reorder_linear_weight(w.detach(), x.numel() // x.shape[-1])
-        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
-
-    forward.packed_cache = cache
-    return forward
+    """A forward for any ``nn.Linear`` that keeps its oneDNN-packed weight (valid for any row count)."""
+    return _standalone(linear, PackedLinear(linear))
 
 
 def mkldnn_usable() -> str | None:
@@ -99,11 +119,13 @@ def mkldnn_usable() -> str | None:
 
 
 def _packer(module: nn.Module):
-    """The packed forward maker for ``module``, or None when it is not one this pass packs."""
-    if isinstance(module, nn.Conv2d):
-        return packed_conv_forward if module.padding_mode == "zeros" and not isinstance(module.padding, str) else None
-    if isinstance(module, nn.Linear):
-        return packed_linear_forward
+    """The chain entry maker for ``module``, or None when it is not one this pass packs."""
+    if entry(module, "prepack") is not None:
+        return None
+    if isinstance(module, Conv2d):
+        return PackedConv if module.padding_mode == "zeros" and not isinstance(module.padding, str) else None
+    if isinstance(module, Linear):
+        return PackedLinear
     return None
 
 
@@ -119,7 +141,7 @@ class PrepackPass(Pass):
     def _targets(self, pipe):
         dtypes = PACKED_DTYPES if self.fp32 else (torch.bfloat16,)
         return [(m, packer) for model in pipeline_models(pipe).values() for m in model.modules()
-                if (packer := _packer(m)) is not None and "forward" not in m.__dict__ and m.weight.dtype in dtypes]
+                if (packer := _packer(m)) is not None and m.weight.dtype in dtypes]
 
     def supports(self, pipe) -> str | None:
         if pipeline_device(pipe).type != "cpu":
@@ -136,14 +158,10 @@ class PrepackPass(Pass):
     def apply(self, pipe) -> None:
         patched = self._state().setdefault("patched", [])
         for module, packer in self._targets(pipe):
-            module.forward = packer(module)
+            self.log().plug(module, "prepack", packer(module))
             patched.append(module)
 
     def describe(self) -> str:
         patched = self._state().get("patched", [])
         convs = sum(isinstance(m, nn.Conv2d) for m in patched)
         return f"{convs} convolutions and {len(patched) - convs} linears packed for oneDNN"
-
-    def revert(self, pipe) -> None:
-        for module in self._state().pop("patched", []):
-            del module.__dict__["forward"]

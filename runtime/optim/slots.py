@@ -36,11 +36,7 @@ class CpuKernelSlotPass(Pass):
         return self.ready()
 
     def apply(self, pipe) -> None:
-        saved = self._state().setdefault("previous", [])
+        slotted = self._state().setdefault("slotted", [])
         for module in self._modules(pipe):
-            saved.append((module, getattr(module, self.slot)))
-            setattr(module, self.slot, self.kernel())
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("previous", [])):
-            setattr(module, self.slot, previous)
+            self.log().set(module, self.slot, self.kernel())
+            slotted.append(module)

@@ -26,9 +26,6 @@ from runtime.models.errors import OptimizationError
 from .base import Pass
 from .components import denoiser
 
-_UNSET = object()
-
-
 def resolve_gate(gate_step: int | float, count: int) -> int:
     """The first step index that reuses the cache, for a call of ``count`` steps."""
     if isinstance(gate_step, float):
@@ -121,20 +118,7 @@ class TGatePass(Pass):
     def apply(self, pipe) -> None:
         model, modules = self._cross_attentions(pipe)
         local = threading.local()
-        saved = self._state().setdefault("previous", [])
         for m in modules:
-            saved.append((m, m.output_hook))
-            m.output_hook = _GateHook(model, self.gate_step, local)
+            self.log().set(m, "output_hook", _GateHook(model, self.gate_step, local))
         if self.drop_cfg:
-            self._state()["gate"] = (model, model.__dict__.get("guidance_gate", _UNSET))
-            model.guidance_gate = _DropGuidance(self.gate_step)
-
-    def revert(self, pipe) -> None:
-        for m, hook in reversed(self._state().pop("previous", [])):
-            m.output_hook = hook
-        model, gate = self._state().pop("gate", (None, _UNSET))
-        if model is not None:
-            if gate is _UNSET:
-                del model.guidance_gate
-            else:
-                model.guidance_gate = gate
+            self.log().set(model, "guidance_gate", _DropGuidance(self.gate_step))

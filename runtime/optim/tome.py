@@ -109,17 +109,8 @@ class ToMePass(Pass):
             sample = args[0] if args else kwargs["sample"]
             state.latent_hw = tuple(sample.shape[-2:])
 
-        saved = self._state()
-        saved["handle"] = model.register_forward_pre_hook(record_size, with_kwargs=True)
-        saved["previous"] = [(b, b.token_merge) for b in blocks]
+        log = self.log()
+        log.hook(model.register_forward_pre_hook(record_size, with_kwargs=True), "UNet forward pre-hook (latent size)")
         hook = _MergeHook(self, state, model)
         for b in blocks:
-            b.token_merge = hook
-
-    def revert(self, pipe) -> None:
-        saved = self._state()
-        for b, previous in reversed(saved.pop("previous", [])):
-            b.token_merge = previous
-        handle = saved.pop("handle", None)
-        if handle is not None:
-            handle.remove()
+            log.set(b, "token_merge", hook)

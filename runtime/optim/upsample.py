@@ -28,7 +28,8 @@ from runtime.models.resnet import Upsample2D
 
 from .base import Pass
 from .components import pipeline_models
-from .prepack import mkldnn_usable, packed_conv_forward, weight_cache
+from .derived import derived
+from .prepack import mkldnn_usable, packed_conv_forward
 
 # FOLD[a] (2 x 3): which 3x3 kernel rows (columns) feed the two window rows (columns) of phase a.
 FOLD = torch.tensor([[[1.0, 0.0, 0.0], [0.0, 1.0, 1.0]], [[1.0, 1.0, 0.0], [0.0, 0.0, 1.0]]])
@@ -65,7 +66,7 @@ class FoldedUpsampleConv:
         self.onednn = mkldnn_usable() is None
 
     def _refresh(self, conv: nn.Conv2d) -> None:
-        cache = weight_cache(self.cache, conv.weight)
+        cache = derived(self.cache, conv.weight)
         if "folded" not in cache:
             with torch.no_grad():
                 self.folded.weight = nn.Parameter(fold_weight(conv.weight), requires_grad=False)
@@ -114,12 +115,8 @@ class UpsamplePass(Pass):
     def apply(self, pipe) -> None:
         saved = self._state().setdefault("previous", [])
         for module in self._modules(pipe):
-            saved.append((module, module.conv_2x))
-            module.conv_2x = FoldedUpsampleConv(module)
+            self.log().set(module, "conv_2x", FoldedUpsampleConv(module))
+            saved.append(module)
 
     def describe(self) -> str:
         return f"{len(self._state().get('previous', []))} upsamplers folded into their convs"
-
-    def revert(self, pipe) -> None:
-        for module, previous in reversed(self._state().pop("previous", [])):
-            module.conv_2x = previous

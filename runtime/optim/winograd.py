@@ -37,12 +37,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.models.layers import Conv2d
 from runtime.models.resnet import ResnetBlock2D, Upsample2D
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .hardware import AMX_REASON, cpu_has_amx
-from .prepack import weight_cache
+from .derived import derived
+from .undo import entry
 from .upsample import plain_3x3
 
 
@@ -70,7 +72,7 @@ def _fast(x: torch.Tensor, w: torch.Tensor) -> bool:
 
 def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
     """(transformed kernel, bias in the weight's dtype) of ``conv``, from ``cache`` while its weight is the same."""
-    entry = weight_cache(cache, conv.weight)
+    entry = derived(cache, conv.weight)
     if "u" not in entry:
         dtype = conv.weight.dtype
         if dtype == torch.float32:
@@ -85,21 +87,33 @@ def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
     return entry["u"], entry["bias"]
 
 
-def winograd_conv_forward(conv: nn.Conv2d, previous):
-    """A forward for ``conv`` that runs bf16 and fp32 CPU calls as Winograd and the rest through ``previous``."""
-    from runtime.kernels.winograd_cpu import winograd_launch
-    from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
+class WinogradConv:
+    """The ``winograd`` entry of a 3x3 convolution's compute chain: bf16 and fp32 CPU calls as Winograd,
+    the rest handed on (to prepack's entry when that pass ran, else the plain convolution)."""
 
-    cache: dict = {}
+    def __init__(self):
+        from runtime.kernels.winograd_cpu import winograd_launch
+        from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
+
+        self.winograd_cache: dict = {}
+        self.bf16, self.fp32 = winograd_launch, winograd_launch_f32
+
+    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest) -> torch.Tensor:
+        if not _fast(x, conv.weight):
+            return rest(x)
+        if x.dtype == torch.float32:
+            return self.fp32(x, *_transformed(self.winograd_cache, conv, up2=False))
+        return self.bf16(x, *_transformed(self.winograd_cache, conv, up2=False), up2=False)
+
+
+def winograd_conv_forward(conv: nn.Conv2d, previous):
+    """A forward for any ``nn.Conv2d`` that runs bf16 and fp32 CPU calls as Winograd and the rest through ``previous``."""
+    impl = WinogradConv()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        if not _fast(x, conv.weight):
-            return previous(x)
-        if x.dtype == torch.float32:
-            return winograd_launch_f32(x, *_transformed(cache, conv, up2=False))
-        return winograd_launch(x, *_transformed(cache, conv, up2=False), up2=False)
+        return impl(conv, x, previous)
 
-    forward.winograd_cache = cache
+    forward.winograd_cache = impl.winograd_cache
     return forward
 
 
@@ -116,7 +130,7 @@ class WinogradResidual:
         self.previous, self.bf16, self.fp32 = previous, winograd_launch, winograd_launch_f32
 
     def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        cache = getattr(conv.__dict__.get("forward"), "winograd_cache", None)
+        cache = getattr(entry(conv, "winograd"), "winograd_cache", None)
         if (cache is not None and _fast(h, conv.weight) and residual.dtype == h.dtype
                 and tuple(residual.shape) == (h.shape[0], conv.out_channels, h.shape[2], h.shape[3])):
             u, bias = _transformed(cache, conv, up2=False)
@@ -160,7 +174,7 @@ class WinogradPass(Pass):
     def _targets(self, pipe):
         """The convolutions it takes and the upsamplers whose conv it takes (bf16 only)."""
         modules = [m for model in pipeline_models(pipe).values() for m in model.modules()]
-        return ([m for m in modules if self._takes(m)],
+        return ([m for m in modules if isinstance(m, Conv2d) and self._takes(m)],
                 [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)
                  and m.conv.weight.dtype == torch.bfloat16])
 
@@ -194,36 +208,25 @@ class WinogradPass(Pass):
     def apply(self, pipe) -> None:
         convs, upsamplers = self._targets(pipe)
         self._state()["left_bf16"] = self._bf16_left(pipe)
+        log = self.log()
         patched = self._state().setdefault("patched", [])
         for module in convs:
-            had = module.__dict__.get("forward")
-            module.forward = winograd_conv_forward(module, had or type(module).forward.__get__(module))
-            patched.append((module, had))
+            log.plug(module, "winograd", WinogradConv())
+            patched.append(module)
         doubled = self._state().setdefault("upsamplers", [])
         for module in upsamplers:
-            doubled.append((module, module.conv_2x))
-            module.conv_2x = WinogradUpsampleConv(module.conv_2x)
+            log.set(module, "conv_2x", WinogradUpsampleConv(module.conv_2x))
+            doubled.append(module)
         taken = {id(m) for m in convs}
         fused = self._state().setdefault("residuals", [])
         for model in pipeline_models(pipe).values():
             for block in model.modules():
                 if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken:
-                    fused.append((block, block.conv2_residual))
-                    block.conv2_residual = WinogradResidual(block.conv2_residual)
+                    log.set(block, "conv2_residual", WinogradResidual(block.conv2_residual))
+                    fused.append(block)
 
     def describe(self) -> str:
         convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
         text = (f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before, "
                 f"{len(self._state().get('residuals', []))} with their ResNet block's residual add")
         return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
-
-    def revert(self, pipe) -> None:
-        for block, previous in reversed(self._state().pop("residuals", [])):
-            block.conv2_residual = previous
-        for module, previous in reversed(self._state().pop("upsamplers", [])):
-            module.conv_2x = previous
-        for module, had in reversed(self._state().pop("patched", [])):
-            if had is None:
-                del module.__dict__["forward"]
-            else:
-                module.forward = had

@@ -15,6 +15,7 @@ import runtime
 from runtime.models.errors import OptimizationError
 from runtime.models.transformer_2d import geglu_activation
 from runtime.optim.prepack import packed_conv_forward, packed_linear_forward
+from runtime.optim.undo import entry
 from runtime.optim.parity import max_abs, psnr
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
@@ -395,9 +396,9 @@ def test_fp32_matches_eager_and_revert_is_exact(pipe, eager):
     assert "linears packed for oneDNN" in str(pipe.optimization)
     assert max_abs(run(pipe, "latent"), eager["latent"]) <= EXACT_TOL
     assert np.abs(run(pipe) - eager["np"]).max() <= 1e-4  # the decode too
-    assert all(c.forward.packed_cache for c in used_packable(pipe))  # every convolution and linear ran packed
+    assert all(entry(c, "prepack").packed_cache for c in used_packable(pipe))  # every convolution and linear ran packed
     pipe.optimization.revert()
-    assert not any("forward" in c.__dict__ for c in used_packable(pipe))
+    assert not any("forward" in c.__dict__ or c.compute for c in used_packable(pipe))
     assert_same_state(state(pipe), before)
     assert np.array_equal(run(pipe), eager["np"])
 
@@ -409,7 +410,7 @@ def test_bf16_with_precision_stays_within_the_precision_bound(pipe, eager):
     optim.optimize(pipe, level=0, precision=True, prepack=True)
     assert any(c.weight.dtype == torch.bfloat16 for c in convs(pipe))
     out = run(pipe)
-    assert all(c.forward.packed_cache for c in used_packable(pipe))
+    assert all(entry(c, "prepack").packed_cache for c in used_packable(pipe))
     assert psnr(out, eager["np"]) >= optim.precision.PrecisionPass.psnr_floor_db
     assert psnr(out, precision_only) >= optim.precision.PrecisionPass.psnr_floor_db
 
@@ -426,7 +427,7 @@ def test_fp32_pipelines_are_left_alone_by_default(pipe):
     optim.optimize(pipe, level=0, prepack=True)
     assert pipe.optimization.applied == []
     assert "no bf16" in pipe.optimization.skipped["prepack"]
-    assert not any("forward" in c.__dict__ for c in used_packable(pipe))
+    assert not any("forward" in c.__dict__ or c.compute for c in used_packable(pipe))
 
 
 def test_skipped_with_the_reason_without_onednn(pipe, monkeypatch):

@@ -15,6 +15,7 @@ from runtime.models.resnet import Upsample2D
 from runtime.optim.parity import psnr
 from runtime.optim.upsample import FoldedUpsampleConv
 from runtime.optim.winograd import WinogradPass, WinogradUpsampleConv, winograd_conv_forward
+from runtime.optim.undo import entry
 from pipeline_fixtures import assert_same_state, pipeline_state as state, quiet_pipeline
 
 needs_kernel = pytest.mark.skipif(
@@ -63,7 +64,7 @@ def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pip
     assert "3x3 convolutions run as Winograd" in str(pipe.optimization)
     out = run(pipe)
     convs = eligible(pipe)
-    assert convs and all(m.forward.winograd_cache for m in convs)  # every one ran through the kernel
+    assert convs and all(entry(m, "winograd").winograd_cache for m in convs)  # every one ran through the kernel
     ups = upsamplers(pipe)
     assert len(ups) >= 2 and all(isinstance(m.conv_2x, WinogradUpsampleConv) and m.conv_2x.cache for m in ups)
     assert not np.array_equal(out, without)  # a different rounding: it did run
@@ -74,9 +75,9 @@ def test_bf16_within_the_precision_bound_and_revert_restores_what_ran_before(pip
     winograd.revert(pipe)
     pipe.optimization.applied.remove(winograd)
     if with_prepack:
-        assert all(hasattr(m.forward, "packed_cache") for m in convs)
+        assert all([n for n, _ in m.compute] == ["prepack"] for m in convs)
     else:
-        assert not any("forward" in m.__dict__ for m in convs)
+        assert not any("forward" in m.__dict__ or m.compute for m in convs)
     assert all(isinstance(m.conv_2x, FoldedUpsampleConv) for m in ups)  # level 0 + upsample: the fold
     assert np.array_equal(run(pipe), without)
 
@@ -91,7 +92,7 @@ def test_level2_plans_it_and_revert_is_bit_exact(pipe, eager, host_without_amx):
     optim.optimize(pipe, level=2, compile=False)  # applying twice reverts first
     run(pipe)
     pipe.optimization.revert()
-    assert not any("forward" in m.__dict__ for m in eligible(pipe))
+    assert not any("forward" in m.__dict__ or m.compute for m in eligible(pipe))
     assert all(m.conv_2x is None for m in upsamplers(pipe))
     assert_same_state(state(pipe), before)
     assert np.array_equal(run(pipe), eager)
@@ -130,7 +131,7 @@ def test_resnet_blocks_add_their_residual_inside_the_kernel_and_revert(pipe):
     optim.optimize(pipe, level=0, winograd=True)  # fp32: the fused sum is the eager sum, bit for bit
     blocks = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, ResnetBlock2D)]
     fused = [m for m in blocks if isinstance(m.conv2_residual, WinogradResidual)]
-    assert fused and all("forward" in m.conv2.__dict__ for m in fused)
+    assert fused and all(entry(m.conv2, "winograd") is not None for m in fused)
     assert f"{len(fused)} with their ResNet block's residual add" in pipe.optimization.notes["winograd"]
     block = fused[0]
     x = torch.randn(2, block.conv1.in_channels, 6, 6)
@@ -154,7 +155,7 @@ def test_fp32_pipeline_within_the_exact_bound_and_revert_is_bit_exact(pipe, eage
     assert [p.name for p in pipe.optimization.applied] == ["winograd"]
     out = run(pipe, output_type="latent")
     convs = [m for m in eligible(pipe) if any(m is u for u in pipe.unet.modules())]  # the VAE did not run
-    assert convs and all(m.forward.winograd_cache["u"].dtype == torch.float32 for m in convs)
+    assert convs and all(entry(m, "winograd").winograd_cache["u"].dtype == torch.float32 for m in convs)
     assert all(m.conv_2x is None for m in upsamplers(pipe))
     assert not torch.equal(out, latents)
     assert (out - latents).abs().max() <= 1e-4
@@ -167,7 +168,7 @@ def test_machines_without_the_kernel_are_skipped_with_the_reason(pipe, monkeypat
     monkeypatch.setattr(optim.winograd, "kernel_ready", lambda dtype: "this CPU has no AVX512-BF16")
     optim.optimize(pipe, level=0, winograd=True)
     assert pipe.optimization.skipped["winograd"] == "this CPU has no AVX512-BF16"
-    assert not any("forward" in m.__dict__ for m in eligible(pipe))
+    assert not any("forward" in m.__dict__ or m.compute for m in eligible(pipe))
 
 
 @needs_kernel
@@ -183,10 +184,10 @@ def test_on_amx_bf16_convolutions_stay_with_onednn_unless_asked(pipe, fake_cpu):
     fake_cpu(*cpu_features.host().flags(), "amx")  # the host's kernels run; AMX only makes the pass step aside
     optim.optimize(pipe, level=0, precision=True, winograd=True)
     assert "AMX" in pipe.optimization.skipped["winograd"] and "amx=True" in pipe.optimization.skipped["winograd"]
-    assert not any("forward" in m.__dict__ for m in eligible(pipe) + [u.conv for u in upsamplers(pipe)])
+    assert not any("forward" in m.__dict__ or m.compute for m in eligible(pipe) + [u.conv for u in upsamplers(pipe)])
     optim.optimize(pipe, level=0, precision=True, winograd={"amx": True})
     assert [p.name for p in pipe.optimization.applied] == ["precision", "winograd"]
-    assert all("forward" in m.__dict__ for m in eligible(pipe))
+    assert all(entry(m, "winograd") is not None for m in eligible(pipe))
     # fp32 convolutions (AMX has no fp32 matmuls) are taken on AMX as elsewhere
     optim.optimize(pipe, level=0, winograd=True)
     assert [p.name for p in pipe.optimization.applied] == ["winograd"]
