@@ -126,6 +126,7 @@ def test_keys_cover_sources_headers_and_flags_and_the_cache_key_the_compiler(tmp
 
 
 def _fake_cpu(monkeypatch, bf16: bool, avx512: bool = True):
+    monkeypatch.delenv("DIFFUSION_RUNTIME_CPU_FLAGS", raising=False)  # the faked probes are the host now
     monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: bf16, raising=False)
     monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512, raising=False)

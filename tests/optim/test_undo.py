@@ -18,6 +18,11 @@ from runtime.models.layers import Conv2d, Linear
 from runtime.optim.derived import derived
 from runtime.optim.levels import PASSES
 from runtime.optim.undo import ORDER, RevertError, UndoLog, chain_with, entry
+from runtime.optim.winograd import kernel_ready
+
+# these plug the fp32 Winograd kernel into the tiny fp32 pipeline: a CPU with AVX-512 (and a compiler)
+needs_winograd = pytest.mark.skipif(kernel_ready(torch.float32) is not None,
+                                    reason=f"the fp32 Winograd kernel: {kernel_ready(torch.float32)}")
 from pipeline_fixtures import quiet_pipeline
 
 PROMPT = "a red circle on a blue square"
@@ -111,6 +116,7 @@ def test_a_revert_that_fails_halfway_names_what_it_could_not_restore():
     assert len(log) == 1  # what failed stays in the log
 
 
+@needs_winograd
 def test_pipeline_revert_that_fails_names_the_pass_and_the_slot(pipe):
     optim.optimize(pipe, level=0, prepack={"fp32": True}, winograd=True)
     assert "winograd" in [p.name for p in pipe.optimization.applied]
@@ -124,6 +130,7 @@ def test_pipeline_revert_that_fails_names_the_pass_and_the_slot(pipe):
     pipe.optimization = None
 
 
+@needs_winograd
 def test_a_pass_that_fails_in_apply_leaves_nothing_behind(pipe, monkeypatch):
     before = fingerprint(pipe)
     from runtime.optim import winograd
