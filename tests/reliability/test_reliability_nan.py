@@ -33,8 +33,10 @@ def test_check_finite_names_file_and_key(nan_sd):
 
 
 def test_check_finite_is_opt_in(nan_sd, sd_folder):
-    runtime.AutoencoderKL.from_pretrained(nan_sd / "vae")  # the default reads nothing twice
-    runtime.StableDiffusionPipeline.from_pretrained(sd_folder, check_finite=True)  # finite weights load
+    vae = runtime.AutoencoderKL.from_pretrained(nan_sd / "vae")  # the default reads nothing twice
+    assert not all(torch.isfinite(t).all() for t in vae.state_dict().values())  # loaded as the file has it
+    pipe = runtime.StableDiffusionPipeline.from_pretrained(sd_folder, check_finite=True)  # finite weights load
+    assert all(torch.isfinite(t).all() for t in pipe.unet.state_dict().values())
 
 
 @pytest.fixture
