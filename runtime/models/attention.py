@@ -153,12 +153,18 @@ class Attention(nn.Module):
             delattr(self, f"to_{self.fused}")
             self.fused = None
 
+    @staticmethod
+    def _fusable(*projections) -> bool:
+        return all(p.computes_operator() for p in projections)
+
     # ---- forward ---------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, context: torch.Tensor):
-        if self.fused == "qkv" and context is x:
+        # the fused matmul computes the projections from their weights: only while their chains do too
+        # (runtime/models/layers.py, ``computes_operator``); otherwise each projection runs its own chain
+        if self.fused == "qkv" and context is x and self._fusable(self.to_q, self.to_k, self.to_v):
             return self.to_qkv(x).chunk(3, dim=-1)
         q = self.to_q(x)
-        if self.fused == "kv":
+        if self.fused == "kv" and self._fusable(self.to_k, self.to_v):
             k, v = self.to_kv(context).chunk(2, dim=-1)
         else:
             k, v = self.to_k(context), self.to_v(context)

@@ -118,7 +118,8 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, width = x.shape
-        if self.fused == "qkv":
+        # the fused matmul computes the projections from their weights: only while their chains do too
+        if self.fused == "qkv" and all(p.computes_operator() for p in (self.q_proj, self.k_proj, self.v_proj)):
             q, k, v = self.to_qkv(x).chunk(3, dim=-1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)

@@ -51,3 +51,7 @@ class DependencyMissingError(RuntimeErrorBase, ModuleNotFoundError):
 
 class BackendUnavailableError(RuntimeErrorBase, ValueError):
     """A requested kernel or backend cannot run on this machine (e.g. xformers without CUDA)."""
+
+
+class LoraError(RuntimeErrorBase, ValueError):
+    """A LoRA or textual-inversion file, adapter name or adapter setting is invalid (names the key or value)."""

@@ -1,12 +1,24 @@
 """Convolution and linear layers with a compute slot (docs/ARCHITECTURE.md §3).
 
 ``Conv2d`` and ``Linear`` are ``nn.Conv2d`` / ``nn.Linear`` with the same parameters, names and
-arguments (checkpoints load unchanged, ``isinstance`` checks still hold), and one extension
-point: ``compute``, a tuple of ``(name, implementation)`` pairs, outermost first. Empty (the
-default), ``forward`` is exactly torch's: ``F.conv2d`` through ``nn.Conv2d._conv_forward``, and
-``F.linear``. Otherwise the first implementation is called as ``impl(layer, x, rest)`` and must
-return what the layer computes for ``x``; ``rest(x)`` runs the remaining entries and, last, the
-plain operator, so an implementation hands on the calls it does not take.
+arguments (checkpoints load unchanged, ``isinstance`` checks still hold), one optional input and
+one extension point:
+
+- ``forward(x, add=None)``: with ``add``, the layer returns ``add + op(x)`` (a residual a caller
+  adds to the output; ``add + op(x)`` equals ``op(x) + add`` bit for bit), so an implementation
+  can add it inside its kernel instead of in a second pass over the output.
+- ``compute``: a tuple of ``(name, implementation)`` pairs, outermost first. Empty (the default),
+  ``forward`` is exactly torch's: ``F.conv2d`` through ``nn.Conv2d._conv_forward``, and
+  ``F.linear``. Otherwise the first implementation is called as ``impl(layer, x, rest, add)`` and
+  must return what the layer computes for ``x`` (plus ``add`` when it is not None); ``rest(x,
+  add=None)`` runs the remaining entries and, last, the plain operator, so an implementation hands
+  on the calls (or the add) it does not take.
+
+An implementation that computes the layer's own operator another way (a packed weight, a Winograd
+transform) says so with a true ``same_operator`` attribute; one that changes what the layer
+computes (an adapter's low-rank term) does not. ``computes_operator()`` is true when every entry
+is of the first kind: only then may a caller compute the layer's result without calling it (one
+matmul for several projections, a projection fused with its activation).
 
 The layers know nothing about what the implementations do or in which order they belong: the
 optimization layer decides the order (runtime/optim/undo.py, ``ORDER``) and sets the whole tuple.
@@ -14,13 +26,14 @@ Assigning ``()`` leaves the instance as constructed (no attribute of its own).
 """
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-ComputeImpl = Callable[[nn.Module, torch.Tensor, Callable[[torch.Tensor], torch.Tensor]], torch.Tensor]
+Rest = Callable[..., torch.Tensor]  # rest(x, add=None)
+ComputeImpl = Callable[[nn.Module, torch.Tensor, Rest, Optional[torch.Tensor]], torch.Tensor]
 
 
 class _Link:
@@ -28,11 +41,11 @@ class _Link:
 
     __slots__ = ("impl", "layer", "rest")
 
-    def __init__(self, impl: ComputeImpl, layer: nn.Module, rest: Callable[[torch.Tensor], torch.Tensor]):
+    def __init__(self, impl: ComputeImpl, layer: nn.Module, rest: Rest):
         self.impl, self.layer, self.rest = impl, layer, rest
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.impl(self.layer, x, self.rest)
+    def __call__(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        return self.impl(self.layer, x, self.rest, add)
 
 
 class _ComputeSlot:
@@ -57,26 +70,34 @@ class _ComputeSlot:
         self.__dict__["_compute"] = chain
         self.__dict__["_chain"] = call
 
+    def computes_operator(self) -> bool:
+        """Whether the chain computes exactly the layer's operator (empty, or only ``same_operator`` entries)."""
+        return all(getattr(impl, "same_operator", False) for _, impl in self.__dict__.get("_compute", ()))
+
 
 class Conv2d(_ComputeSlot, nn.Conv2d):
-    """``nn.Conv2d`` with a ``compute`` slot (see the module docstring)."""
+    """``nn.Conv2d`` with a ``compute`` slot and an ``add`` input (see the module docstring)."""
 
-    def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(x, self.weight, self.bias)
+    def _plain(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        out = self._conv_forward(x, self.weight, self.bias)
+        return out if add is None else add + out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self._chain is None:
-            return self._conv_forward(x, self.weight, self.bias)
-        return self._chain(x)
+            out = self._conv_forward(x, self.weight, self.bias)
+            return out if add is None else add + out
+        return self._chain(x, add)
 
 
 class Linear(_ComputeSlot, nn.Linear):
-    """``nn.Linear`` with a ``compute`` slot (see the module docstring)."""
+    """``nn.Linear`` with a ``compute`` slot and an ``add`` input (see the module docstring)."""
 
-    def _plain(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+    def _plain(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
+        out = F.linear(x, self.weight, self.bias)
+        return out if add is None else add + out
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, add: torch.Tensor | None = None) -> torch.Tensor:
         if self._chain is None:
-            return F.linear(x, self.weight, self.bias)
-        return self._chain(x)
+            out = F.linear(x, self.weight, self.bias)
+            return out if add is None else add + out
+        return self._chain(x, add)

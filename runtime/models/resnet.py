@@ -5,9 +5,9 @@ Weight names follow diffusers: ``norm1``, ``conv1``, ``time_emb_proj``, ``norm2`
 
 Extension points (docs/ARCHITECTURE.md §3): ``ResnetBlock2D.norm_silu``, a callable ``(norm, x) ->
 silu(norm(x))`` for its GroupNorm-then-SiLU steps (default ``group_norm_silu``); a pass sets a fused
-kernel there. ``ResnetBlock2D.conv2_residual``: ``None`` or a callable ``(conv, h, residual) ->
-residual + conv(h)`` for its last convolution and the residual add (runtime/optim/winograd.py adds the residual
-inside the convolution's output). ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
+kernel there. The last convolution gets the block's residual as its ``add`` input
+(runtime/models/layers.py), so an entry of its compute chain can add it inside the convolution's output
+(runtime/optim/winograd.py). ``Upsample2D.conv_2x``: ``None`` or a callable ``(module, x) -> conv(upsample_2x(x))``
 for the doubling-then-conv step (runtime/optim/upsample.py folds the upsampling into the conv).
 """
 from __future__ import annotations
@@ -59,7 +59,6 @@ class ResnetBlock2D(nn.Module):
         self.conv2 = Conv2d(out_channels, out_channels, 3, padding=1)
         self.nonlinearity = nn.SiLU()
         self.norm_silu = group_norm_silu  # extension point: (GroupNorm, x) -> silu(norm(x)); a pass fuses it
-        self.conv2_residual = None  # extension point: (conv, h, residual) -> residual + conv(h); a pass fuses it
         needs_shortcut = in_channels != out_channels if use_in_shortcut is None else use_in_shortcut
         self.conv_shortcut = (
             Conv2d(in_channels, out_channels, 1, bias=conv_shortcut_bias) if needs_shortcut else None
@@ -78,10 +77,7 @@ class ResnetBlock2D(nn.Module):
             h = self.norm_silu(self.norm2, h)
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        if self.conv2_residual is not None:
-            out = self.conv2_residual(self.conv2, self.dropout(h), x)
-        else:
-            out = x + self.conv2(self.dropout(h))
+        out = self.conv2(self.dropout(h), add=x)  # x + conv2(h); the layer's chain may add it in its kernel
         if self.output_scale_factor != 1.0:
             out = out / self.output_scale_factor
         return out

@@ -14,7 +14,9 @@ rounds twice) or, for the rest, the eager formula.
 On a CPU with AMX tiles the bf16 projection stays with oneDNN's linear, whose tile matmuls are expected to
 be faster (runtime/optim/hardware.py; ``amx=True`` fuses anyway); fp32 (AMX has none) and the activation
 kernel, bound by memory, run as elsewhere.
-Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3).
+Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3). The fusion computes the
+projection from its weight, so it declines calls while the projection's compute chain holds an entry that
+changes what it computes (a LoRA term: ``Linear.computes_operator()``); the projection then runs its chain.
 """
 from __future__ import annotations
 
@@ -48,7 +50,7 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
 
     def fused(x: torch.Tensor) -> torch.Tensor | None:
         w = linear.weight
-        if (torch.compiler.is_compiling() or x.dtype not in dtypes or w.dtype != x.dtype or x.device.type != "cpu"
+        if (torch.compiler.is_compiling() or not linear.computes_operator() or x.dtype not in dtypes or w.dtype != x.dtype or x.device.type != "cpu"
                 or x.ndim < 1 or x.shape[-1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return None

@@ -47,52 +47,60 @@ def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
 class PackedConv:
     """The ``prepack`` entry of a convolution's compute chain: its oneDNN-packed weight per input shape."""
 
+    same_operator = True  # the layer's own convolution, another way (runtime/models/layers.py)
+
     def __init__(self, conv: nn.Conv2d):
         self.packed_cache: dict = {}
         self.geometry = list(conv.padding), list(conv.stride), list(conv.dilation), conv.groups
 
-    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest) -> torch.Tensor:
+    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest, add=None) -> torch.Tensor:
         w = conv.weight
         if _plain(x, w) or x.ndim != 4:
-            return rest(x)
+            return rest(x, add)
         padding, stride, dilation, groups = self.geometry
         key = tuple(x.shape)
         packed = derived(self.packed_cache, w).get(key)
         if packed is None:
             packed = self.packed_cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
-        return torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, padding, stride, dilation, groups,
-                                                       "none", [], "")
+        out = torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, padding, stride, dilation, groups,
+                                                      "none", [], "")
+        return out if add is None else add + out
 
 
 class PackedLinear:
     """The ``prepack`` entry of a linear's compute chain: its oneDNN-packed weight (valid for any row count)."""
 
+    same_operator = True
+
     def __init__(self, linear: nn.Linear):
         self.packed_cache: dict = {}
 
-    def __call__(self, linear: nn.Linear, x: torch.Tensor, rest) -> torch.Tensor:
+    def __call__(self, linear: nn.Linear, x: torch.Tensor, rest, add=None) -> torch.Tensor:
         w = linear.weight
         if _plain(x, w):
-            return rest(x)
+            return rest(x, add)
         packed = derived(self.packed_cache, w).get("packed")
         if packed is None:  # the row count only hints oneDNN's choice of layout
             packed = self.packed_cache["packed"] = torch.ops.mkldnn._reorder_linear_weight(
                 w.detach(), x.numel() // x.shape[-1])
-        return torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+        out = torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
+        return out if add is None else add + out
 
 
 def _standalone(module: nn.Module, impl):
     """``impl`` as a forward of ``module`` outside a compute chain (its plain operator as the rest)."""
     if isinstance(module, nn.Conv2d):
-        def plain(x):
-            return module._conv_forward(x, module.weight, module.bias)
+        def plain(x, add=None):
+            out = module._conv_forward(x, module.weight, module.bias)
+            return out if add is None else add + out
     else:
-        def plain(x):
-            return F.linear(x, module.weight, module.bias)
+        def plain(x, add=None):
+            out = F.linear(x, module.weight, module.bias)
+            return out if add is None else add + out
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return impl(module, x, plain)
+        return impl(module, x, plain, None)
 
     forward.packed_cache = impl.packed_cache
     return forward

@@ -29,7 +29,7 @@ from .snapshot import TensorSnapshot
 # Who runs first when several passes plug into one layer's compute chain: outermost first. An
 # outer entry sees the call first and hands what it does not take to the next one; the layer's
 # own operator (F.conv2d / F.linear) is always last. The one place this order is decided.
-ORDER: tuple[str, ...] = ("lora", "residual", "winograd", "prepack")
+ORDER: tuple[str, ...] = ("lora", "winograd", "prepack")
 
 _MISSING = object()
 

@@ -76,8 +76,10 @@ class FoldedUpsampleConv:
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and conv.weight.requires_grad):
-            # traced (inductor fuses on its own) or training (gradients): the eager ops
+        if (torch.compiler.is_compiling() or (torch.is_grad_enabled() and conv.weight.requires_grad)
+                or not conv.computes_operator()):
+            # traced (inductor fuses on its own), training (gradients), or the conv's chain computes more
+            # than its weight (an adapter's term): the eager ops, through the conv's own call
             return conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
         self._refresh(conv)
         # packed once for oneDNN, fp32 too: unpacked, SD 1.5's fp32 folds (up to 105 MB of weights at 4x4

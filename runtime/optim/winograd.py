@@ -25,9 +25,9 @@ fp32 convolution's (tests/kernels/test_winograd_f32_cpu.py).
 On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
 outrun these vdpbf16ps products by more than the 2.25x Winograd saves (runtime/optim/hardware.py; ``amx=True``
 takes them anyway); the fp32 ones (AMX has no fp32) are taken.
-Each ResnetBlock2D whose second conv it takes gets a ``conv2_residual`` that adds the block's residual
-inside the kernel's output transform (one pass over the output fewer; in bf16 one rounding fewer).
-Revert restores the previous forward and slots.
+A ResnetBlock2D calls its second conv with the block's residual as the layer's ``add`` input
+(runtime/models/layers.py); the entry adds it inside the kernel's output transform (one pass over the
+output fewer; in bf16 one rounding fewer). Revert removes the entries and slots (the undo log).
 """
 from __future__ import annotations
 
@@ -98,12 +98,22 @@ class WinogradConv:
         self.winograd_cache: dict = {}
         self.bf16, self.fp32 = winograd_launch, winograd_launch_f32
 
-    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest) -> torch.Tensor:
-        if not _fast(x, conv.weight):
-            return rest(x)
+    same_operator = True  # the layer's own convolution, another way (runtime/models/layers.py)
+
+    def __call__(self, conv: nn.Conv2d, x: torch.Tensor, rest, add=None) -> torch.Tensor:
+        if not _fast(x, conv.weight) or (add is not None and not _fits(add, x, conv)):
+            return rest(x, add)
+        u, bias = _transformed(self.winograd_cache, conv, up2=False)
+        # ``add`` (a ResNet block's residual) goes into the output transform: one pass over the
+        # output fewer; bf16 rounds once instead of twice, fp32 gives the same sum bit for bit.
         if x.dtype == torch.float32:
-            return self.fp32(x, *_transformed(self.winograd_cache, conv, up2=False))
-        return self.bf16(x, *_transformed(self.winograd_cache, conv, up2=False), up2=False)
+            return self.fp32(x, u, bias, residual=add)
+        return self.bf16(x, u, bias, up2=False, residual=add)
+
+
+def _fits(add: torch.Tensor, x: torch.Tensor, conv: nn.Conv2d) -> bool:
+    """Whether the kernels can add ``add`` to the output of ``conv`` on ``x`` (same dtype and shape)."""
+    return add.dtype == x.dtype and tuple(add.shape) == (x.shape[0], conv.out_channels, x.shape[2], x.shape[3])
 
 
 def winograd_conv_forward(conv: nn.Conv2d, previous):
@@ -111,35 +121,10 @@ def winograd_conv_forward(conv: nn.Conv2d, previous):
     impl = WinogradConv()
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        return impl(conv, x, previous)
+        return impl(conv, x, lambda x, add=None: previous(x), None)
 
     forward.winograd_cache = impl.winograd_cache
     return forward
-
-
-class WinogradResidual:
-    """The ``conv2_residual`` of one ResnetBlock2D whose ``conv2`` this pass took: the residual added inside
-    the kernel's output (bf16: one rounding instead of two; fp32: the same sum, bit for bit) instead of a
-    separate pass over the output. Other calls (the conv's own fallbacks, another shape or dtype) go to
-    ``previous`` or the eager sum."""
-
-    def __init__(self, previous):
-        from runtime.kernels.winograd_cpu import winograd_launch
-        from runtime.kernels.winograd_f32_cpu import winograd_launch_f32
-
-        self.previous, self.bf16, self.fp32 = previous, winograd_launch, winograd_launch_f32
-
-    def __call__(self, conv: nn.Conv2d, h: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        cache = getattr(entry(conv, "winograd"), "winograd_cache", None)
-        if (cache is not None and _fast(h, conv.weight) and residual.dtype == h.dtype
-                and tuple(residual.shape) == (h.shape[0], conv.out_channels, h.shape[2], h.shape[3])):
-            u, bias = _transformed(cache, conv, up2=False)
-            if h.dtype == torch.float32:
-                return self.fp32(h, u, bias, residual=residual)
-            return self.bf16(h, u, bias, up2=False, residual=residual)
-        if self.previous is not None:
-            return self.previous(conv, h, residual)
-        return residual + conv(h)
 
 
 class WinogradUpsampleConv:
@@ -154,7 +139,8 @@ class WinogradUpsampleConv:
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv
-        if _fast(x, conv.weight) and x.dtype == torch.bfloat16:  # no fp32 kernel for the doubling
+        # the fold computes the conv from its weight: only while its chain is the conv itself
+        if _fast(x, conv.weight) and x.dtype == torch.bfloat16 and conv.computes_operator():  # no fp32 kernel for doubling
             return self.kernel(x, *_transformed(self.cache, conv, up2=True), up2=True)
         if self.previous is not None:
             return self.previous(module, x)
@@ -218,12 +204,8 @@ class WinogradPass(Pass):
             log.set(module, "conv_2x", WinogradUpsampleConv(module.conv_2x))
             doubled.append(module)
         taken = {id(m) for m in convs}
-        fused = self._state().setdefault("residuals", [])
-        for model in pipeline_models(pipe).values():
-            for block in model.modules():
-                if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken:
-                    log.set(block, "conv2_residual", WinogradResidual(block.conv2_residual))
-                    fused.append(block)
+        self._state()["residuals"] = [block for model in pipeline_models(pipe).values() for block in model.modules()
+                                      if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken]
 
     def describe(self) -> str:
         convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))

@@ -56,9 +56,9 @@ def test_chain_runs_in_order_hands_on_and_empties_cleanly():
     calls = []
 
     def tagged(tag):
-        def impl(layer, x, rest):
+        def impl(layer, x, rest, add):
             calls.append(tag)
-            return rest(x)
+            return rest(x, add)
         return impl
 
     log = UndoLog("test")
@@ -76,6 +76,47 @@ def test_chain_runs_in_order_hands_on_and_empties_cleanly():
         chain_with((), "mystery", tagged("x"))
     log.replay()
     assert conv.compute == () and not {"_compute", "_chain"} & set(conv.__dict__)
+
+
+@pytest.mark.parametrize("layer", [Conv2d(4, 6, 3, padding=1), Linear(4, 6)], ids=["conv", "linear"])
+def test_add_input_is_the_residual_sum_bit_for_bit_through_any_chain(layer):
+    torch.manual_seed(0)
+    x = torch.randn(2, 4, 5, 5) if isinstance(layer, Conv2d) else torch.randn(2, 3, 4)
+    out = layer(x)
+    add = torch.randn_like(out)
+    assert torch.equal(layer(x, add=add), out + add)
+
+    def hands_on(layer, x, rest, add):  # passes the add on: the plain operator adds it
+        return rest(x, add)
+
+    def takes(layer, x, rest, add):  # takes the add itself
+        y = rest(x)
+        return y if add is None else add + y
+
+    for chain in ((("a", hands_on),), (("a", takes),), (("a", hands_on), ("b", takes))):
+        layer.compute = chain
+        assert torch.equal(layer(x, add=add), out + add) and torch.equal(layer(x), out)
+    layer.compute = ()
+
+
+def test_computes_operator_only_while_every_entry_says_it_computes_the_layers_operator():
+    linear = Linear(4, 4)
+
+    def same(layer, x, rest, add):
+        return rest(x, add)
+
+    same.same_operator = True
+
+    def extra(layer, x, rest, add):
+        return rest(x, add) + 1
+
+    assert linear.computes_operator()
+    linear.compute = (("prepack", same),)
+    assert linear.computes_operator()
+    linear.compute = (("lora", extra), ("prepack", same))
+    assert not linear.computes_operator()
+    linear.compute = ()
+    assert linear.computes_operator()
 
 
 # ---- the undo log ---------------------------------------------------------------------------------------

@@ -126,23 +126,37 @@ def test_follows_weight_changes_dtype_changes_and_leaves_mixed_calls_to_the_prev
 @needs_kernel
 def test_resnet_blocks_add_their_residual_inside_the_kernel_and_revert(pipe):
     from runtime.models.resnet import ResnetBlock2D
-    from runtime.optim.winograd import WinogradResidual
 
     optim.optimize(pipe, level=0, winograd=True)  # fp32: the fused sum is the eager sum, bit for bit
     blocks = [m for model in (pipe.unet, pipe.vae) for m in model.modules() if isinstance(m, ResnetBlock2D)]
-    fused = [m for m in blocks if isinstance(m.conv2_residual, WinogradResidual)]
-    assert fused and all(entry(m.conv2, "winograd") is not None for m in fused)
+    fused = [m for m in blocks if entry(m.conv2, "winograd") is not None]
+    assert fused
     assert f"{len(fused)} with their ResNet block's residual add" in pipe.optimization.notes["winograd"]
     block = fused[0]
+    impl = entry(block.conv2, "winograd")
+    seen = []
+    kernel = impl.fp32
+
+    def spy(x, u, bias, residual=None):
+        seen.append(residual)
+        return kernel(x, u, bias, residual=residual)
+
     x = torch.randn(2, block.conv1.in_channels, 6, 6)
     temb = torch.randn(2, block.time_emb_proj.in_features) if block.time_emb_proj is not None else None
     with torch.no_grad():
+        impl.fp32 = spy
         out = block(x, temb)
-        slot, block.conv2_residual = block.conv2_residual, None
-        assert torch.equal(out, block(x, temb))
-        block.conv2_residual = slot
+        impl.fp32 = kernel
+        assert len(seen) == 1 and seen[0] is not None  # the residual went into the kernel
+        def add_after(layer, h, rest, add):  # the same chain, the residual added after the kernel
+            return rest(h) if add is None else add + rest(h)
+
+        chain = block.conv2.compute
+        block.conv2.compute = (("add_after", add_after), *chain)
+        assert torch.equal(out, block(x, temb))  # the same sum, bit for bit
+        block.conv2.compute = chain
     pipe.optimization.revert()
-    assert all(m.conv2_residual is None for m in blocks)
+    assert all(not m.conv2.compute for m in blocks)
 
 
 @needs_kernel
