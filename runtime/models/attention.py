@@ -22,6 +22,7 @@ from torch import nn
 
 from .attention_slicing import check_slice_size, sliced_attention
 from .layers import Linear
+from .call_slot import CallSlot
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
 
@@ -78,7 +79,7 @@ def xformers_ready() -> None:
     xops.memory_efficient_attention(q, q, q)  # xformers' own error if its kernel cannot run here
 
 
-class Attention(nn.Module):
+class Attention(CallSlot):
     """Attention over token sequences (or a 4-D feature map when ``norm_num_groups`` is set).
 
     Weight names follow diffusers: ``to_q``, ``to_k``, ``to_v``, ``to_out.0``, ``group_norm``.

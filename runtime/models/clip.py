@@ -29,6 +29,7 @@ from .config import register_to_config
 from .errors import ConfigError, InputError
 from .modeling import ModelMixin
 from .outputs import ModelOutput
+from .call_slot import CallSlot
 
 # transformers' generic config metadata: read without a warning, never passed to __init__.
 TRANSFORMERS_CONFIG_KEYS = frozenset({
@@ -141,7 +142,7 @@ class CLIPMLP(nn.Module):
         return self.fc2(self.act(self.fc1(x)))
 
 
-class CLIPEncoderLayer(nn.Module):
+class CLIPEncoderLayer(CallSlot):
     """Pre-norm transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, heads: int, eps: float, act):

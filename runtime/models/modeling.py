@@ -28,6 +28,7 @@ from .pickle_io import load_pickle
 from .safetensors_io import load_safetensors, prepare_for_save
 from .step_context import StepAnnouncer, StepContext
 from .weight_loading import load_weights
+from .call_slot import CallSlot
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def _check_finite_weights(tensors: dict, file) -> None:
                                   f"NaN/inf value(s) of {tensor.numel()}")
 
 
-class ModelMixin(nn.Module, ConfigMixin):
+class ModelMixin(CallSlot, ConfigMixin):
     config_name = "config.json"
     # Weight file stem: "diffusion_pytorch_model" (diffusers models) or "model" (transformers-style
     # models such as the CLIP text encoders, whose pickle stem is then "pytorch_model").

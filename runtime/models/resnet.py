@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import Conv2d, Linear
+from .call_slot import CallSlot
 
 
 def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
@@ -24,7 +25,7 @@ def group_norm_silu(norm: nn.GroupNorm, x: torch.Tensor) -> torch.Tensor:
     return F.silu(norm(x))
 
 
-class ResnetBlock2D(nn.Module):
+class ResnetBlock2D(CallSlot):
     """GroupNorm-SiLU-conv twice, with an optional timestep embedding added in between."""
 
     def __init__(

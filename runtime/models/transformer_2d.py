@@ -17,6 +17,7 @@ from .layers import Conv2d, Linear
 
 from .attention import Attention
 from .checkpointing import maybe_checkpoint
+from .call_slot import CallSlot
 
 TokenFn = Callable[[torch.Tensor], torch.Tensor]
 
@@ -56,7 +57,7 @@ class GEGLU(nn.Module):
         return self.activation(self.proj(x))
 
 
-class FeedForward(nn.Module):
+class FeedForward(CallSlot):
     """GEGLU MLP; ``net`` = [GEGLU, Dropout, Linear] so keys are ``net.0.proj`` and ``net.2``."""
 
     def __init__(self, dim: int, mult: int = 4, dropout: float = 0.0, inner_dim: int | None = None, bias: bool = True):

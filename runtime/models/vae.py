@@ -27,6 +27,7 @@ from .outputs import AutoencoderKLOutput, DecoderOutput
 from .single_file import FromOriginalModelMixin
 from .vae_blocks import DownEncoderBlock2D, UNetMidBlock2D, UpDecoderBlock2D
 from .vae_tiling import blend_h, blend_v, tiled_decode_sample, tiled_encode_moments
+from .call_slot import CallSlot
 
 SUPPORTED_ACTIVATIONS = ("silu", "swish")
 
@@ -113,7 +114,7 @@ class Encoder(nn.Module):
         return self.conv_out(self.conv_act(self.conv_norm_out(h)))
 
 
-class Decoder(nn.Module):
+class Decoder(CallSlot):
     """Latent -> image: conv_in, mid block, up stages (``layers_per_block + 1`` resnets each), conv_out."""
 
     def __init__(self, in_channels, out_channels, up_block_types, block_out_channels, layers_per_block,

@@ -13,7 +13,9 @@
   whole-model graph cannot hold without breaks or recompiles); otherwise whole models compile
   as one graph each (``fullgraph``).
 
-Revert drops the compiled callables; the eager modules were never changed.
+Each compiled module is ``torch.compile(module)`` (public API), called through the module's
+``call_with`` slot (runtime/models/call_slot.py): the pipeline keeps its own modules, their forwards
+and hooks. Revert clears the slots (the undo log); the eager modules were never changed.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from pathlib import Path
 import torch
 
 from runtime.models.attention import Attention
+from runtime.models.call_slot import CallSlot
 from runtime.models.errors import OptimizationError
 
 from .base import Pass
@@ -171,7 +174,7 @@ class CompilePass(Pass):
                 found += [m for m in root.modules() if _is_region(m)]
             else:
                 found.append(root)
-        return found
+        return [m for m in found if isinstance(m, CallSlot)]
 
     def apply(self, pipe) -> None:
         cache_dir = usable_cache_dir(str(Path(self.cache_dir or default_cache_dir()).expanduser()))
@@ -181,10 +184,10 @@ class CompilePass(Pass):
         options = {"freezing": freezing}
         saved = self._state().setdefault("previous", [])
         for module in self._modules(pipe):
-            compiled = torch.compile(
-                module._call_impl, dynamic=self.dynamic, fullgraph=self.fullgraph, mode=self.mode
-            )
-            self.log().set(module, "_compiled_call_impl", _wrap(compiled, cache_dir, options))
+            # torch.compile of the module (public API); its compiled call goes into the module's
+            # ``call_with`` slot (runtime/models/call_slot.py), so ``pipe.unet`` stays the same object
+            compiled = torch.compile(module, dynamic=self.dynamic, fullgraph=self.fullgraph, mode=self.mode)
+            self.log().set(module, "call_with", _wrap(compiled, cache_dir, options))
             saved.append(module)
         how = "regionally (hook-free blocks)" if self._regional(pipe) else "whole"
         self._state()["why"] = (

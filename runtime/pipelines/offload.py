@@ -83,7 +83,7 @@ def _first_device(module: nn.Module) -> torch.device | None:
 
 
 def _is_compiled(module: nn.Module) -> bool:
-    return any(getattr(m, "_compiled_call_impl", None) is not None for m in module.modules())
+    return any(m.__dict__.get("call_with") is not None for m in module.modules())
 
 
 class ModelOffload:

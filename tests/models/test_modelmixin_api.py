@@ -129,7 +129,8 @@ def test_ignore_mismatched_sizes_turns_sd_into_inpainting(sd_unet, caplog):
 def test_mismatched_sizes_without_the_flag_name_key_and_shapes(sd_unet):
     with pytest.raises(ShapeMismatchError, match=r"conv_in\.weight.*\[16, 9, 3, 3\].*\[16, 4, 3, 3\].*ignore_mismatched"):
         UNet2DConditionModel.from_pretrained(sd_unet, in_channels=9)
-    with pytest.raises(RuntimeError, match="size mismatch"):  # diffusers fails too
+    # diffusers fails too (a RuntimeError without accelerate, a ValueError with it: peft pulls it in)
+    with pytest.raises((RuntimeError, ValueError), match="size mismatch|expected shape"):
         diffusers.UNet2DConditionModel.from_pretrained(sd_unet, in_channels=9)
 
 

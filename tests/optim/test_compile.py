@@ -57,10 +57,12 @@ def test_compiled_matches_eager_and_never_recompiles(compiled):
 def test_revert_drops_compiled_calls(compiled, cache_dir):
     pipe, eager = compiled
     blocks = [m for m in pipe.unet.modules() if type(m).__name__ in optim.compile.REGIONAL_BLOCKS]
-    assert blocks and all(m._compiled_call_impl is not None for m in blocks)
+    assert blocks and all(m.call_with is not None for m in blocks)
+    # public API only: torch.compile(module) in the module's call_with slot, no private attribute set
+    assert all(m._compiled_call_impl is None for m in pipe.unet.modules())
     report = pipe.optimization
     report.revert()
-    assert all(m._compiled_call_impl is None for m in blocks)
+    assert all(m.call_with is None and "call_with" not in vars(m) for m in blocks)
     assert np.array_equal(run(pipe, 16), eager[16])
     optim.optimize(pipe, level=0, compile={**COMPILE, "cache_dir": str(cache_dir)})  # for the next test
 
