@@ -20,12 +20,16 @@ class LoraLayer:
 
     ``down`` (PEFT's ``lora_A``, Kohya's ``lora_down``): ``(rank, in)`` for a linear,
     ``(rank, in, kh, kw)`` for a convolution. ``up`` (``lora_B`` / ``lora_up``): ``(out, rank)`` or
-    ``(out, rank, 1, 1)``. ``alpha`` None means alpha equals the rank (scale 1).
+    ``(out, rank, 1, 1)``. ``alpha`` None means alpha equals the rank (scale 1). ``key`` is the
+    file's key of the down weight, for messages that name what the file said.
+
+    The tensors are the file's own (not copied); a parsed file never writes to them.
     """
 
     down: torch.Tensor
     up: torch.Tensor
     alpha: float | None = None
+    key: str | None = None
 
     @property
     def rank(self) -> int:
