@@ -25,7 +25,7 @@ from .layers import Linear
 
 from .attention import AttentionBackend, sdpa_backend
 from .checkpointing import maybe_checkpoint
-from .config import register_to_config
+from .config import FrozenConfig, register_to_config
 from .errors import ConfigError, InputError
 from .modeling import ModelMixin
 from .outputs import ModelOutput
@@ -320,6 +320,51 @@ class _CLIPTextBase(ModelMixin):
                 continue
             out[prefix + name if name is not None else key] = value
         return out
+
+    # ---- the token embedding table (transformers' names; textual inversion resizes it) ------
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.text_model.embeddings.token_embedding
+
+    def set_input_embeddings(self, embedding: nn.Embedding) -> None:
+        self.text_model.embeddings.token_embedding = embedding
+        self._set_vocab_size(embedding.num_embeddings)
+
+    @torch.no_grad()
+    def set_token_embedding_weight(self, weight: torch.Tensor) -> None:
+        """Make ``weight`` (rows, hidden_size) the token table: a new Parameter on the same module
+        (hooks on it stay), with the old one's requires_grad; config.vocab_size follows."""
+        table = self.get_input_embeddings()
+        if weight.ndim != 2 or weight.shape[1] != table.embedding_dim:
+            raise InputError(f"{type(self).__name__}: a token embedding table must be (rows, "
+                             f"{table.embedding_dim}), got {tuple(weight.shape)}")
+        table.weight = nn.Parameter(weight, requires_grad=table.weight.requires_grad)
+        table.num_embeddings = weight.shape[0]
+        self._set_vocab_size(weight.shape[0])
+
+    @torch.no_grad()
+    def resize_token_embeddings(self, new_num_tokens: int | None = None) -> nn.Embedding:
+        """Grow or cut the token table to ``new_num_tokens`` rows; the rows kept are exact copies.
+
+        New rows are the mean of the old ones (transformers draws them around that mean; whoever
+        resizes writes them anyway). ``None`` returns the table unchanged.
+        """
+        table = self.get_input_embeddings()
+        if new_num_tokens is None or new_num_tokens == table.num_embeddings:
+            return table
+        if isinstance(new_num_tokens, bool) or not isinstance(new_num_tokens, int) or new_num_tokens < 1:
+            raise InputError(f"resize_token_embeddings: new_num_tokens must be a positive int, got {new_num_tokens!r}")
+        old = table.weight
+        kept = old[: min(new_num_tokens, old.shape[0])]
+        extra = new_num_tokens - kept.shape[0]
+        if extra:
+            mean = old.float().mean(dim=0, keepdim=True).to(old.dtype)
+            kept = torch.cat([kept, mean.expand(extra, -1)])
+        self.set_token_embedding_weight(kept.clone())
+        return table
+
+    def _set_vocab_size(self, rows: int) -> None:
+        if self.config.get("vocab_size") != rows:  # so a saved model loads with its table's size
+            object.__setattr__(self, "_internal_config", FrozenConfig({**self.config, "vocab_size": rows}))
 
     def _run(self, input_ids, attention_mask, position_ids, output_hidden_states):
         if not torch.is_tensor(input_ids):

@@ -6,9 +6,14 @@ end-of-word suffix; ``<|startoftext|>`` ... ``<|endoftext|>`` around each sequen
 token of the folder is an added token matched before BPE, as in transformers: with SDXL's
 ``tokenizer_2`` (pad token ``"!"``) a ``!`` in the prompt becomes the pad id.
 
-Thread safety: the Rust tokenizer is configured once in ``__init__`` and never mutated after;
-truncation, special tokens and padding happen here in Python, so concurrent calls on one object
-never touch shared settings (the Rust padding state raises "Already borrowed" across threads).
+Added tokens (textual inversion's new words, ``add_tokens``) are matched whole before BPE, as in
+transformers, so each is one id; ``remove_tokens`` takes them out again and gives the following
+added tokens the freed ids (what ``unload_textual_inversion`` needs).
+
+Thread safety: a Rust tokenizer is never mutated once built; adding or removing tokens builds a new
+one and swaps it in. Truncation, special tokens and padding happen here in Python, so concurrent
+calls on one object never touch shared settings (the Rust padding state raises "Already borrowed"
+across threads).
 """
 from __future__ import annotations
 
@@ -79,15 +84,6 @@ class CLIPTokenizer:
         self.model_max_length = int(model_max_length)
         self.name_or_path = name_or_path
         self._vocab, self._merges = dict(vocab), list(merges)
-        backend = Tokenizer(BPE(vocab=self._vocab, merges=self._merges, dropout=None, continuing_subword_prefix="",
-                                end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=self.unk_token))
-        backend.normalizer = normalizers.Sequence(
-            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
-        backend.pre_tokenizer = pre_tokenizers.Sequence([
-            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False),
-        ])
-        backend.decoder = decoders.ByteLevel()
         # Flags from the folder's added-token table win over the special-token entries, as in transformers.
         ordered = sorted(added_tokens, key=lambda t: t.get("id", 0))  # new tokens get ids in this order
         flags = {t["content"]: {k: t[k] for k in TOKEN_FLAGS if k in t} for t in ordered}
@@ -97,12 +93,79 @@ class CLIPTokenizer:
             spec_flags = next((f for c, f in specs.values() if c == content and f), {})
             f = {"special": True, "normalized": False, **spec_flags, **flags.get(content, {})}
             extra.append(AddedToken(content, **{k: f[k] for k in TOKEN_FLAGS if k in f}))
-        backend.add_tokens(extra)  # a special token missing from vocab.json gets the next id, as in transformers
-        self._added = [{"content": t.content, **{k: getattr(t, k) for k in TOKEN_FLAGS}} for t in extra]
-        self._backend = backend  # never mutated after this point (thread safety, see module docstring)
-        self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = (
-            backend.token_to_id(getattr(self, k)) for k in SPECIAL_KEYS)
-        self.all_special_ids = sorted({backend.token_to_id(t["content"]) for t in self._added if t["special"]})
+        self._install(extra)
+
+    def _install(self, added: list[AddedToken]) -> None:
+        """Build the Rust tokenizer with ``added`` (ids given in this order) and swap it in whole.
+
+        A backend is never mutated once installed (thread safety, see the module docstring): adding
+        or removing tokens builds a new one, and a call in flight keeps the one it started with.
+        """
+        backend = Tokenizer(BPE(vocab=self._vocab, merges=self._merges, dropout=None, continuing_subword_prefix="",
+                                end_of_word_suffix=END_OF_WORD, fuse_unk=False, unk_token=self.unk_token))
+        backend.normalizer = normalizers.Sequence(
+            [normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "), normalizers.Lowercase()])
+        backend.pre_tokenizer = pre_tokenizers.Sequence([
+            pre_tokenizers.Split(Regex(SPLIT_PATTERN), behavior="removed", invert=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False),
+        ])
+        backend.decoder = decoders.ByteLevel()
+        backend.add_tokens(added)  # a token missing from vocab.json gets the next id, as in transformers
+        entries = [{"content": t.content, **{k: getattr(t, k) for k in TOKEN_FLAGS}} for t in added]
+        ids = tuple(backend.token_to_id(getattr(self, k)) for k in SPECIAL_KEYS)
+        special_ids = sorted({backend.token_to_id(t["content"]) for t in entries if t["special"]})
+        self._added, self._backend = entries, backend
+        self.bos_token_id, self.eos_token_id, self.unk_token_id, self.pad_token_id = ids
+        self.all_special_ids = special_ids
+
+    # ---- added tokens (textual inversion) --------------------------------------------------
+    def add_tokens(self, new_tokens: str | list[str], special_tokens: bool = False) -> int:
+        """Add tokens matched whole before BPE, as transformers' ``add_tokens`` does; returns how many.
+
+        A plain (non-special) token is matched on the normalized (lowercased) text, so ``<Cat>``
+        also matches ``<cat>``. Tokens already added are skipped; one of vocab.json becomes an added
+        token with its vocab id (transformers does both). New tokens take the next ids, in order.
+        """
+        new_tokens = [new_tokens] if isinstance(new_tokens, str) else list(new_tokens)
+        if not all(isinstance(t, str) and t for t in new_tokens):
+            raise InputError(f"CLIPTokenizer.add_tokens: expected non-empty strings, got {new_tokens!r}")
+        known = {t["content"] for t in self._added}
+        fresh = list(dict.fromkeys(t for t in new_tokens if t not in known))
+        if fresh:
+            added = [AddedToken(t["content"], **{k: t[k] for k in TOKEN_FLAGS}) for t in self._added]
+            added += [AddedToken(t, special=special_tokens, normalized=not special_tokens) for t in fresh]
+            self._install(added)
+        return len(fresh)
+
+    def remove_tokens(self, tokens: str | list[str]) -> int:
+        """Drop added tokens that are not special; the added tokens after them move down to fill the ids.
+
+        Returns how many were removed. Removing every token added since loading gives back the
+        tokenizer as loaded: the same vocabulary, added tokens and ids.
+        """
+        names = {tokens} if isinstance(tokens, str) else set(tokens)
+        special = [t["content"] for t in self._added if t["special"] and t["content"] in names]
+        if special:
+            raise InputError(f"CLIPTokenizer.remove_tokens: {special} are special tokens of this tokenizer, "
+                             "which cannot be removed")
+        kept = [t for t in self._added if t["content"] not in names]
+        removed = len(self._added) - len(kept)
+        if removed:
+            self._install([AddedToken(t["content"], **{k: t[k] for k in TOKEN_FLAGS}) for t in kept])
+        return removed
+
+    @property
+    def added_tokens_encoder(self) -> dict[str, int]:
+        """Added token (special ones included) -> id, by id, as in transformers."""
+        pairs = ((t["content"], self._backend.token_to_id(t["content"])) for t in self._added)
+        return dict(sorted(pairs, key=lambda p: p[1]))
+
+    @property
+    def added_tokens_decoder(self) -> dict[int, AddedToken]:
+        """id -> ``tokenizers.AddedToken`` (with its ``special`` and matching flags), by id."""
+        tokens = {self._backend.token_to_id(t["content"]): AddedToken(t["content"], **{k: t[k] for k in TOKEN_FLAGS})
+                  for t in self._added}
+        return dict(sorted(tokens.items()))
 
     # ---- loading and saving ----------------------------------------------------------------
     @classmethod

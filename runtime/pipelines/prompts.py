@@ -5,6 +5,8 @@ import logging
 
 import torch
 
+from .textual_inversion import expand_prompts
+
 logger = logging.getLogger(__name__)
 
 
@@ -17,6 +19,7 @@ def tokenize(tokenizer, texts: list[str], max_length: int | None = None, warn: b
     "prompt_2", ...) in the message; for ``prompt`` it is diffusers' message word for word.
     """
     limit = max_length or tokenizer.model_max_length
+    texts = expand_prompts(tokenizer, texts)  # multi-vector textual inversion tokens, as diffusers converts them
     ids = tokenizer(texts, padding="max_length", max_length=limit, truncation=True, return_tensors="pt").input_ids
     if warn:
         removed = []

@@ -34,6 +34,7 @@ from .checks import (
 from .denoise import denoise, step_kwargs
 from .output import StableDiffusionPipelineOutput
 from .prompts import encode_sd_prompt
+from .textual_inversion import TextualInversionLoaderMixin
 from .vae_codec import decode_latents, needs_upcast, vae_scale_factor
 
 logger = logging.getLogger(__name__)
@@ -80,7 +81,7 @@ def fresh_scheduler(scheduler):
     return scheduler.fresh_copy() if hasattr(scheduler, "fresh_copy") else copy.deepcopy(scheduler)
 
 
-class StableDiffusionBase(DiffusionPipeline):
+class StableDiffusionBase(TextualInversionLoaderMixin, DiffusionPipeline):
     """Components and call flow of SD 1.x/2.x pipelines (the SDXL class overrides the text side)."""
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler",

@@ -232,6 +232,25 @@ def test_subfolder_and_tensors(trained_folder, tmp_path):
                                                         len(tok("a photo of a dog on a lake")["input_ids"])]
 
 
+def test_added_tokens_match_transformers_and_remove_restores(vocab_folder):
+    """What textual inversion adds: whole-word tokens matched before BPE on the lowercased text."""
+    ours = CLIPTokenizer.from_pretrained(vocab_folder)
+    ref = transformers.CLIPTokenizer.from_pretrained(vocab_folder)
+    fresh_vocab, fresh_added = ours.get_vocab(), ours.added_tokens_encoder
+    new = ["<cat-toy>", "<Cat>", "tok", "tok_1", "photo</w>"]
+    assert ours.add_tokens(new) == ref.add_tokens(new) and ours.add_tokens("tok") == ref.add_tokens("tok") == 0
+    assert ours.added_tokens_encoder == ref.added_tokens_encoder and len(ours) == len(ref)
+    texts = prompts(50) + ["a <cat-toy> photo", "<CAT> tok_1 tok xtoky", "<cat-toy><cat-toy>", "tok_12 photo"]
+    assert [ours.tokenize(t) for t in texts] == [ref.tokenize(t) for t in texts]
+    assert_same_encoding(ours, ref, texts, padding="max_length", max_length=77, truncation=True)
+    assert ours.remove_tokens(["tok", "<cat-toy>"]) == 2
+    assert ours.convert_tokens_to_ids("tok_1") == ours.convert_tokens_to_ids("<Cat>") + 1  # moved down
+    ours.remove_tokens(["tok_1", "<Cat>", "photo</w>"])
+    assert ours.get_vocab() == fresh_vocab and ours.added_tokens_encoder == fresh_added
+    with pytest.raises(InputError, match="special tokens of this tokenizer"):
+        ours.remove_tokens("<|endoftext|>")
+
+
 def test_four_threads_share_one_tokenizer(trained_folder):
     tok = CLIPTokenizer.from_pretrained(trained_folder)
     texts = prompts(200, seed=11)
