@@ -9,6 +9,13 @@ stale lingers. The swap is one atomic exchange of the two folders (Linux ``renam
 where the kernel lacks it, two renames (old -> backup, new -> target), and a crash between them
 leaves the target absent and the backup beside it. A full disk is an ``OSError`` (ENOSPC) naming
 the target, with the temporary folder removed and the previous folder untouched.
+
+The temporary and backup folders are hidden siblings named for the target and the saving process
+(``.<name>.saving-<pid>-<random>``, ``.<name>.old-<pid>-<random>``). A process killed mid-save leaves
+one behind; the next save to that target (``sweep_stale``) removes those whose process is gone, and
+where the kill came between the two renames (the target absent, a backup beside it) puts the backup
+back first: the previous checkpoint again. "Gone" is judged on this host (a pid that no longer
+runs); folders of a live process, or of another host on a shared volume, are left alone.
 """
 from __future__ import annotations
 
@@ -87,7 +94,8 @@ def save_folder(
         raise NotADirectoryError(f"save_pretrained: {target} exists and is not a folder")
     safetensors_io.parse_size(max_shard_size)  # a bad size fails before anything is written
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-", dir=target.parent))
+    sweep_stale(target)
+    tmp = temp_sibling(target)
     try:
         if target.is_dir():
             _carry_over(target, tmp, names, config_name)
@@ -101,6 +109,49 @@ def save_folder(
             raise disk_full(target) from exc
         raise
     return target
+
+
+def temp_sibling(target: Path) -> Path:
+    """A new hidden folder beside ``target`` for a save in progress, named for this process."""
+    return Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-{os.getpid()}-", dir=target.parent))
+
+
+def _owner_gone(folder: Path) -> bool:
+    """Whether the pid in a ``.<name>.<kind>-<pid>-<random>`` folder name no longer runs on this host."""
+    pid = folder.name.rsplit("-", 2)[-2] if folder.name.count("-") >= 2 else ""
+    if not pid.isdigit():
+        return False  # not one of ours (or an older name without a pid): leave it
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # exists, owned by someone else
+        return False
+    return False
+
+
+def sweep_stale(target: Path) -> list[Path]:
+    """Remove the temporary and backup folders that killed saves left beside ``target``; where the
+    target is missing and a dead save's backup is there, restore the backup first. Returns what it removed."""
+    removed: list[Path] = []
+    try:
+        siblings = list(target.parent.iterdir())
+    except OSError:
+        return removed
+    stale = [p for p in siblings if p.is_dir() and not p.is_symlink() and _owner_gone(p)
+             and (p.name.startswith(f".{target.name}.saving-") or p.name.startswith(f".{target.name}.old-"))]
+    backups = sorted((p for p in stale if p.name.startswith(f".{target.name}.old-")), key=lambda p: p.stat().st_mtime)
+    if backups and not target.exists():
+        try:
+            os.rename(backups[-1], target)  # the killed save's previous checkpoint, back in place
+            stale.remove(backups[-1])
+        except OSError:
+            pass
+    for p in stale:
+        shutil.rmtree(p, ignore_errors=True)
+        if not p.exists():
+            removed.append(p)
+    return removed
 
 
 def disk_full(target: Path) -> OSError:
@@ -117,7 +168,7 @@ def swap_in(tmp: Path, target: Path) -> None:
     if _exchange(tmp, target):
         old = tmp  # the exchange left the previous folder under the temporary name
     else:
-        old = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+        old = target.parent / f".{target.name}.old-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         os.rename(target, old)
         os.rename(tmp, target)
     if cwd is not None:  # the process sat in the old folder: follow it to the new one

@@ -267,15 +267,15 @@ class DiffusionPipeline:
         hard links: every writer of weights writes new files, never into an existing one."""
         import errno
         import shutil
-        import tempfile
 
-        from runtime.models.checkpoint_save import _link_or_copy, disk_full, swap_in
+        from runtime.models.checkpoint_save import _link_or_copy, disk_full, swap_in, sweep_stale, temp_sibling
 
         directory = Path(save_directory).expanduser().absolute()
         if directory.exists() and not directory.is_dir():
             raise NotADirectoryError(f"save_pretrained: {directory} exists and is not a folder")
         directory.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.saving-", dir=directory.parent))
+        sweep_stale(directory)
+        tmp = temp_sibling(directory)
         try:
             if directory.is_dir():  # small files copied, so nothing written in place can reach the old folder
                 shutil.copytree(directory, tmp, symlinks=True, dirs_exist_ok=True,

@@ -124,12 +124,38 @@ def test_kill_9_mid_model_save_leaves_old_or_new(sd_folder, tmp_path):
     assert _run_and_kill(sd_folder / "vae", target, "swap", tmp_path) == "ready"
     assert _same(_weights(target), old)  # the previous complete checkpoint, every tensor as before
     runtime.AutoencoderKL.from_pretrained(target)
+    left = [p for p in tmp_path.iterdir() if p.name.startswith(".vae.saving-")]
+    assert left  # the killed save's temporary folder...
     with torch.no_grad():  # a save that is not interrupted replaces it completely
         for p in vae.parameters():
             p.add_(1.0)
     vae.save_pretrained(target)
+    assert not any(p.exists() for p in left)  # ...is swept by the next save to that target
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".vae.")]
     new = _weights(target)
     assert new.keys() == old.keys() and not any(torch.equal(new[k], old[k]) for k in new if new[k].is_floating_point())
+
+
+def test_next_save_restores_a_backup_left_between_the_two_renames_and_keeps_live_ones(sd_folder, tmp_path):
+    """Where the kernel has no atomic exchange, a kill between old -> backup and new -> target leaves the
+    target absent: the next save puts the backup back (the previous checkpoint) before it saves."""
+    from runtime.models.checkpoint_save import sweep_stale
+
+    target = tmp_path / "vae"
+    vae = runtime.AutoencoderKL.from_pretrained(sd_folder / "vae")
+    vae.save_pretrained(target)
+    old = _weights(target)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    pid = int(dead.stdout)
+    backup = tmp_path / f".vae.old-{pid}-abcd1234"
+    os.rename(target, backup)  # as the kill left it
+    half = tmp_path / f".vae.saving-{pid}-efgh5678"
+    half.mkdir()
+    live = tmp_path / f".vae.saving-{os.getpid()}-ijkl9012"  # a save of a process still running
+    live.mkdir()
+    assert sorted(sweep_stale(target)) == [half]
+    assert _same(_weights(target), old) and not backup.exists() and live.is_dir()
+    live.rmdir()
 
 
 @pytest.mark.parametrize("stage", ["pipe-weights", "pipe-index"])
