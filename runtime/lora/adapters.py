@@ -18,14 +18,14 @@ from runtime.models.errors import LoraError
 
 from . import fuse as fusing
 from .entry import AdapterWeights, LoraEntry, padded
-from .state import AdapterInfo, LoraState, drop_state, lora_state
+from .state import AdapterInfo, LoraState, drop_state, lora_state, natural_component
 from .weights import LoraLayer
 
 logger = logging.getLogger(__name__)
 
 
 def _label(model: nn.Module, component: str | None) -> str:
-    return component or type(model).__name__
+    return component or natural_component(model)
 
 
 # ---- compile freezing --------------------------------------------------------------------------

@@ -12,16 +12,12 @@ from runtime.models.errors import LoraError
 from .adapters import attach
 from .files import check_lora_keys, fetch
 from .resolve import resolve_layers
+from .state import natural_component
 
 logger = logging.getLogger(__name__)
 
 HUB_OPTIONS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
 IGNORED_OPTIONS = ("low_cpu_mem_usage", "_pipeline", "return_lora_metadata")
-
-
-def natural_component(model: nn.Module) -> str:
-    """The file prefix a model's layers carry by default: ``unet`` or ``text_encoder``."""
-    return "text_encoder" if hasattr(model, "text_model") else "unet"
 
 
 def as_file_metadata(metadata) -> Mapping[str, str] | None:

@@ -19,7 +19,8 @@ class LoraModelMixin:
         model (default ``"unet"`` for a UNet, ``"text_encoder"`` for a text encoder; None: keys without a
         prefix). kwargs: ``adapter_name``, ``weight_name``, ``subfolder``, ``network_alphas``,
         ``metadata``, hub options. Returns the adapter's name (None if the source holds no key for it)."""
-        from .load import load_lora_adapter, natural_component
+        from .load import load_lora_adapter
+        from .state import natural_component
 
         if prefix is _DEFAULT:
             prefix = natural_component(self)

@@ -62,50 +62,55 @@ def _describe(layer: nn.Module) -> str:
     return f"Linear {layer.in_features}->{layer.out_features}"
 
 
-def _check_shapes(layer: nn.Module, lora: LoraLayer, where: str, key_a: str, key_b: str) -> None:
+def _check_shapes(layer: nn.Module, lora: LoraLayer, source: str, target: str, key_a: str, key_b: str) -> None:
     down, up = lora.down, lora.up
     rank = int(down.shape[0]) if down.ndim else 0
+    what = f"{target} ({_describe(layer)})"
     if isinstance(layer, nn.Conv2d):
         if layer.groups != 1:
-            raise LoraError(f"{where}: {key_a}: LoRA on a grouped convolution (groups={layer.groups}) is not supported")
+            raise LoraError(f"{source}: LoRA key {key_a!r}: {what} is a grouped convolution (groups={layer.groups}); "
+                            "LoRA on it is not supported")
         need_down = (rank, layer.in_channels, *layer.kernel_size)
         need_up = (layer.out_channels, rank, 1, 1)
     else:
         need_down = (rank, layer.in_features)
         need_up = (layer.out_features, rank)
-    if tuple(down.shape) != need_down:
-        raise LoraError(f"{where}: {key_a} has shape {tuple(down.shape)} but the layer ({_describe(layer)}) needs "
-                        f"{need_down} for a rank-{rank} LoRA")
-    if tuple(up.shape) != need_up:
-        raise LoraError(f"{where}: {key_b} has shape {tuple(up.shape)} but the layer ({_describe(layer)}) needs "
-                        f"{need_up} for a rank-{rank} LoRA")
-    for key, t in ((key_a, down), (key_b, up)):
+    for key, t, need in ((key_a, down, need_down), (key_b, up, need_up)):
+        if tuple(t.shape) != need:
+            raise LoraError(f"{source}: LoRA key {key!r} has shape {tuple(t.shape)} but {what} needs {need} for a "
+                            f"rank-{rank} LoRA")
         if not t.is_floating_point():
-            raise LoraError(f"{where}: {key} is {t.dtype}; LoRA weights must be floating point")
+            raise LoraError(f"{source}: LoRA key {key!r} is {t.dtype}; LoRA weights must be floating point")
 
 
 def resolve_layers(model: nn.Module, component: str, layers: Mapping[str, LoraLayer], *,
                    state_dict: Mapping | None = None, source: str = "the LoRA state dict") -> dict[str, tuple]:
-    """``{module path: (layer, LoraLayer)}`` in file order, module paths as the model names them."""
+    """``{module path: (layer, LoraLayer)}`` in file order, module paths as the model names them.
+
+    Missing modules are looked for first, over the whole file (a LoRA for another architecture is named
+    as such, not by whichever shape happens to differ first), then each layer's type and shapes."""
     modules = dict(model.named_modules())
-    out: dict[str, tuple] = {}
-    for path, lora in layers.items():
-        found = _find(modules, path)
-        key_a, key_b = key_for(component, path, state_dict, "A"), key_for(component, path, state_dict, "B")
-        if found is None:
+    found = {}
+    for path in layers:
+        hit = _find(modules, path)
+        if hit is None:
+            key = key_for(component, path, state_dict, "A")
             adaptable = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
             close = difflib.get_close_matches(path, adaptable, n=1, cutoff=0.0)
             raise LoraError(
-                f"{source}: LoRA key {key_a!r} matches no module of the {component} ({type(model).__name__}): it has "
+                f"{source}: LoRA key {key!r} matches no module of the {component} ({type(model).__name__}): it has "
                 f"no {path!r}. The file looks like a {lora_family(state_dict)} LoRA for another architecture or "
                 f"component" + (f"; the closest module here is {close[0]!r}" if close else ""))
-        name, layer = found
+        found[path] = hit
+    out: dict[str, tuple] = {}
+    for path, lora in layers.items():
+        name, layer = found[path]
+        key_a, key_b = key_for(component, path, state_dict, "A"), key_for(component, path, state_dict, "B")
         if not isinstance(layer, (Conv2d, Linear)):
             raise LoraError(f"{source}: LoRA key {key_a!r} targets {component}.{name}, a {type(layer).__name__}; "
                             "LoRA adapts linear and convolution layers only")
-        _check_shapes(layer, lora, f"{source}: {component}.{name}", key_a, key_b)
+        _check_shapes(layer, lora, source, f"{component}.{name}", key_a, key_b)
         if name in out:
             raise LoraError(f"{source}: two LoRA layers target {component}.{name} ({key_a!r})")
         out[name] = (layer, lora)
     return out
-

@@ -71,6 +71,11 @@ class LoraState:
             self.scale.set(previous)
 
 
+def natural_component(model: nn.Module) -> str:
+    """The name a model's LoRA keys carry by default: ``text_encoder`` for a CLIP encoder, else ``unet``."""
+    return "text_encoder" if hasattr(model, "text_model") else "unet"
+
+
 def lora_state(model: nn.Module, create: bool = False) -> LoraState | None:
     """The model's LoRA state (created when ``create``), or None when it has none."""
     state = model.__dict__.get(ATTR)
