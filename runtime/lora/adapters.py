@@ -94,9 +94,9 @@ def _check_target_rank(resolved: Mapping, target_rank: int | None, name: str, la
                             f"{target_rank} (enable_lora_hotswap(target_rank=...) must be at least the largest rank)")
 
 
-def attach(model: nn.Module, resolved: Mapping[str, tuple], adapter_name: str | None, *, hotswap: bool = False,
-           source: str = "the LoRA state dict", component: str | None = None) -> str:
-    """Add (or, with ``hotswap``, replace in place) one adapter; ``resolved`` from resolve.resolve_layers."""
+def check_attach(model: nn.Module, resolved: Mapping[str, tuple], adapter_name: str | None, *,
+                 hotswap: bool = False, component: str | None = None) -> str:
+    """Everything ``attach`` would refuse, checked without changing anything; returns the adapter name."""
     label = _label(model, component)
     check_not_frozen(model, "load_lora_adapter", component)
     state = lora_state(model)
@@ -105,15 +105,37 @@ def attach(model: nn.Module, resolved: Mapping[str, tuple], adapter_name: str | 
             loaded = list(state.adapters) if state is not None else []
             raise LoraError(f"hotswap=True: the {label} has no adapter named {adapter_name!r} to replace "
                             f"(loaded: {loaded}); pass the name of a loaded adapter, or hotswap=False")
-        _hotswap(model, state, adapter_name, resolved, source, label)
+        info = state.adapters[adapter_name]
+        extra = [p for p in resolved if p not in set(info.paths)]
+        if extra:
+            raise LoraError(f"hotswap of {adapter_name!r}: the new weights adapt {label}.{extra[0]}, which adapter "
+                            f"{adapter_name!r} does not; hotswapping replaces weights in place and cannot adapt new "
+                            "layers (load it as another adapter instead)")
+        if any(adapter_name in (n for n, _ in state.entries[p].fused) for p in info.paths):
+            raise LoraError(f"hotswap of {adapter_name!r}: the adapter is fused into the {label}; unfuse_lora() first")
+        for path, (_, lora) in resolved.items():
+            a = state.entries[path].adapters[adapter_name]
+            if a.padded and lora.rank > a.down.shape[0]:
+                raise LoraError(f"hotswap of {adapter_name!r}: {label}.{path} has rank {lora.rank}, above the hotswap "
+                                f"target_rank {a.down.shape[0]} (enable_lora_hotswap(target_rank=...) before loading "
+                                "the first adapter)")
         return adapter_name
     name = adapter_name if adapter_name is not None else default_name(state)
     if state is not None and name in state.adapters:
         raise LoraError(f"adapter name {name!r} is already in use in the {label} (loaded: {list(state.adapters)}); "
                         f"pass another adapter_name, delete_adapters({name!r}) first, or hotswap=True to replace "
                         "its weights")
-    target = state.target_rank if state is not None else None
-    _check_target_rank(resolved, target, name, label)
+    _check_target_rank(resolved, state.target_rank if state is not None else None, name, label)
+    return name
+
+
+def attach(model: nn.Module, resolved: Mapping[str, tuple], adapter_name: str | None, *, hotswap: bool = False,
+           source: str = "the LoRA state dict", component: str | None = None) -> str:
+    """Add (or, with ``hotswap``, replace in place) one adapter; ``resolved`` from resolve.resolve_layers."""
+    name = check_attach(model, resolved, adapter_name, hotswap=hotswap, component=component)
+    if hotswap:
+        _hotswap(model, lora_state(model), name, resolved, source)
+        return name
     state = lora_state(model, create=True)
     for path, (layer, lora) in resolved.items():
         entry = state.entries.get(path)
@@ -127,21 +149,9 @@ def attach(model: nn.Module, resolved: Mapping[str, tuple], adapter_name: str | 
 
 
 @torch.no_grad()
-def _hotswap(model, state: LoraState, name: str, resolved: Mapping, source: str, label: str) -> None:
+def _hotswap(model, state: LoraState, name: str, resolved: Mapping, source: str) -> None:
+    """The new weights into adapter ``name``'s buffers (checked by ``check_attach``)."""
     info = state.adapters[name]
-    old = set(info.paths)
-    extra = [p for p in resolved if p not in old]
-    if extra:
-        raise LoraError(f"hotswap of {name!r}: the new weights adapt {label}.{extra[0]}, which adapter {name!r} "
-                        "does not; hotswapping replaces weights in place and cannot adapt new layers (load it "
-                        "as another adapter instead)")
-    if any(name in (n for n, _ in state.entries[p].fused) for p in info.paths):
-        raise LoraError(f"hotswap of {name!r}: the adapter is fused into the {label}; unfuse_lora() first")
-    for path, (_, lora) in resolved.items():
-        a = state.entries[path].adapters[name]
-        if a.padded and lora.rank > a.down.shape[0]:
-            raise LoraError(f"hotswap of {name!r}: {label}.{path} has rank {lora.rank}, above the hotswap target_rank "
-                            f"{a.down.shape[0]} (enable_lora_hotswap(target_rank=...) before loading the first adapter)")
     for path in info.paths:
         a = state.entries[path].adapters[name]
         new = resolved.get(path)
@@ -163,13 +173,6 @@ def _hotswap(model, state: LoraState, name: str, resolved: Mapping, source: str,
         a.scaling = a.alpha / rank  # peft's hotswap resets the scaling to the new alpha / rank
     info.source = source
     sync(model, state)
-
-
-def require_state(model: nn.Module, what: str, component: str | None = None) -> LoraState:
-    state = lora_state(model)
-    if state is None or not state.adapters:
-        raise LoraError(f"{what}: the {_label(model, component)} has no LoRA adapter loaded")
-    return state
 
 
 # ---- activity and weights ----------------------------------------------------------------------
@@ -246,10 +249,6 @@ def fuse(model: nn.Module, lora_scale: float = 1.0, safe_fusing: bool = False, a
     label = _label(model, component)
     if isinstance(adapter_names, str):
         adapter_names = [adapter_names]
-    if adapter_names is not None:
-        unknown = [n for n in adapter_names if n not in state.adapters]
-        if unknown and not any(n in state.adapters for n in adapter_names):
-            logger.info("fuse_lora: the %s holds none of %s", label, unknown)
     views = fusing.held_views(model)
     plan = []
     for path, entry in state.entries.items():

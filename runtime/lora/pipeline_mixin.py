@@ -112,7 +112,7 @@ class StableDiffusionLoraLoaderMixin:
         (default ``default_<n>``); it becomes the active adapter. ``hotswap=True`` replaces the weights of
         the loaded adapter of that name in place. kwargs: ``subfolder``, ``use_safetensors``,
         ``network_alphas``, hub options (``revision``, ``cache_dir``, ``token``, ...)."""
-        from .adapters import attach, delete_adapters
+        from .adapters import attach, check_attach, delete_adapters
         from .files import check_lora_keys, fetch
         from .formats import parse_lora
         from .load import split_options
@@ -141,6 +141,8 @@ class StableDiffusionLoraLoaderMixin:
         if not plan:
             raise LoraError(f"{where}: no LoRA layer for this pipeline's {', '.join(models)} "
                             f"(the file's layers are for {', '.join(parsed) or 'nothing'})")
+        for component, model, resolved in plan:  # every refusal before any change: a load is all or nothing
+            check_attach(model, resolved, adapter_name, hotswap=hotswap, component=component)
         done = []
         try:
             for component, model, resolved in plan:

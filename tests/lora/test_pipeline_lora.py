@@ -243,3 +243,34 @@ def test_depth2img_has_the_api():
     assert hasattr(runtime.StableDiffusionDepth2ImgPipeline, "load_lora_weights")
     assert hasattr(runtime.StableDiffusionXLImg2ImgPipeline, "fuse_lora")
     assert runtime.StableDiffusionXLInpaintPipeline.component_names.count("text_encoder_2") == 1
+
+
+def test_hub_id_through_the_cache(sd_folder, sd_lora, tmp_path, monkeypatch):
+    """A hub id resolved through huggingface_hub's cache layout, offline (no network in tests)."""
+    import hashlib
+    import os
+
+    import huggingface_hub
+    from huggingface_hub.file_download import repo_folder_name
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    repo = tmp_path / repo_folder_name(repo_id="lora-org/tiny-lora", repo_type="model")
+    commit = "c" * 40
+    data = lora_file(sd_lora).read_bytes()
+    blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+    blob.parent.mkdir(parents=True)
+    blob.write_bytes(data)
+    link = repo / "snapshots" / commit / "my_lora.safetensors"
+    link.parent.mkdir(parents=True)
+    link.symlink_to(os.path.relpath(blob, link.parent))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    pipe, direct = ours(sd_folder), ours(sd_folder)
+    pipe.load_lora_weights("lora-org/tiny-lora", weight_name="my_lora.safetensors", cache_dir=str(tmp_path))
+    direct.load_lora_weights(str(sd_lora))
+    assert torch.equal(latents(pipe, steps=2), latents(direct, steps=2))
+    other = ours(sd_folder)
+    other.load_lora_weights("lora-org/tiny-lora", cache_dir=str(tmp_path))  # the one .safetensors file there
+    assert torch.equal(latents(other, steps=2), latents(direct, steps=2))
+    with pytest.raises(FileNotFoundError):
+        ours(sd_folder).load_lora_weights("lora-org/missing", cache_dir=str(tmp_path))
