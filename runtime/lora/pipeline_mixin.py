@@ -11,7 +11,13 @@ active adapters' scaling multiplied by ``s`` as peft does. Where this differs fr
   fused adapter gives the base model back (diffusers keeps it fused in the weights).
 - hotswapping also works for the text encoders.
 - the call-time scale (``cross_attention_kwargs={"scale": s}``) is per thread, and never changes the
-  adapters' stored scaling (diffusers multiplies and divides it back).
+  adapters' stored scaling (diffusers multiplies and divides it back; after a call with scale 0 it
+  resets every active adapter's weight to 1.0).
+- per-block weights give layers too near the root for diffusers' rule (``conv_in``, ``conv_out``,
+  ``time_embedding.*``) the weight 1.0, where diffusers raises an IndexError.
+
+Loading, activating, fusing and deleting change shared state: do them between calls, not while another
+thread runs the pipeline (as in diffusers). Concurrent calls themselves are fine, each with its own scale.
 """
 from __future__ import annotations
 

@@ -303,3 +303,21 @@ def test_pipeline_level_argument_errors(sd_folder, sd_lora):
         pipe.load_lora_weights(str(sd_lora), adapter_name="b", wieght_name="x")
     with pytest.raises(FileNotFoundError):
         pipe.load_lora_weights(str(sd_lora), weight_name="missing.safetensors")
+    with pytest.raises(LoraError, match="before loading the first adapter"):
+        pipe.enable_lora_hotswap(target_rank=8)
+    pipe.set_lora_device(["a"], "cpu")  # cast on use anyway: moving is about memory
+    assert pipe.get_list_adapters() == {"unet": ["a"], "text_encoder": ["a"]}
+
+
+def test_a_copied_model_carries_its_own_adapters(unet):
+    import copy
+
+    unet.load_lora_adapter(random_lora(unet, PATHS[:2], 4, 0), adapter_name="a")
+    twin = copy.deepcopy(unet)
+    layer, twin_layer = unet.get_submodule(PATHS[0]), twin.get_submodule(PATHS[0])
+    x = _input(layer)
+    with torch.no_grad():
+        assert torch.equal(twin_layer(x), layer(x))
+        twin.set_adapters("a", 0.0)
+        assert not torch.equal(twin_layer(x), layer(x))  # the original keeps weight 1.0
+    assert chain_entry(twin_layer, "lora").state is lora_state(twin)

@@ -274,3 +274,26 @@ def test_hub_id_through_the_cache(sd_folder, sd_lora, tmp_path, monkeypatch):
     assert torch.equal(latents(other, steps=2), latents(direct, steps=2))
     with pytest.raises(FileNotFoundError):
         ours(sd_folder).load_lora_weights("lora-org/missing", cache_dir=str(tmp_path))
+
+
+def test_mixed_alphas_survive_our_save(sd_folder, sd_lora, tmp_path):
+    """Per-layer alphas (network_alphas on a dict) are written as lora_alpha + alpha_pattern; diffusers reads them."""
+    state_dict, _ = runtime.StableDiffusionPipeline.lora_state_dict(str(sd_lora))
+    odd = [k[: -len(".lora_A.weight")] for k in state_dict if k.endswith(".lora_A.weight")][::3]
+    pipe = ours(sd_folder)
+    pipe.load_lora_weights(state_dict, adapter_name="m", network_alphas={f"{k}.alpha": 1.0 for k in odd})
+    meta = get_peft_model_state_dict(pipe.unet, "m").lora_metadata
+    assert meta["lora_alpha"] == 4.0 and set(meta["alpha_pattern"].values()) == {1.0}
+    expected = latents(pipe)
+    pipe.save_lora_weights(tmp_path, unet_lora_layers=get_peft_model_state_dict(pipe.unet),
+                           text_encoder_lora_layers=get_peft_model_state_dict(pipe.text_encoder))
+    ref = reference(sd_folder)
+    ref.load_lora_weights(str(tmp_path))
+    close(latents(ref), expected)
+    pipe.unet.save_lora_adapter(tmp_path / "unet_only")  # the model-level file: no prefix, a flat config
+    unet = runtime.UNet2DConditionModel.from_pretrained(str(sd_folder), subfolder="unet")
+    unet.load_lora_adapter(str(tmp_path / "unet_only"), prefix=None, adapter_name="m")
+    probe = pipe.unet.down_blocks[0].resnets[0].conv1
+    x = torch.randn(1, probe.in_channels, 8, 8)
+    with torch.no_grad():
+        assert torch.equal(unet.down_blocks[0].resnets[0].conv1(x), probe(x))
