@@ -6,6 +6,7 @@ from runtime.models.errors import (  # noqa: F401
     ConfigError,
     DependencyMissingError,
     InputError,
+    LoraError,
     MissingWeightsError,
     OptimizationError,
     RuntimeErrorBase,

@@ -154,6 +154,22 @@ class Attention(CallSlot):
             delattr(self, f"to_{self.fused}")
             self.fused = None
 
+    def fused_projection(self):
+        """``(fused Linear, its parts)`` while fused (runtime/lora/fuse.py refreshes it after weight edits)."""
+        parts = [self.to_k, self.to_v] if self.fused == "kv" else [self.to_q, self.to_k, self.to_v]
+        return getattr(self, f"to_{self.fused}"), parts
+
+    @torch.no_grad()
+    def refresh_fused_projection(self) -> None:
+        """Concatenate the parts' current weights into the fused Linear again, in place (``copy_``): the
+        fused copy does not follow edits of ``to_q`` / ``to_k`` / ``to_v`` by itself."""
+        if self.fused is None:
+            return
+        fused, parts = self.fused_projection()
+        fused.weight.copy_(torch.cat([p.weight for p in parts], dim=0))
+        if fused.bias is not None:
+            fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
+
     @staticmethod
     def _fusable(*projections) -> bool:
         return all(p.computes_operator() for p in projections)

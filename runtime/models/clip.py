@@ -21,6 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.lora.model_mixin import LoraModelMixin
+
 from .layers import Linear
 
 from .attention import AttentionBackend, sdpa_backend
@@ -116,6 +118,19 @@ class CLIPAttention(nn.Module):
         if self.fused is not None:
             del self.to_qkv
             self.fused = None
+
+    def fused_projection(self):
+        """``(fused Linear, its parts)`` while fused (runtime/lora/fuse.py refreshes it after weight edits)."""
+        return self.to_qkv, [self.q_proj, self.k_proj, self.v_proj]
+
+    @torch.no_grad()
+    def refresh_fused_projection(self) -> None:
+        """Concatenate the parts' current weights into the fused Linear again, in place (``copy_``)."""
+        if self.fused is None:
+            return
+        fused, parts = self.fused_projection()
+        fused.weight.copy_(torch.cat([p.weight for p in parts], dim=0))
+        fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, width = x.shape
@@ -240,7 +255,7 @@ class CLIPTextTransformer(nn.Module):
         return x, pooled, tuple(hidden) if hidden is not None else None
 
 
-class _CLIPTextBase(ModelMixin):
+class _CLIPTextBase(LoraModelMixin, ModelMixin):
     """Shared config, weight-name handling and construction of both CLIP text encoders."""
 
     weights_name = "model"  # transformers' file name: model.safetensors

@@ -137,6 +137,13 @@ class ModelMixin(CallSlot, ConfigMixin):
             if hasattr(m, "unfuse_projections"):
                 m.unfuse_projections()
 
+    def refresh_fused_projections(self) -> None:
+        """Copy the separate projections' current weights into every fused ``to_qkv`` / ``to_kv`` in place:
+        after editing ``to_q`` / ``to_k`` / ``to_v`` (``fuse_lora`` calls it), the fused copy matches again."""
+        for m in self.attention_modules():
+            if getattr(m, "fused", None) and hasattr(m, "refresh_fused_projection"):
+                m.refresh_fused_projection()
+
     @property
     def dtype(self) -> torch.dtype:
         for p in self.parameters():

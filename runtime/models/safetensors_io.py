@@ -91,12 +91,14 @@ def load_safetensors(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise CheckpointError(f"{path}: unreadable safetensors file: {exc}") from None
 
 
-def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike) -> None:
-    """Write one safetensors file with ``{"format": "pt"}`` metadata (diffusers and transformers expect it)."""
+def write_safetensors(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write one safetensors file with ``{"format": "pt"}`` metadata (diffusers and transformers expect it),
+    plus ``metadata`` (strings) when given (a LoRA file's ``lora_adapter_metadata``)."""
     from safetensors.torch import save_file
 
     try:
-        save_file(tensors, str(path), metadata=dict(SAVE_METADATA))
+        save_file(tensors, str(path), metadata={**SAVE_METADATA, **(metadata or {})})
     except Exception as exc:  # the Rust writer's I/O errors (a full disk: "os error 28") are no OSError
         found = re.search(r"os error (\d+)", str(exc))
         if isinstance(exc, OSError) or not found:

@@ -13,6 +13,8 @@ from typing import NamedTuple
 import torch
 from torch import nn
 
+from runtime.lora.model_mixin import LoraModelMixin
+
 from .attention_slicing import AttentionSlicingMixin
 from .layers import Conv2d, Linear
 from .block_table import build_block
@@ -63,8 +65,26 @@ def _mask_to_bias(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor
     return ((1 - mask.to(dtype)) * -10000.0)[:, None, None, :]
 
 
-class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelMixin):
-    """Conditional UNet: ``(noisy latents, timestep, text states) -> prediction``."""
+class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, LoraModelMixin, ModelMixin):
+    """Conditional UNet: ``(noisy latents, timestep, text states) -> prediction``.
+
+    LoRA adapters: runtime/lora (``load_lora_adapter``, ``set_adapters``, ``fuse_lora``, ...);
+    ``cross_attention_kwargs={"scale": s}`` scales the unfused adapters for this call (this thread).
+    """
+
+    def __call__(self, *args, **kwargs):
+        # diffusers' call-time LoRA scale, taken here, outside any compiled forward: the scale is set for
+        # this thread around the call and the forward never sees it (runtime/lora/state.py)
+        extra = kwargs.get("cross_attention_kwargs")
+        if extra and "scale" in extra:
+            from runtime.lora.state import call_scale
+
+            extra = dict(extra)
+            scale = extra.pop("scale")
+            kwargs["cross_attention_kwargs"] = extra or None
+            with call_scale([self], scale):
+                return super().__call__(*args, **kwargs)
+        return super().__call__(*args, **kwargs)
 
     @register_to_config
     def __init__(
@@ -271,7 +291,7 @@ class UNet2DConditionModel(FromOriginalModelMixin, AttentionSlicingMixin, ModelM
         class_labels: torch.Tensor | None = None,
         timestep_cond: torch.Tensor | None = None,
         attention_mask: torch.Tensor | None = None,
-        cross_attention_kwargs: dict | None = None,  # accepted for diffusers' signature; no processors to feed
+        cross_attention_kwargs: dict | None = None,  # diffusers' signature; "scale" is taken by __call__ (LoRA)
         added_cond_kwargs: dict | None = None,
         down_block_additional_residuals: tuple[torch.Tensor, ...] | None = None,
         mid_block_additional_residual: torch.Tensor | None = None,

@@ -92,6 +92,13 @@ def _is_region(module: torch.nn.Module) -> bool:
     return isinstance(module, Attention) and module.output_hook is None
 
 
+def _adapted(pipe, targets) -> list[str]:
+    """Target components holding LoRA adapters (runtime/lora): freezing would bake them in as constants."""
+    from runtime.lora.state import has_adapters
+
+    return [name for name, model in pipeline_models(pipe).items() if name in targets and has_adapters(model)]
+
+
 def _wrap(compiled, cache_dir: str, inductor_options: dict):
     def call(*args, **kwargs):
         import torch._inductor.config as inductor_config
@@ -103,6 +110,7 @@ def _wrap(compiled, cache_dir: str, inductor_options: dict):
             return compiled(*args, **kwargs)
 
     call.compiled = compiled  # for tests and introspection
+    call.freezing = bool(inductor_options.get("freezing"))  # runtime/lora refuses adapter changes under freezing
     return call
 
 
@@ -120,7 +128,10 @@ class CompilePass(Pass):
     # (CPU): for the bf16 small UNet it measured faster than eager bf16 (bench/RESULTS.md,
     # 'Figures moved from docstrings'). Weights
     # edited in place after the first call are not seen; revert and optimize again after editing.
-    freezing: bool | None = None  # None: on for CPU pipelines compiled whole (not regionally)
+    # LoRA adapters' tensors would be folded the same way (so swapping or re-weighting them would be
+    # ignored): with adapters loaded, None means off, True is refused (supports), and a LoRA change on a
+    # model compiled with freezing is a LoraError (runtime/lora/adapters.py).
+    freezing: bool | None = None  # None: on for CPU pipelines compiled whole (not regionally), without LoRA
     # Compile a bf16 CPU pipeline too. Off by default: on top of our eager bf16 kernels (attention,
     # packed weights) inductor measured no faster on this CPU, after minutes of compiling (small,
     # 256x256, level 2 compiled and not; measured: bench/RESULTS.md, session 12, 'Level 2 without
@@ -144,6 +155,9 @@ class CompilePass(Pass):
                     "compilation applies, and on CPU it measured slower than not compiling")
         if not self._modules(pipe):
             return f"none of the components {', '.join(self.targets)} is in this pipeline"
+        if self.freezing and _adapted(pipe, self.targets):
+            return (f"freezing=True would bake the LoRA adapters of {', '.join(_adapted(pipe, self.targets))} into "
+                    "the compiled code as constants; leave freezing at None (off with adapters) or False")
         if not self.force and pipeline_device(pipe).type == "cpu" and any(
                 p.dtype == torch.bfloat16 for m in self._modules(pipe) for p in m.parameters()):
             return ("bf16 on CPU: measured no faster than our eager bf16 kernels, after minutes of "
@@ -179,7 +193,8 @@ class CompilePass(Pass):
     def apply(self, pipe) -> None:
         cache_dir = usable_cache_dir(str(Path(self.cache_dir or default_cache_dir()).expanduser()))
         # Frozen weights are per-instance constants: regional blocks could no longer share code.
-        default_freezing = pipeline_device(pipe).type == "cpu" and not self._regional(pipe)
+        adapted = _adapted(pipe, self.targets)
+        default_freezing = pipeline_device(pipe).type == "cpu" and not self._regional(pipe) and not adapted
         freezing = self.freezing if self.freezing is not None else default_freezing
         options = {"freezing": freezing}
         saved = self._state().setdefault("previous", [])
@@ -191,7 +206,9 @@ class CompilePass(Pass):
             saved.append(module)
         how = "regionally (hook-free blocks)" if self._regional(pipe) else "whole"
         self._state()["why"] = (
-            f"{len(saved)} module(s) compiled {how}, freezing {'on' if freezing else 'off'}, cache in {cache_dir}"
+            f"{len(saved)} module(s) compiled {how}, freezing {'on' if freezing else 'off'}"
+            + (f" (LoRA adapters on {', '.join(adapted)})" if adapted and not freezing else "")
+            + f", cache in {cache_dir}"
         )
 
     def describe(self) -> str:

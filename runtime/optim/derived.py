@@ -22,8 +22,8 @@ It cannot see, by construction (re-optimize after them):
   and version count (in practice: a replaced Parameter that is then edited back to the old count).
 
 Fused QKV's concatenated projections (runtime/models/attention.py) are made once, when fused, and
-do not follow later edits of ``to_q`` / ``to_k`` / ``to_v``: unfuse and fuse again (revert and
-optimize again) after editing those weights.
+do not follow later edits of ``to_q`` / ``to_k`` / ``to_v`` by themselves: ``refresh_fused_projections()``
+copies the parts into them again in place (``fuse_lora`` / ``unfuse_lora`` do), or unfuse and fuse again.
 """
 from __future__ import annotations
 

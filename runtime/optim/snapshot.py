@@ -3,15 +3,27 @@
 ``module.to(...)`` swaps each parameter's ``.data`` and reassigns each buffer; holding the old
 tensors costs no copy, and putting them back restores the module bit for bit, with the same
 Parameter objects (so references held elsewhere stay valid).
+
+Snapshots not yet restored are listed by ``live_snapshots()``: code that edits weights in place for
+good (``fuse_lora``, runtime/lora/fuse.py) edits the tensors a revert would put back too, so the
+edit survives the revert.
 """
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass, field
 
 import torch
 
+_live: "weakref.WeakSet[TensorSnapshot]" = weakref.WeakSet()
 
-@dataclass
+
+def live_snapshots() -> list["TensorSnapshot"]:
+    """Snapshots taken and not restored yet (held by some undo log)."""
+    return list(_live)
+
+
+@dataclass(eq=False)  # compared by identity: snapshots live in a WeakSet
 class TensorSnapshot:
     params: list[tuple[torch.nn.Parameter, torch.Tensor]] = field(default_factory=list)
     buffers: list[tuple[torch.nn.Module, str, torch.Tensor]] = field(default_factory=list)
@@ -25,6 +37,7 @@ class TensorSnapshot:
             for name, buf in sub._buffers.items():
                 if buf is not None:
                     snap.buffers.append((sub, name, buf))
+        _live.add(snap)
         return snap
 
     def restore(self) -> None:
@@ -32,3 +45,8 @@ class TensorSnapshot:
             p.data = data
         for sub, name, buf in self.buffers:
             sub._buffers[name] = buf
+        _live.discard(self)
+
+    def held(self) -> dict[int, torch.Tensor]:
+        """``id(parameter) -> tensor`` this snapshot puts back on restore."""
+        return {id(p): data for p, data in self.params}

@@ -100,7 +100,7 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
         negative_prompt_embeds=None,
         output_type: str = "pil",
         return_dict: bool = True,
-        clip_skip: int | None = None,
+        clip_skip: int | None = None, cross_attention_kwargs=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
         timesteps=None,
@@ -114,5 +114,6 @@ class StableDiffusionDepth2ImgPipeline(StableDiffusionImg2ImgPipeline):
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             timesteps=timesteps, sigmas=sigmas,
-            args={"image": image, "strength": strength, "depth_map": depth_map}, extra={"clip_skip": clip_skip},
+            args={"image": image, "strength": strength, "depth_map": depth_map},
+            extra={"clip_skip": clip_skip, "cross_attention_kwargs": cross_attention_kwargs},
         )

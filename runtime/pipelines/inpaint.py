@@ -132,7 +132,7 @@ class StableDiffusionInpaintPipeline(FromSingleFileMixin, StableDiffusionBase):
         negative_prompt_embeds=None,
         output_type: str = "pil",
         return_dict: bool = True,
-        clip_skip: int | None = None,
+        clip_skip: int | None = None, cross_attention_kwargs=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -144,5 +144,6 @@ class StableDiffusionInpaintPipeline(FromSingleFileMixin, StableDiffusionBase):
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             timesteps=timesteps, sigmas=sigmas,
-            args={"image": image, "mask_image": mask_image, "strength": strength}, extra={"clip_skip": clip_skip},
+            args={"image": image, "mask_image": mask_image, "strength": strength},
+            extra={"clip_skip": clip_skip, "cross_attention_kwargs": cross_attention_kwargs},
         )

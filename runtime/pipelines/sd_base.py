@@ -20,6 +20,8 @@ import torch
 from runtime.models.errors import InputError
 from runtime.models.noise import randn_tensor
 from runtime.image_io import OUTPUT_TYPES, postprocess
+from runtime.lora.pipeline_mixin import StableDiffusionLoraLoaderMixin
+from runtime.lora.state import call_scale
 
 from .base import DiffusionPipeline
 from .checks import (
@@ -81,8 +83,14 @@ def fresh_scheduler(scheduler):
     return scheduler.fresh_copy() if hasattr(scheduler, "fresh_copy") else copy.deepcopy(scheduler)
 
 
-class StableDiffusionBase(TextualInversionLoaderMixin, DiffusionPipeline):
-    """Components and call flow of SD 1.x/2.x pipelines (the SDXL class overrides the text side)."""
+class StableDiffusionBase(StableDiffusionLoraLoaderMixin, TextualInversionLoaderMixin, DiffusionPipeline):
+    """Components and call flow of SD 1.x/2.x pipelines (the SDXL class overrides the text side).
+
+    LoRA: diffusers' ``load_lora_weights``, ``set_adapters``, ``fuse_lora``, ... (runtime/lora/pipeline_mixin.py);
+    ``cross_attention_kwargs={"scale": s}`` scales the unfused adapters of the text encoders and the UNet
+    for that call. Textual inversion: ``load_textual_inversion`` / ``unload_textual_inversion``
+    (runtime/pipelines/textual_inversion.py).
+    """
 
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler",
                        "safety_checker", "feature_extractor", "image_encoder")
@@ -240,8 +248,18 @@ class StableDiffusionBase(TextualInversionLoaderMixin, DiffusionPipeline):
             scheduler=fresh_scheduler(self.scheduler), do_cfg=do_cfg, height=height, width=width,
             num_inference_steps=num_inference_steps, args=args,
         )
+        cross_attention_kwargs = extra.get("cross_attention_kwargs")
+        if cross_attention_kwargs is not None and not isinstance(cross_attention_kwargs, dict):
+            raise InputError(f"cross_attention_kwargs must be a dict, got {type(cross_attention_kwargs).__name__}")
+        lora_scale = (cross_attention_kwargs or {}).get("scale")
+        if lora_scale is not None:
+            check_finite_number("cross_attention_kwargs['scale']", lora_scale)
+        self._set_call_lora_scale(lora_scale)
         self._offload_phase("text_encoder", "text_encoder_2")
-        self._encode_prompts(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra)
+        # the call-time LoRA scale reaches the text encoders for this call (this thread); the UNet takes
+        # it from cross_attention_kwargs itself (UNet2DConditionModel.__call__)
+        with call_scale([getattr(self, "text_encoder", None), getattr(self, "text_encoder_2", None)], lora_scale):
+            self._encode_prompts(call, prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, extra)
         # dtype rule: latents and scheduler math stay fp32; conditioning is cast to the UNet's dtype once
         unet_dtype = self.unet.dtype
         for key in self.conditioning_names:
@@ -257,10 +275,16 @@ class StableDiffusionBase(TextualInversionLoaderMixin, DiffusionPipeline):
         schedule, steps = self._prepare_latents(call, latents, schedule)
 
         self._offload_phase("unet")
+        unet_kwargs = self._unet_kwargs(call)
+        if cross_attention_kwargs:
+            task_kwargs = unet_kwargs
+
+            def unet_kwargs(state: dict) -> dict:
+                return {**task_kwargs(state), "cross_attention_kwargs": cross_attention_kwargs}
         denoise(
             self, call.scheduler, call.state, schedule, steps, do_cfg=do_cfg, guidance_scale=guidance_scale,
             guidance_rescale=guidance_rescale, extra_step_kwargs=step_kwargs(call.scheduler, generator, eta),
-            unet_kwargs=self._unet_kwargs(call), model_input=call.model_input, after_step=call.after_step,
+            unet_kwargs=unet_kwargs, model_input=call.model_input, after_step=call.after_step,
             callback_on_step_end=callback_on_step_end, callback_tensor_inputs=names,
         )
         latents = call.state["latents"]

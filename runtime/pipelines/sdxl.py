@@ -165,7 +165,7 @@ class StableDiffusionXLPipeline(FromSingleFileMixin, StableDiffusionBase):
         negative_original_size=None,
         negative_crops_coords_top_left=(0, 0),
         negative_target_size=None,
-        clip_skip: int | None = None,
+        clip_skip: int | None = None, cross_attention_kwargs=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -176,6 +176,7 @@ class StableDiffusionXLPipeline(FromSingleFileMixin, StableDiffusionBase):
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left,
             negative_target_size=negative_target_size, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs,
         )
         return self._generate(
             prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,

@@ -40,7 +40,7 @@ class _SDXLImageTaskMixin:
             "prompt_2", "negative_prompt_2", "pooled_prompt_embeds", "negative_pooled_prompt_embeds",
             "original_size", "crops_coords_top_left", "target_size", "negative_original_size",
             "negative_crops_coords_top_left", "negative_target_size", "aesthetic_score",
-            "negative_aesthetic_score", "clip_skip")}
+            "negative_aesthetic_score", "clip_skip", "cross_attention_kwargs")}
         for name in ("aesthetic_score", "negative_aesthetic_score"):
             check_finite_number(name, extra[name])
         return self._generate(args=args, extra=extra, **kw)
@@ -59,7 +59,7 @@ class StableDiffusionXLImg2ImgPipeline(_SDXLImageTaskMixin, StableDiffusionXLPip
                  guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                 cross_attention_kwargs=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         return self._task_call(
             {"image": image, "strength": strength},
             prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -74,6 +74,7 @@ class StableDiffusionXLImg2ImgPipeline(_SDXLImageTaskMixin, StableDiffusionXLPip
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs,
         )
 
 
@@ -91,7 +92,7 @@ class StableDiffusionXLInpaintPipeline(_SDXLImageTaskMixin, StableDiffusionXLPip
                  guidance_rescale: float = 0.0, original_size=None, crops_coords_top_left=(0, 0), target_size=None,
                  negative_original_size=None, negative_crops_coords_top_left=(0, 0), negative_target_size=None,
                  aesthetic_score: float = 6.0, negative_aesthetic_score: float = 2.5, clip_skip: int | None = None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
+                 cross_attention_kwargs=None, callback_on_step_end=None, callback_on_step_end_tensor_inputs=("latents",)):
         return self._task_call(
             {"image": image, "mask_image": mask_image, "strength": strength},
             prompt=prompt, negative_prompt=negative_prompt, prompt_embeds=prompt_embeds,
@@ -106,4 +107,5 @@ class StableDiffusionXLInpaintPipeline(_SDXLImageTaskMixin, StableDiffusionXLPip
             negative_original_size=negative_original_size,
             negative_crops_coords_top_left=negative_crops_coords_top_left, negative_target_size=negative_target_size,
             aesthetic_score=aesthetic_score, negative_aesthetic_score=negative_aesthetic_score, clip_skip=clip_skip,
+            cross_attention_kwargs=cross_attention_kwargs,
         )

@@ -27,7 +27,7 @@ class StableDiffusionPipeline(FromSingleFileMixin, StableDiffusionBase):
         output_type: str = "pil",
         return_dict: bool = True,
         guidance_rescale: float = 0.0,
-        clip_skip: int | None = None,
+        clip_skip: int | None = None, cross_attention_kwargs=None,
         callback_on_step_end=None,
         callback_on_step_end_tensor_inputs=("latents",),
     ):
@@ -39,5 +39,5 @@ class StableDiffusionPipeline(FromSingleFileMixin, StableDiffusionBase):
             output_type=output_type, return_dict=return_dict, callback_on_step_end=callback_on_step_end,
             callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs,
             guidance_rescale=guidance_rescale, timesteps=timesteps, sigmas=sigmas,
-            extra={"clip_skip": clip_skip},
+            extra={"clip_skip": clip_skip, "cross_attention_kwargs": cross_attention_kwargs},
         )
