@@ -31,7 +31,7 @@ def _label(model: nn.Module, component: str | None) -> str:
 # ---- compile freezing --------------------------------------------------------------------------
 def frozen_compiled(model: nn.Module) -> bool:
     """Whether ``model`` (or a block of it) runs inductor code compiled with freezing (runtime/optim/compile.py)."""
-    return any(getattr(m.__dict__.get("_compiled_call_impl"), "freezing", False) for m in model.modules())
+    return any(getattr(m.__dict__.get("call_with"), "freezing", False) for m in model.modules())
 
 
 def check_not_frozen(model: nn.Module, what: str, component: str | None = None) -> None:

@@ -50,10 +50,15 @@ def parse_for(model: nn.Module, state_dict: Mapping, prefix: str | None, metadat
     from .formats import COMPONENTS, parse_lora
 
     natural = natural_component(model)
-    if prefix is None:  # keys name the model's modules directly
-        state_dict = {f"{natural}.{k}": v for k, v in state_dict.items()}
+    if prefix is None:  # keys name the model's modules directly (or are Kohya names, which say whose)
+        from .kohya import split_key
+
+        def own(k):
+            return k if split_key(k) is not None else f"{natural}.{k}"
+
+        state_dict = {own(k): v for k, v in state_dict.items()}
         if network_alphas:
-            network_alphas = {f"{natural}.{k}": v for k, v in network_alphas.items()}
+            network_alphas = {own(k): v for k, v in network_alphas.items()}
         component = natural
     elif prefix in COMPONENTS:
         component = prefix

@@ -94,7 +94,7 @@ def resolve_layers(model: nn.Module, component: str, layers: Mapping[str, LoraLa
     for path in layers:
         hit = _find(modules, path)
         if hit is None:
-            key = key_for(component, path, state_dict, "A")
+            key = layers[path].key or key_for(component, path, state_dict, "A")
             adaptable = [n for n, m in modules.items() if isinstance(m, (nn.Linear, nn.Conv2d))]
             close = difflib.get_close_matches(path, adaptable, n=1, cutoff=0.0)
             raise LoraError(
@@ -106,6 +106,8 @@ def resolve_layers(model: nn.Module, component: str, layers: Mapping[str, LoraLa
     for path, lora in layers.items():
         name, layer = found[path]
         key_a, key_b = key_for(component, path, state_dict, "A"), key_for(component, path, state_dict, "B")
+        if lora.key:  # the file's own name for the down weight (Kohya, older diffusers)
+            key_a = lora.key
         if not isinstance(layer, (Conv2d, Linear)):
             raise LoraError(f"{source}: LoRA key {key_a!r} targets {component}.{name}, a {type(layer).__name__}; "
                             "LoRA adapts linear and convolution layers only")
