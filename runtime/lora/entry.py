@@ -128,8 +128,13 @@ class LoraEntry:
         scale = self.state.call_scale()
         if scale != 1.0:
             delta = delta * scale
-        out = out + delta  # peft's order: base(x) + lora; then a caller's residual
-        return out if add is None else add + out
+        if (out.requires_grad or delta.requires_grad or out.shape != delta.shape or out.dtype != delta.dtype
+                or (add is not None and (add.shape != out.shape or add.dtype != out.dtype))):
+            out = out + delta  # peft's order: base(x) + lora; then a caller's residual
+            return out if add is None else add + out
+        # no autograd: the base output is ours alone (a fresh tensor), so add into it (a + b == b + a)
+        out.add_(delta)
+        return out if add is None else out.add_(add)
 
     def __repr__(self) -> str:
         return f"LoraEntry({self.path!r}, adapters={list(self.adapters)}, fused={[n for n, _ in self.fused]})"
