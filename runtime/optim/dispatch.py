@@ -11,12 +11,13 @@ distinct call its modules will make, an ``OpKey`` (operation, shapes, dtype) and
    runtime/kernels/cpu_features.py reports, torch's thread count, the torch version and a hash of our
    kernel sources: a torch upgrade or a kernel edit is another key, so its choices are measured again);
 3. else, while the session's time budget lasts, times the candidates with the session's timer
-   (``wall_timer``: warm-up, then a few round-robin repetitions, the minimum) and keeps the fastest; a
-   candidate other than the baseline must beat it by ``margin``, so noise never trades the eager
-   operator for a slower one. Past the budget the baseline runs, unmeasured and not cached (the next
-   optimize measures it);
-4. writes what it measured to the cache (atomically; a read-only folder warns once and the choices
-   live for the process; a corrupt file is ignored with a warning and rewritten).
+   (``wall_timer``: a warm-up round, then round-robin repetitions until each best is confirmed, the
+   best) and keeps the fastest; a candidate other than the baseline must beat it by ``margin``, so
+   noise never trades the eager operator for a slower one. Past the budget the baseline runs,
+   unmeasured and not cached (the next optimize measures it);
+4. writes what it measured to the cache (dispatch_cache.py: atomically; a read-only folder warns once
+   and the choices live for the process; a corrupt file is ignored with a warning and rewritten),
+   unless the timings were unsteady (another process on the cores): those decide this optimize only.
 
 Choices take effect per module: each module's call at the representative size (``shape_probe.py``)
 selects its implementation, so modules whose calls share a key share the choice, and the module keeps
@@ -98,18 +99,31 @@ def _ms(t: float | None) -> str:
 Timer = Callable[[Sequence[Candidate]], dict[str, float]]
 
 
-def wall_timer(min_rounds: int = 2, max_rounds: int = 12, target_s: float = 0.03, max_s: float = 0.6) -> Timer:
-    """Time each candidate on the wall clock in rounds of one call each, round-robin so drift on a shared
-    machine hits all alike, until every candidate has ``target_s`` of calls (short calls get up to
-    ``max_rounds``: the minimum of many is what survives preemption by other processes) or ``max_s`` is
-    spent, and at least ``min_rounds``; each candidate's minimum. The first round doubles as the warm-up
-    (first-use work: packed weights, transforms), which the minimum leaves out. A candidate that raises
-    is reported as ``inf`` (with a warning) and never chosen."""
+class Times(dict):
+    """A timer's answer, seconds per call by candidate name; ``steady`` False when the repetitions disagreed
+    (another process took the cores): such a measurement decides this optimize but is not cached."""
 
-    def timer(candidates: Sequence[Candidate]) -> dict[str, float]:
-        best = {c.name: math.inf for c in candidates}
-        spent = {c.name: 0.0 for c in candidates}
-        live = list(candidates)
+    steady = True
+
+
+def wall_timer(min_rounds: int = 2, max_rounds: int = 12, long_s: float = 0.05, spread: float = 0.1,
+               max_s: float = 0.6) -> Timer:
+    """Time each candidate on the wall clock in rounds of one call each, round-robin so drift on a shared
+    machine hits all alike. The first round is the warm-up (first-use work: packed weights, transforms) and
+    only counts where nothing else does. Rounds go on, at least ``min_rounds`` and at most ``max_rounds``,
+    until every candidate's best call is confirmed by a second within ``spread`` of it (a call of
+    ``long_s`` or more needs none: a preemption is a small part of it), or ``max_s`` is spent; then each
+    candidate's best. A candidate that raises is reported as ``inf`` (with a warning) and never chosen."""
+
+    def timer(candidates: Sequence[Candidate]) -> Times:
+        samples: dict[str, list[float]] = {c.name: [] for c in candidates}
+        first: dict[str, float] = {}
+        live, spent = list(candidates), 0.0
+
+        def steady(name: str) -> bool:
+            got = sorted(samples[name])
+            return bool(got) and (got[0] >= long_s or (len(got) >= 2 and got[1] <= got[0] * (1 + spread)))
+
         for done in range(1, max(min_rounds, max_rounds) + 1):
             for c in list(live):
                 try:
@@ -120,14 +134,18 @@ def wall_timer(min_rounds: int = 2, max_rounds: int = 12, target_s: float = 0.03
                     warnings.warn(f"dispatch: candidate {c.name!r} failed while measured ({type(e).__name__}: {e}); "
                                   "not chosen", RuntimeWarning, stacklevel=3)
                     live.remove(c)
-                    best[c.name] = math.inf
                     continue
-                best[c.name] = min(best[c.name], dt)
-                spent[c.name] += dt
-            enough = not live or min(spent[c.name] for c in live) >= target_s
-            if done >= min_rounds and (enough or sum(spent.values()) >= max_s):
+                spent += dt
+                if done == 1:
+                    first[c.name] = dt
+                else:
+                    samples[c.name].append(dt)
+            if done >= min_rounds and (all(steady(c.name) for c in live) or spent >= max_s):
                 break
-        return best
+        times = Times({c.name: min(samples[c.name]) if samples[c.name] else first.get(c.name, math.inf)
+                       for c in candidates})
+        times.steady = all(steady(c.name) for c in live)
+        return times
 
     return timer
 
@@ -155,10 +173,11 @@ class Settings:
     width: int | None = None
     budget_s: float = 5.0
     margin: float = 0.02
+    refresh: bool = False  # True: time again what the cache holds, and overwrite it
     timer: Timer | None = None  # None: wall_timer()
     cache: DispatchCache | None = None  # None: default_cache()
 
-    OPTIONS = ("height", "width", "budget_s", "margin")  # what ``optimize(dispatch={...})`` may set
+    OPTIONS = ("height", "width", "budget_s", "margin", "refresh")  # what ``optimize(dispatch={...})`` may set
 
 
 def options(value: Any) -> dict:
@@ -173,7 +192,10 @@ def options(value: Any) -> dict:
                                 f"valid: {', '.join(Settings.OPTIONS)}")
     for name, v in value.items():
         number = isinstance(v, (int, float)) and not isinstance(v, bool)
-        if name in ("height", "width"):
+        if name == "refresh":
+            if not isinstance(v, bool):
+                raise OptimizationError(f"optimize: dispatch refresh must be True or False, got {v!r}")
+        elif name in ("height", "width"):
             if not (v is None or (number and isinstance(v, int) and v > 0)):
                 raise OptimizationError(f"optimize: dispatch {name} must be a positive int (pixels), got {v!r}")
         elif not (number and v >= 0):
@@ -202,6 +224,7 @@ class Session:
     spent_s: float = 0.0
     probes: dict = field(default_factory=dict)
     seen: dict = field(default_factory=dict)  # cache entry -> how this session first got it
+    timed: dict = field(default_factory=dict)  # cache entry -> what this session measured for it
 
     def stats(self) -> dict:
         """Seconds spent timing and how many distinct calls were timed, found in the cache, left unmeasured."""
@@ -292,7 +315,9 @@ def measure(key: OpKey, candidates: Sequence[Candidate], *, timer: Timer | None 
         return Measurement(key, {base.name: None}, base.name, base.name, "only candidate", note)
     machine, entry = machine_key(), f"{key.text()} | {','.join(sorted(names))}"
     cache = cache or s.cache()
-    hit = cache.get(machine, entry)
+    if entry in s.timed:  # measured already in this optimize (another module with the same call)
+        return replace(s.timed[entry], modules=0)
+    hit = None if s.settings.refresh else cache.get(machine, entry)
     if hit is not None and hit["choice"] in names:
         times = {n: hit["times"].get(n) for n in names}
         s.seen.setdefault(entry, "cached")
@@ -302,14 +327,18 @@ def measure(key: OpKey, candidates: Sequence[Candidate], *, timer: Timer | None 
         return Measurement(key, {n: None for n in names}, base.name, base.name, "budget spent", note)
     t0 = time.perf_counter()
     with torch.inference_mode():
-        times = dict((timer or s.timer())(candidates))
+        answer = (timer or s.timer())(candidates)
     s.spent_s += time.perf_counter() - t0
     s.seen[entry] = "measured"
-    times = {n: float(times.get(n, math.inf)) for n in names}
+    times = {n: float(answer.get(n, math.inf)) for n in names}
     choice = pick(times, base.name, s.settings.margin)
-    cache.put(machine, entry, {"times": {n: (None if math.isinf(t) else t) for n, t in times.items()},
-                               "choice": choice})
-    return Measurement(key, times, choice, base.name, "measured", note)
+    if getattr(answer, "steady", True):
+        cache.put(machine, entry, {"times": {n: (None if math.isinf(t) else t) for n, t in times.items()},
+                                   "choice": choice})
+    else:
+        note = "; ".join(filter(None, [note, "unsteady timings (another process on the cores?): not cached"]))
+    s.timed[entry] = Measurement(key, times, choice, base.name, "measured", note)
+    return replace(s.timed[entry])
 
 
 def pick(times: dict[str, float | None], baseline: str, margin: float) -> str:

@@ -17,7 +17,8 @@ def optimize(pipe, level: int = 2, check=False, dispatch=None, **overrides):
     switches off those that take the image under the PSNR floor. Where passes choose between
     implementations they time them on the pipeline's own shapes (dispatch.py): ``dispatch={"height":
     512, "width": 512}`` measures at the size you serve (default: the pipeline's), ``"budget_s"`` caps
-    the seconds spent measuring; ``pipe.optimization.dispatch`` lists the times and choices.
+    the seconds spent measuring, ``"refresh": True`` times again what the cache holds;
+    ``pipe.optimization.dispatch`` lists the times and choices.
     """
     plan = build_plan(level, overrides)  # validate before touching the pipeline
     options = check_options(check) if check is not False and check is not None else None

@@ -196,6 +196,33 @@ def test_past_the_budget_the_eager_candidate_runs_unmeasured_and_uncached(cache)
     assert measure(KEY, CANDIDATES, timer=timer, cache=cache).source == "measured"  # the next optimize measures it
 
 
+def test_unsteady_timings_decide_but_are_not_cached(cache):
+    def unsteady(candidates):
+        times = dispatch.Times({"direct": 2.0, "winograd": 1.0})
+        times.steady = False  # what the wall timer says when repetitions disagree
+        return times
+
+    with dispatch.session():
+        m = measure(KEY, CANDIDATES, timer=unsteady, cache=cache)
+        assert m.choice == "winograd" and "unsteady timings" in m.note and "not cached" in m.summary()
+        again = fixed_timer({})  # another module with the same call in this optimize: not timed twice
+        assert measure(KEY, CANDIDATES, timer=again, cache=cache).choice == "winograd" and again.calls == []
+    assert not cache.directory.exists() or not any(cache.directory.iterdir())
+    timer = fixed_timer({"direct": 1.0, "winograd": 2.0})
+    assert measure(KEY, CANDIDATES, timer=timer, cache=cache).source == "measured" and timer.calls  # next optimize
+
+
+def test_refresh_times_again_what_the_cache_holds(cache):
+    measure(KEY, CANDIDATES, timer=fixed_timer({"direct": 1.0, "winograd": 2.0}), cache=cache)
+    timer = fixed_timer({"direct": 2.0, "winograd": 1.0})
+    with dispatch.session(refresh=True):
+        assert measure(KEY, CANDIDATES, timer=timer, cache=cache).choice == "winograd" and len(timer.calls) == 1
+        assert measure(KEY, CANDIDATES, timer=timer, cache=cache).choice == "winograd" and len(timer.calls) == 1
+    hit = fixed_timer({})
+    assert measure(KEY, CANDIDATES, timer=hit, cache=DispatchCache(cache.directory)).choice == "winograd"
+    assert hit.calls == []  # overwritten
+
+
 def test_the_wall_timer_never_chooses_a_candidate_that_fails(cache):
     def broken():
         raise RuntimeError("the kernel returned 1")
@@ -265,7 +292,8 @@ def test_optimize_measures_at_the_size_asked_for(pipe, cache):
         assert (2, pipe.unet.config.block_out_channels[0], 48 // f, 32 // f) in shapes
     pipe.optimization.revert()
     for bad, match in [({"hieght": 64}, "unknown dispatch option.*hieght"), ({"height": 0}, "positive int"),
-                       ({"budget_s": -1}, "non-negative"), ("fast", "must be a dict")]:
+                       ({"budget_s": -1}, "non-negative"), ({"refresh": 1}, "True or False"),
+                       ("fast", "must be a dict")]:
         with pytest.raises(OptimizationError, match=match):
             optim.optimize(pipe, level=1, dispatch=bad)
     assert pipe.optimization is None
