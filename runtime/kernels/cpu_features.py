@@ -1,7 +1,7 @@
 """What the host CPU has, in the one place every CPU decision reads it from.
 
-The C kernels' build (cpu_build.py), the precision pass's choice of bf16 and the AMX guard of the
-attention, Winograd and GEGLU passes all ask ``current()``. It reads the flags PyTorch's own
+The C kernels' build (cpu_build.py), the precision pass's choice of bf16 and the machine key of the
+measured-dispatch cache (runtime/optim/dispatch.py) all ask ``current()``. It reads the flags PyTorch's own
 dispatcher probes (``torch.cpu._is_avx512_supported`` and friends) on every call, so nothing is
 cached that a change of answer could leave stale.
 

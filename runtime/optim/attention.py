@@ -4,8 +4,11 @@ Choice (docs/ARCHITECTURE.md §4, level 1): on CUDA our fused Triton kernel wher
 shapes (SDPA otherwise, decided per call), else xformers if installed, else PyTorch SDPA. On a
 machine without CUDA the Triton kernel is never selected for real work. On CPU our C kernels
 (runtime/kernels/attention_cpu.py) take the calls they support: bf16 with AVX512-BF16, fp32 with AVX-512 (an
-fp32 pipeline's error stays SDPA's: exact class), SDPA the rest. On a CPU with AMX tiles "auto" keeps
-SDPA for bf16, whose bf16 matmuls use the tiles (runtime/optim/hardware.py: AMX_REASON).
+fp32 pipeline's error stays SDPA's: exact class), SDPA the rest, where they measure faster: "auto" on CPU
+times our kernel against SDPA on each attention module's own call at the representative size, in the
+module's dtype, and gives each module the faster (measured dispatch: runtime/optim/dispatch.py; the
+report lists the times). Modules the shape probe does not reach (text encoders, whose causal mask our
+kernel does not take) keep their backend. ``backend="cpu"`` takes our kernels without measuring.
 """
 from __future__ import annotations
 
@@ -17,9 +20,9 @@ import torch
 from runtime.models.attention import sdpa_backend
 from runtime.models.errors import OptimizationError
 
+from . import dispatch
 from .base import Pass
 from .components import pipeline_device, pipeline_models
-from .hardware import AMX_REASON, cpu_has_amx
 
 BACKENDS = ("auto", "sdpa", "triton", "xformers", "cpu")
 
@@ -42,10 +45,20 @@ def cpu_backend(q, k, v, mask=None):
 
 
 def cpu_fp32_backend(q, k, v, mask=None):
-    """Our fp32 CPU kernel for fp32 calls, SDPA for the rest (bf16 on AMX: its matmuls use the tiles)."""
+    """Our fp32 CPU kernel for fp32 calls, SDPA for the rest."""
     if q.dtype == torch.float32:
         return cpu_backend(q, k, v, mask)
     return sdpa_backend(q, k, v, mask)
+
+
+def cpu_bf16_backend(q, k, v, mask=None):
+    """Our bf16 CPU kernel for bf16 calls, SDPA for the rest."""
+    if q.dtype == torch.bfloat16:
+        return cpu_backend(q, k, v, mask)
+    return sdpa_backend(q, k, v, mask)
+
+
+OURS = {torch.bfloat16: cpu_bf16_backend, torch.float32: cpu_fp32_backend}  # ours for that dtype's calls
 
 
 def _cpu_kernel_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
@@ -54,18 +67,34 @@ def _cpu_kernel_ready(dtype: torch.dtype = torch.bfloat16) -> str | None:
     return cpu_attention_ready(dtype)
 
 
-def _choose_cpu() -> tuple[object, str]:
-    """The "auto" choice on CPU: our kernels for the dtypes they run fast here, SDPA for the rest."""
-    bf16_why, fp32_why = _cpu_kernel_ready(torch.bfloat16), _cpu_kernel_ready(torch.float32)
-    if bf16_why is None and cpu_has_amx():
-        bf16_why = f"{AMX_REASON}; backend='cpu' uses ours"
-    if bf16_why is None and fp32_why is None:
-        return cpu_backend, "our CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512) calls, PyTorch SDPA for the rest"
-    if bf16_why is None:
-        return cpu_backend, f"our bf16 CPU kernel (AVX512-BF16) for bf16 calls, PyTorch SDPA for the rest (fp32: {fp32_why})"
-    if fp32_why is None:
-        return cpu_fp32_backend, f"our fp32 CPU kernel (AVX-512) for fp32 calls, PyTorch SDPA for the rest (bf16: {bf16_why})"
-    return sdpa_backend, f"PyTorch SDPA (our CPU kernels unavailable: {bf16_why})"
+def _dtype(module) -> torch.dtype:
+    return next(module.parameters()).dtype
+
+
+def measure_call(q_shape, k_shape, masked: bool, dtype: torch.dtype) -> dispatch.Measurement:
+    """Our kernel against SDPA on one call: ``q`` and ``k``/``v`` as a module makes them, head-split views
+    of ``(B, T, H*D)`` projections."""
+    from runtime.kernels.attention_cpu import cpu_attention_supports
+
+    def qkv(shapes, make=torch.empty):
+        # (B, H, T, D) views of (B, T, H, D) memory, as Attention._attend's head split
+        return [make(b, t, h, d, dtype=dtype).transpose(1, 2) for b, h, t, d in shapes]
+
+    shapes = (q_shape, k_shape, k_shape)
+    mask = torch.zeros(q_shape[2], k_shape[2], dtype=dtype) if masked else None
+    why = cpu_attention_supports(*qkv(shapes), mask)
+    inputs = []
+
+    def made():
+        if not inputs:
+            inputs.extend(qkv(shapes, torch.randn))
+        return inputs
+
+    candidates = [dispatch.Candidate("sdpa", lambda: sdpa_backend(*made(), mask), baseline=True)]
+    if why is None:
+        candidates.append(dispatch.Candidate("ours", lambda: cpu_backend(*made())))  # as the module calls it
+    key = dispatch.OpKey("attention", (tuple(q_shape), tuple(k_shape), masked), str(dtype).removeprefix("torch."))
+    return dispatch.measure(key, candidates, note=f"ours: {why}" if why else "")
 
 
 def xformers_backend(q, k, v, mask=None):
@@ -87,7 +116,8 @@ def _triton_ready() -> str | None:
 
 
 def choose_backend(requested: str, device) -> tuple[object, str]:
-    """The backend callable for ``requested`` on ``device``, and why it was chosen."""
+    """The backend callable for ``requested`` on ``device``, and why it was chosen; None for "auto" on CPU,
+    where each module's backend is measured (``AttentionPass.apply``)."""
     cuda = device.type == "cuda"
     if requested == "sdpa":
         return sdpa_backend, "PyTorch SDPA (requested)"
@@ -117,7 +147,7 @@ def choose_backend(requested: str, device) -> tuple[object, str]:
             return xformers_backend, f"xformers on CUDA ({why})"
         return sdpa_backend, f"PyTorch SDPA ({why}; xformers not installed)"
     if device.type == "cpu":
-        return _choose_cpu()
+        return None, "measured per module: our CPU kernels or PyTorch SDPA, the faster on each call"
     return sdpa_backend, f"PyTorch SDPA (no CUDA device: Triton and xformers need one; device is {device})"
 
 
@@ -138,10 +168,39 @@ class AttentionPass(Pass):
 
     def apply(self, pipe) -> None:
         backend, why = choose_backend(self.backend, pipeline_device(pipe))
-        for m in pipeline_models(pipe).values():
-            for module in m.attention_modules():
-                self.log().set(module, "backend", backend)
+        if backend is None:
+            with dispatch.ensure_session():
+                why = self._measured(pipe)
+        else:
+            for m in pipeline_models(pipe).values():
+                for module in m.attention_modules():
+                    self.log().set(module, "backend", backend)
         self._state()["why"] = why
+
+    def _measured(self, pipe) -> str:
+        """Each attention module's backend, measured on its own call; why, in words."""
+        calls, tally, counts, kept = dispatch.probe(pipe), dispatch.Tally(), {}, 0
+        for model_name, model in dispatch.networks(pipe):
+            wanted = {id(m) for m in model.attention_modules()}
+            for name, module in model.named_modules():
+                if id(module) not in wanted:
+                    continue
+                recorded = calls.of("attention", model_name, name)
+                if not recorded:
+                    kept += 1
+                    continue
+                dtype = _dtype(module)
+                choice = dispatch.choose([tally.add(measure_call(*call, dtype)) for call in recorded])
+                ours = choice == "ours" and dtype in OURS
+                self.log().set(module, "backend", OURS[dtype] if ours else sdpa_backend)
+                label = f"our {str(dtype).removeprefix('torch.')} kernel" if ours else "PyTorch SDPA"
+                counts[label] = counts.get(label, 0) + 1
+        self._state()["measurements"] = tally.records()
+        parts = [f"{n} on {label}" for label, n in sorted(counts.items())]
+        if kept:
+            parts.append(f"{kept} not reached by the shape probe keep their backend")
+        text = "attention modules: " + (", ".join(parts) or "none probed")
+        return text + (f"; {tally.describe()}" if tally.records() else "")
 
     def describe(self) -> str:
         return self._state().get("why", "")

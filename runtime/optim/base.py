@@ -51,6 +51,10 @@ class Pass:
             raise OptimizationError(f"pass {cls.name!r}: unknown settings {', '.join(unknown)}; valid: {valid}")
         return cls(**settings)
 
+    def measurements(self) -> list:
+        """What measured dispatch timed and chose while applying (dispatch.Measurement records; none by default)."""
+        return list(self._state().get("measurements", []))
+
     def log(self) -> UndoLog:
         """Where ``apply`` records every change it makes (undo.py)."""
         log = self.__dict__.get("_undo")
@@ -77,6 +81,9 @@ class OptimizationReport:
     skipped: dict[str, str] = field(default_factory=dict)
     notes: dict[str, str] = field(default_factory=dict)
     check: dict | None = None  # what optimize(check=...) measured and switched off (check.py)
+    # pass name -> what measured dispatch timed and chose, per distinct call (dispatch.py)
+    dispatch: dict[str, list] = field(default_factory=dict)
+    measuring: dict = field(default_factory=dict)  # seconds spent timing, distinct calls timed / cached / unmeasured
     _pipe: Any = field(default=None, repr=False)
 
     def revert(self) -> None:
@@ -100,6 +107,8 @@ class OptimizationReport:
             "applied": {p.name: p.settings() for p in self.applied},
             "skipped": dict(self.skipped),
             "notes": dict(self.notes),
+            "dispatch": {name: [m.as_dict() for m in records] for name, records in self.dispatch.items()},
+            "measuring": dict(self.measuring),
             **({"check": self.check} if self.check is not None else {}),
         }
 

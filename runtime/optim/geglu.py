@@ -11,9 +11,12 @@ docstrings'). Its packed weight is made on first use and again when the weight c
 (prepack's rule). Calls it does not take (compiling, autograd, other dtypes) run the projection, then
 the activation: our bf16 kernel (runtime/kernels/geglu_cpu.c: one read of the projection, one rounding; eager
 rounds twice) or, for the rest, the eager formula.
-On a CPU with AMX tiles the bf16 projection stays with oneDNN's linear, whose tile matmuls are expected to
-be faster (runtime/optim/hardware.py; ``amx=True`` fuses anyway); fp32 (AMX has none) and the activation
-kernel, bound by memory, run as elsewhere.
+Whether a module's projection is fused is measured (runtime/optim/dispatch.py): our fused kernel against
+the projection as it stands (oneDNN's linear, prepacked at level 2) plus the activation, on the module's
+own call at the representative size and in its dtype; the faster takes the module's calls in that dtype
+(on a CPU with AMX tiles oneDNN's bf16 linear runs on the tiles and may win). ``amx=True`` fuses every
+projection the kernel takes without measuring (the name is from the AMX guard it replaced). The
+activation kernel, bound by memory, runs wherever it is available.
 Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3). The fusion computes the
 projection from its weight, so it declines calls while the projection's compute chain holds an entry that
 changes what it computes (a LoRA term: ``Linear.computes_operator()``); the projection then runs its chain.
@@ -26,9 +29,10 @@ import torch
 
 from runtime.models.transformer_2d import GEGLU, geglu_activation
 
+from . import dispatch
 from .components import pipeline_device
-from .hardware import AMX_REASON, cpu_has_amx
 from .derived import derived
+from .undo import entry
 from .slots import CpuKernelSlotPass
 
 DTYPES = (torch.bfloat16, torch.float32)
@@ -76,7 +80,7 @@ class GEGLUPass(CpuKernelSlotPass):
     module_type = GEGLU
     slot = "activation"
     what = "GEGLU feed-forward"
-    # Fuse the bf16 projection on CPUs with AMX tiles too (see the module docstring).
+    # True: fuse every projection the kernel takes, without measuring (see the module docstring).
     amx: bool = False
 
     def kernel(self):
@@ -88,11 +92,10 @@ class GEGLUPass(CpuKernelSlotPass):
         return cpu_geglu_ready()
 
     def _fused_dtypes(self) -> tuple[torch.dtype, ...]:
-        """The dtypes whose calls the linear+GEGLU kernel takes here."""
+        """The dtypes whose calls the linear+GEGLU kernel runs here."""
         from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
 
-        skip_bf16 = cpu_has_amx() and not self.amx
-        return tuple(d for d in DTYPES if cpu_linear_geglu_ready(d) is None and not (d == torch.bfloat16 and skip_bf16))
+        return tuple(d for d in DTYPES if cpu_linear_geglu_ready(d) is None)
 
     def supports(self, pipe) -> str | None:
         why = super().supports(pipe)
@@ -101,19 +104,76 @@ class GEGLUPass(CpuKernelSlotPass):
         return None if self._fused_dtypes() else why  # no activation kernel here, but the fp32 fusion runs
 
     def apply(self, pipe) -> None:
+        with dispatch.ensure_session():
+            self._apply(pipe)
+
+    def _apply(self, pipe) -> None:
         if self.ready() is None:
-            super().apply(pipe)
+            super().apply(pipe)  # the activation first: the unfused path measured below runs it
         dtypes = self._fused_dtypes()
         fused = self._state().setdefault("fused", [])
-        for module in self._modules(pipe):
-            takes = tuple(d for d in dtypes if _fusable(module, d))
-            if takes:
-                self.log().set(module, "fused", fused_linear_geglu(module, takes))
-                fused.append(module)
-        self._state()["dtypes"] = "/".join("bf16" if d == torch.bfloat16 else "fp32" for d in dtypes) or "no"
+        calls, tally, total = dispatch.probe(pipe), dispatch.Tally(), 0
+        for model_name, model in dispatch.networks(pipe):
+            for name, module in model.named_modules():
+                if not isinstance(module, GEGLU):
+                    continue
+                total += 1
+                dtype = module.proj.weight.dtype
+                if dtype not in dtypes or not _fusable(module, dtype):
+                    continue
+                recorded = calls.of("geglu", model_name, name)
+                if self.amx:
+                    choice = tally.add(dispatch.forced(_key(module, None, dtype), "fused", "unfused", "amx=True")).choice
+                elif recorded:
+                    choice = dispatch.choose([tally.add(measure_call(module, shape)) for shape in recorded])
+                else:
+                    continue  # not reached by the shape probe: left as it runs
+                if choice == "fused":
+                    self.log().set(module, "fused", fused_linear_geglu(module, (dtype,)))
+                    fused.append(module)
+                    _drop_packed(module.proj)
+        self._state()["total"] = total
+        self._state()["measurements"] = tally.records()
 
     def describe(self) -> str:
         state = self._state()
-        text = (f"{len(state.get('fused', []))} GEGLU projections fused with their activation ({state.get('dtypes')} "
-                f"calls), {len(state.get('slotted', []))} activations on our bf16 kernel for the rest")
-        return text + (f"; bf16 projections left to oneDNN: {AMX_REASON}" if not self.amx and cpu_has_amx() else "")
+        text = (f"{len(state.get('fused', []))} of {state.get('total', 0)} GEGLU projections fused with their "
+                f"activation, {len(state.get('slotted', []))} activations on our bf16 kernel for the rest")
+        summary = dispatch.summarize(state.get("measurements", []))
+        return text + (f"; {summary}" if summary else "")
+
+
+def _key(module: GEGLU, shape, dtype: torch.dtype) -> dispatch.OpKey:
+    linear = module.proj
+    weight = (linear.out_features, linear.in_features, linear.bias is not None)
+    return dispatch.OpKey("linear_geglu", (shape, weight), str(dtype).removeprefix("torch."))
+
+
+def measure_call(module: GEGLU, shape) -> dispatch.Measurement:
+    """Our fused projection+GEGLU against the projection as it runs plus the activation, on one call."""
+    dtype = module.proj.weight.dtype
+    inputs, ours = [], fused_linear_geglu(module, (dtype,))  # a packed weight of its own, dropped after
+
+    def x():
+        if not inputs:
+            inputs.append(torch.randn(*shape, dtype=dtype))
+        return inputs[0]
+
+    def fused():
+        out = ours(x())
+        if out is None:
+            raise RuntimeError("the fused kernel declined the call")
+        return out
+
+    candidates = [dispatch.Candidate("unfused", lambda: module.activation(module.proj(x())), baseline=True)]
+    note = "" if module.proj.computes_operator() else "fused: the projection has an adapter"
+    if not note:
+        candidates.append(dispatch.Candidate("fused", fused))
+    return dispatch.measure(_key(module, tuple(shape), dtype), candidates, note=note)
+
+
+def _drop_packed(linear) -> None:
+    """A fused projection never runs its prepacked weight: free the copy measuring made."""
+    packed = entry(linear, "prepack")
+    if packed is not None:
+        packed.packed_cache.clear()

@@ -1,4 +1,5 @@
-"""What the device runs fast: detected from the hardware, never guessed."""
+"""What the device computes natively: detected from the hardware, never guessed (which implementation is
+faster is measured, runtime/optim/dispatch.py)."""
 from __future__ import annotations
 
 import torch
@@ -17,17 +18,8 @@ def cpu_has_native_bf16() -> bool:
     return cpu.avx512_bf16 or cpu.amx
 
 
-# Why our AVX512-BF16 matmul kernels (Winograd convolutions, the fused GEGLU projection, attention) step
-# aside on CPUs with AMX tiles: oneDNN's (and PyTorch's flash attention's) bf16 matmuls run on the tiles
-# there, at several times the vdpbf16ps rate ours run at (Intel's figures: 1024 bf16 multiply-adds per
-# cycle and core on AMX against 64 on AVX512-BF16); Winograd saves 2.25x. Not measured: no AMX machine here.
-AMX_REASON = ("this CPU has AMX tiles, where oneDNN's bf16 matmuls are expected to outrun our AVX512-BF16 kernel "
-              "(not measured on AMX)")
-
-
-def cpu_has_amx() -> bool:
-    """True on CPUs with AMX tiles (Intel Sapphire Rapids and later)."""
-    return _cpu().amx
+# Which of our kernels or oneDNN's / SDPA's runs an operation is not decided here from flags: it is
+# measured on the model's own shapes at optimize time (runtime/optim/dispatch.py).
 
 
 def fast_half_dtype(device: torch.device) -> tuple[torch.dtype | None, str]:

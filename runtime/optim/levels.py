@@ -20,11 +20,13 @@ from .tome import ToMePass
 from .upsample import UpsamplePass
 from .winograd import WinogradPass
 
-# Every pass, in the order they are applied (compile last: it traces what the others set up).
+# Every pass, in the order they are applied (compile last: it traces what the others set up). The passes
+# that measure which implementation runs (attention, geglu, winograd; dispatch.py) come after precision
+# and prepack, so they time the dtype and the alternative the pipeline will run.
 PASSES: dict[str, type[Pass]] = {
     cls.name: cls
-    for cls in (AttentionPass, FusedQKVPass, GEGLUPass, GroupNormPass, UpsamplePass, MemoryFormatPass, PrecisionPass,
-                PrepackPass, WinogradPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
+    for cls in (FusedQKVPass, GroupNormPass, UpsamplePass, MemoryFormatPass, PrecisionPass, PrepackPass,
+                AttentionPass, GEGLUPass, WinogradPass, ToMePass, TGatePass, DeepCachePass, CompilePass)
 }
 
 # Which passes each level adds on top of the level below.

@@ -59,11 +59,17 @@ class FoldedUpsampleConv:
 
     def __init__(self, module: Upsample2D):
         conv = module.conv
-        self.folded = nn.Conv2d(conv.in_channels, 4 * conv.out_channels, 2, padding=1, bias=conv.bias is not None,
-                                device="meta")
+        self.shape = conv.in_channels, 4 * conv.out_channels, conv.bias is not None
+        self.onednn = mkldnn_usable() is None
+        self.release()
+
+    def release(self) -> None:
+        """Drop the folded weights and their packed copy (made again on the next call): for a pass that
+        measured this fold against another way and chose that (runtime/optim/winograd.py)."""
+        cin, cout, bias = self.shape
+        self.folded = nn.Conv2d(cin, cout, 2, padding=1, bias=bias, device="meta")
         self.cache: dict = {}  # emptied by weight_cache when the conv weight changes
         self.packed = packed_conv_forward(self.folded)
-        self.onednn = mkldnn_usable() is None
 
     def _refresh(self, conv: nn.Conv2d) -> None:
         cache = derived(self.cache, conv.weight)

@@ -22,9 +22,12 @@ convolution by rounding only, with a larger rms and max error against fp32 than 
 (measured: bench/RESULTS.md, session 14, 'Winograd F(2x2, 3x3) convolutions', and 'Figures moved
 from docstrings'; tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct
 fp32 convolution's (tests/kernels/test_winograd_f32_cpu.py).
-On a CPU with AMX tiles the bf16 convolutions stay with oneDNN, whose tile matmuls are expected to
-outrun these vdpbf16ps products by more than the 2.25x Winograd saves (runtime/optim/hardware.py; ``amx=True``
-takes them anyway); the fp32 ones (AMX has no fp32) are taken.
+Which convolutions it takes is measured (runtime/optim/dispatch.py): each eligible convolution's call at
+the representative size, in its dtype, with its residual, runs as Winograd and as it runs without this
+pass (oneDNN's direct convolution, prepacked at level 2), and the faster is kept; likewise each bf16
+upsampler's one-kernel doubling against its ``conv_2x`` as it stands. On a CPU with AMX tiles oneDNN's
+bf16 convolutions run on the tiles and may win. ``amx=True`` takes every eligible convolution without
+measuring (the name is from the AMX guard it replaced).
 A ResnetBlock2D calls its second conv with the block's residual as the layer's ``add`` input
 (runtime/models/layers.py); the entry adds it inside the kernel's output transform (one pass over the
 output fewer; in bf16 one rounding fewer). Revert removes the entries and slots (the undo log).
@@ -40,11 +43,11 @@ from torch import nn
 from runtime.models.layers import Conv2d
 from runtime.models.resnet import ResnetBlock2D, Upsample2D
 
+from . import dispatch
 from .base import Pass
 from .components import pipeline_device, pipeline_models
-from .hardware import AMX_REASON, cpu_has_amx
 from .derived import derived
-from .undo import entry
+from .undo import ORDER, entry
 from .upsample import plain_3x3
 
 
@@ -154,29 +157,23 @@ class WinogradPass(Pass):
     # Below this many input channels the transforms cost more than the multiplies they save (the
     # UNet's first conv reads 4 channels).
     min_channels: int = 32
-    # Take bf16 convolutions on CPUs with AMX tiles too (see the module docstring).
+    # True: take every eligible convolution without measuring (see the module docstring).
     amx: bool = False
 
     def _targets(self, pipe):
-        """The convolutions it takes and the upsamplers whose conv it takes (bf16 only)."""
-        modules = [m for model in pipeline_models(pipe).values() for m in model.modules()]
-        return ([m for m in modules if isinstance(m, Conv2d) and self._takes(m)],
-                [m for m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)
-                 and m.conv.weight.dtype == torch.bfloat16])
+        """The convolutions it can take and the upsamplers whose conv it can take (bf16 only), by model:
+        ``{model name: ([(name, conv)], [(name, upsampler)])}``."""
+        found = {}
+        for model_name, model in dispatch.networks(pipe):
+            modules = list(model.named_modules())
+            found[model_name] = ([(n, m) for n, m in modules if isinstance(m, Conv2d) and self._takes(m)],
+                                 [(n, m) for n, m in modules if isinstance(m, Upsample2D) and self._takes(m.conv)
+                                  and m.conv.weight.dtype == torch.bfloat16])
+        return found
 
     def _takes(self, m: nn.Module) -> bool:
         return (plain_3x3(m) and m.weight.dtype in DTYPES and kernel_ready(m.weight.dtype) is None
-                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0
-                and not (m.weight.dtype == torch.bfloat16 and self._leaves_bf16()))
-
-    def _leaves_bf16(self) -> bool:
-        """Whether bf16 convolutions stay with oneDNN (AMX tiles here, and not ``amx=True``)."""
-        return not self.amx and cpu_has_amx()
-
-    def _bf16_left(self, pipe) -> bool:
-        """Whether the pipeline has bf16 3x3 convolutions this pass leaves to oneDNN on AMX."""
-        return self._leaves_bf16() and any(plain_3x3(m) and m.weight.dtype == torch.bfloat16
-                                           for model in pipeline_models(pipe).values() for m in model.modules())
+                and m.in_channels % 2 == 0 and m.in_channels >= self.min_channels and m.out_channels % 32 == 0)
 
     def supports(self, pipe) -> str | None:
         if pipeline_device(pipe).type != "cpu":
@@ -184,31 +181,145 @@ class WinogradPass(Pass):
         why = kernel_ready(torch.bfloat16)
         if why and kernel_ready(torch.float32):
             return why
-        if not self._targets(pipe)[0]:
-            if self._bf16_left(pipe):
-                return f"bf16 convolutions: {AMX_REASON}; amx=True takes them"
+        if not any(convs for convs, _ in self._targets(pipe).values()):
             return (f"no bf16 or fp32 3x3 stride-1 convolutions with an even input channel count of at least "
                     f"{self.min_channels} and output channels a multiple of 32")
         return None
 
     def apply(self, pipe) -> None:
-        convs, upsamplers = self._targets(pipe)
-        self._state()["left_bf16"] = self._bf16_left(pipe)
-        log = self.log()
-        patched = self._state().setdefault("patched", [])
-        for module in convs:
-            log.plug(module, "winograd", WinogradConv())
-            patched.append(module)
-        doubled = self._state().setdefault("upsamplers", [])
-        for module in upsamplers:
-            log.set(module, "conv_2x", WinogradUpsampleConv(module.conv_2x))
-            doubled.append(module)
-        taken = {id(m) for m in convs}
-        self._state()["residuals"] = [block for model in pipeline_models(pipe).values() for block in model.modules()
-                                      if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken]
+        with dispatch.ensure_session():
+            self._apply(pipe)
+
+    def _apply(self, pipe) -> None:
+        calls, tally, log = dispatch.probe(pipe), dispatch.Tally(), self.log()
+        state = self._state()
+        patched, doubled = state.setdefault("patched", []), state.setdefault("upsamplers", [])
+        eligible = 0
+        models = dict(dispatch.networks(pipe))
+        for model_name, (convs, upsamplers) in self._targets(pipe).items():
+            # an upsampler's conv whose calls its conv_2x takes (the upsample pass's fold) is not measured alone
+            doubling = {id(u.conv) for u in models[model_name].modules()
+                        if isinstance(u, Upsample2D) and u.conv_2x is not None}
+            for name, module in convs:
+                eligible += 1
+                recorded = [] if id(module) in doubling and not self.amx else calls.of("conv", model_name, name)
+                if self._chosen(tally, module, recorded, measure_conv):
+                    log.plug(module, "winograd", WinogradConv())
+                    patched.append(module)
+                    _drop_packed(module)
+            for name, module in upsamplers:  # after the convs: the doubling they run against uses them
+                if self._chosen(tally, module, calls.of("upsample", model_name, name), measure_upsample):
+                    release = getattr(module.conv_2x, "release", None)
+                    if release is not None:  # the fold measured against: its copies are not needed now
+                        release()
+                    log.set(module, "conv_2x", WinogradUpsampleConv(module.conv_2x))
+                    doubled.append(module)
+        taken = {id(m) for m in patched}
+        state["eligible"] = eligible
+        state["measurements"] = tally.records()
+        state["residuals"] = [block for model in pipeline_models(pipe).values() for block in model.modules()
+                              if isinstance(block, ResnetBlock2D) and id(block.conv2) in taken]
+
+    def _chosen(self, tally, module, recorded, measure_one) -> bool:
+        """Whether Winograd takes ``module``: forced by ``amx=True``, else measured on its recorded calls
+        (a module the shape probe did not reach is left as it runs)."""
+        if self.amx:
+            key = dispatch.OpKey(measure_one.op, (_weight(module),), _dtype_name(module))
+            return tally.add(dispatch.forced(key, "winograd", "direct", "amx=True")).choice == "winograd"
+        if not recorded:
+            return False
+        return dispatch.choose([tally.add(measure_one(module, call)) for call in recorded]) == "winograd"
 
     def describe(self) -> str:
-        convs, ups = len(self._state().get("patched", [])), len(self._state().get("upsamplers", []))
-        text = (f"{convs} 3x3 convolutions run as Winograd F(2x2, 3x3), {ups} of them with the 2x upsampling before, "
-                f"{len(self._state().get('residuals', []))} with their ResNet block's residual add")
-        return text + (f"; bf16 ones left to oneDNN: {AMX_REASON}" if self._state().get("left_bf16") else "")
+        state = self._state()
+        convs, ups = len(state.get("patched", [])), len(state.get("upsamplers", []))
+        text = (f"{convs} of {state.get('eligible', 0)} eligible 3x3 convolutions run as Winograd F(2x2, 3x3), "
+                f"{ups} upsamplers' doubling and conv in one kernel, "
+                f"{len(state.get('residuals', []))} with their ResNet block's residual add")
+        summary = dispatch.summarize(state.get("measurements", []))
+        return text + (f"; {summary}" if summary else "")
+
+
+# ---- measuring ------------------------------------------------------------------------------------------
+def _weight(module: nn.Module) -> tuple:
+    conv = module.conv if isinstance(module, Upsample2D) else module
+    return conv.out_channels, conv.in_channels, conv.bias is not None
+
+
+def _dtype_name(module: nn.Module) -> str:
+    conv = module.conv if isinstance(module, Upsample2D) else module
+    return str(conv.weight.dtype).removeprefix("torch.")
+
+
+def _below(conv: nn.Conv2d, name: str = "winograd"):
+    """What ``conv`` runs when no ``name`` entry takes a call: the entries after it in ``ORDER``, then the
+    plain operator (prepack's packed convolution at level 2, else oneDNN's direct one)."""
+    call = conv._plain
+    for n, impl in reversed([e for e in conv.compute if e[0] in ORDER and ORDER.index(e[0]) > ORDER.index(name)]):
+        call = (lambda impl, rest: lambda x, add=None: impl(conv, x, rest, add))(impl, call)
+    return call
+
+
+def _inputs(*shapes, dtype):
+    made = []
+
+    def get():
+        if not made:
+            made.extend(torch.randn(*s, dtype=dtype) if s is not None else None for s in shapes)
+        return made
+
+    return get
+
+
+# Maps taller than this are timed on a strip of this many rows (the same width and channels, so the same
+# inner loops; time grows with the rows alike for both): a 256x256 VAE map costs a quarter to measure.
+MEASURED_ROWS = 64
+
+
+def _strip(shape, rows: int) -> tuple[tuple, str]:
+    """``shape`` (B, C, H, W) with at most ``rows`` rows, and a note when cut."""
+    if shape[2] <= rows:
+        return tuple(shape), ""
+    return (*shape[:2], rows, shape[3]), f"timed on {rows} of {shape[2]} rows"
+
+
+def measure_conv(conv: nn.Conv2d, call) -> dispatch.Measurement:
+    """Winograd against what the convolution runs without it, on one recorded call ``(x shape, add given)``."""
+    shape, add = call
+    dtype = conv.weight.dtype
+    timed, note = _strip(shape, MEASURED_ROWS)
+    out = (timed[0], conv.out_channels, timed[2], timed[3])
+    inputs, rest, ours = _inputs(timed, out if add else None, dtype=dtype), _below(conv), WinogradConv()
+    direct = "prepacked" if entry(conv, "prepack") is not None else "direct"
+    candidates = [dispatch.Candidate(direct, lambda: rest(*inputs()), baseline=True),
+                  dispatch.Candidate("winograd", lambda: ours(conv, *inputs()[:1], rest, inputs()[1]))]
+    key = dispatch.OpKey("conv3x3", (tuple(shape), _weight(conv), add), _dtype_name(conv))
+    return dispatch.measure(key, candidates, note=note)
+
+
+measure_conv.op = "conv3x3"
+
+
+def measure_upsample(module: Upsample2D, shape) -> dispatch.Measurement:
+    """The one-kernel doubling and conv against the upsampler's ``conv_2x`` as it stands (the upsample pass's
+    fold, else the nearest doubling and the conv), on one recorded input shape."""
+    timed, note = _strip(shape, MEASURED_ROWS // 2)  # the doubled map: MEASURED_ROWS rows
+    inputs, ours, previous = _inputs(timed, dtype=module.conv.weight.dtype), WinogradUpsampleConv(module.conv_2x), \
+        module.conv_2x
+    base = "fold" if previous is not None else "nearest+conv"
+    run_base = (lambda: previous(module, inputs()[0])) if previous is not None else \
+        (lambda: module.conv(F.interpolate(inputs()[0], scale_factor=2.0, mode="nearest")))
+    candidates = [dispatch.Candidate(base, run_base, baseline=True),
+                  dispatch.Candidate("winograd", lambda: ours(module, inputs()[0]))]
+    return dispatch.measure(dispatch.OpKey("upsample2x_conv3x3", (tuple(shape), _weight(module)),
+                                           _dtype_name(module)), candidates, note=note)
+
+
+measure_upsample.op = "upsample2x_conv3x3"
+
+
+def _drop_packed(conv: nn.Conv2d) -> None:
+    """A convolution Winograd takes never runs its prepacked weight: free the copy measuring made."""
+    packed = entry(conv, "prepack")
+    if packed is not None:
+        packed.packed_cache.clear()

@@ -1,22 +1,28 @@
 """What the passes decide on each kind of x86-64 CPU users have, under faked flag sets
 (runtime/kernels/cpu_features.py), never on whatever this host happens to be: which kernels are
-available and why not, whether bf16 is chosen, which attention backend "auto" picks, which
-convolutions and GEGLU projections our kernels take, and the AMX guard. Nothing here runs a kernel:
-a faked flag the host lacks is safe only for decisions."""
+available and why not, whether bf16 is chosen, and, from measurement with fake timers
+(runtime/optim/dispatch.py), which attention backend each module gets and which convolutions and
+GEGLU projections our kernels take; explicit settings force a choice. Nothing here runs a kernel: the
+fake timers time nothing, and a faked flag the host lacks is safe only for decisions."""
 from __future__ import annotations
 
 import pytest
 import torch
 from torch import nn
 
+import runtime
+from runtime import optim
 from runtime.kernels import cpu_build, cpu_features
 from runtime.kernels.cpu_features import CpuFeatures
 from runtime.models.attention import sdpa_backend
 from runtime.models.errors import OptimizationError
-from runtime.optim import hardware
-from runtime.optim.attention import choose_backend, cpu_backend, cpu_fp32_backend
+from runtime.models.transformer_2d import GEGLU
+from runtime.optim import dispatch, hardware
+from runtime.optim.attention import OURS, choose_backend, cpu_backend
 from runtime.optim.geglu import GEGLUPass
+from runtime.optim.undo import entry
 from runtime.optim.winograd import WinogradPass, kernel_ready
+from pipeline_fixtures import quiet_pipeline
 
 BF16, FP32 = torch.bfloat16, torch.float32
 CPU = torch.device("cpu")
@@ -45,6 +51,24 @@ def needs_compiler(cpu: CpuFeatures):
 
 def conv(dtype: torch.dtype) -> nn.Conv2d:
     return nn.Conv2d(64, 64, 3, padding=1).to(dtype).requires_grad_(False)
+
+
+@pytest.fixture(scope="module")
+def pipe(sd_folder, one_thread):
+    return quiet_pipeline(runtime.StableDiffusionPipeline, sd_folder)
+
+
+def decide(pipe, times: dict[str, float], **passes) -> dispatch.Timer:
+    """Optimize with a fake timer reporting ``times`` (seconds by candidate name) and a fresh cache; the timer."""
+    timer = dispatch.fixed_timer(times)
+    with dispatch.using(timer=timer, cache=dispatch.DispatchCache(None)):
+        optim.optimize(pipe, level=0, **passes)
+    return timer
+
+
+def dtypes_run(cpu: CpuFeatures) -> list[dict]:
+    """The precision settings a pipeline runs in on ``cpu``: fp32 everywhere, bf16 where it is native."""
+    return [{}] + ([{"precision": True}] if cpu.avx512_bf16 or cpu.amx else [])
 
 
 def test_flag_sets_name_known_flags_only():
@@ -93,18 +117,31 @@ def test_bf16_precision_where_the_cpu_computes_it_natively(cpu):
     assert ("has native bf16" if native else "no native bf16") in why
 
 
-def test_attention_auto_and_forced_backends(cpu):
+@pytest.mark.parametrize("winner", ["ours", "sdpa"])
+def test_attention_auto_takes_what_measures_faster(cpu, pipe, winner):
     needs_compiler(cpu)
-    backend, why = choose_backend("auto", CPU)
-    if cpu.amx:  # bf16 to SDPA (its matmuls use the tiles), fp32 to our kernel
-        assert backend is cpu_fp32_backend and "AMX" in why and "backend='cpu'" in why
-    elif cpu.avx512_bf16:
-        assert backend is cpu_backend and "CPU kernels for bf16 (AVX512-BF16) and fp32 (AVX-512)" in why
-    elif cpu.avx512:
-        assert backend is cpu_fp32_backend and "no AVX512-BF16" in why
-    else:
-        assert backend is sdpa_backend and "our CPU kernels unavailable" in why
-    if cpu.avx512:  # "cpu" takes ours, AMX or not
+    for settings in dtypes_run(cpu):
+        timer = decide(pipe, {"ours": 1.0 if winner == "ours" else 3.0, "sdpa": 2.0}, attention=True, **settings)
+        dtype = pipe.unet.dtype
+        available = cpu.avx512_bf16 if dtype == BF16 else cpu.avx512
+        modules = pipe.unet.attention_modules()
+        want = OURS[dtype] if available and winner == "ours" else sdpa_backend
+        assert modules and all(m.backend is want for m in modules)
+        records = pipe.optimization.dispatch["attention"]
+        assert {m.key.op for m in records} == {"attention"}
+        if available:  # both timed, the report says which won and by how much
+            assert timer.calls and all(m.source == "measured" and m.choice == winner for m in records)
+            assert f"-> {winner} (measured)" in pipe.optimization.notes["attention"]
+        else:  # one candidate: nothing to time, and the kernel's reason is given
+            assert timer.calls == [] and all(m.source == "only candidate" and m.choice == "sdpa" for m in records)
+            assert "ours: " in pipe.optimization.notes["attention"]
+        assert all(m.backend is sdpa_backend for m in pipe.text_encoder.attention_modules())  # not probed: as it was
+
+
+def test_attention_forced_backends(cpu):
+    needs_compiler(cpu)
+    assert choose_backend("auto", CPU)[0] is None  # measured per module by the pass
+    if cpu.avx512:  # "cpu" takes ours, AMX or not, without measuring
         assert choose_backend("cpu", CPU)[0] is cpu_backend
     else:
         with pytest.raises(OptimizationError, match="attention backend 'cpu' unavailable: "):
@@ -112,22 +149,47 @@ def test_attention_auto_and_forced_backends(cpu):
     assert choose_backend("sdpa", CPU)[0] is sdpa_backend
 
 
-def test_winograd_takes_the_convolutions_the_cpu_runs_fast(cpu):
+def test_winograd_takes_the_convolutions_it_can_run(cpu):
     needs_compiler(cpu)
-    default, forced = WinogradPass(), WinogradPass(amx=True)
-    assert default._takes(conv(FP32)) == cpu.avx512  # fp32: any AVX-512 CPU, AMX has no fp32 matmuls
-    assert default._takes(conv(BF16)) == (cpu.avx512_bf16 and not cpu.amx)  # AMX: oneDNN's tiles
-    assert forced._takes(conv(BF16)) == cpu.avx512_bf16
-    assert not default._takes(nn.Conv2d(4, 64, 3, padding=1))  # too few input channels for any CPU
+    assert WinogradPass()._takes(conv(FP32)) == cpu.avx512
+    assert WinogradPass()._takes(conv(BF16)) == cpu.avx512_bf16  # AMX or not: measurement decides
+    assert not WinogradPass()._takes(nn.Conv2d(4, 64, 3, padding=1))  # too few input channels for any CPU
 
 
-def test_geglu_fuses_the_projections_the_cpu_runs_fast(cpu):
+def test_winograd_takes_the_convolutions_that_measure_faster(cpu, pipe):
     needs_compiler(cpu)
-    expected = tuple(d for d, ok in [(BF16, cpu.avx512_bf16 and not cpu.amx), (FP32, cpu.avx512)] if ok)
-    assert set(GEGLUPass()._fused_dtypes()) == set(expected)
-    forced = tuple(d for d, ok in [(BF16, cpu.avx512_bf16), (FP32, cpu.avx512)] if ok)
-    assert set(GEGLUPass(amx=True)._fused_dtypes()) == set(forced)
-    assert ("AMX" in GEGLUPass().describe()) == cpu.amx
+    for settings in dtypes_run(cpu):
+        eligible = [m for m in pipe.unet.modules() if isinstance(m, nn.Conv2d) and WinogradPass()._takes(m)]
+        for winner, expect in [("winograd", True), ("direct", False)]:
+            decide(pipe, {"winograd": 1.0 if winner == "winograd" else 3.0, "direct": 2.0, "fold": 2.0,
+                          "nearest+conv": 2.0}, winograd=True, **settings)
+            if not eligible:  # no kernel for this dtype here
+                assert "winograd" in pipe.optimization.skipped
+                continue
+            assert all((entry(m, "winograd") is not None) == expect for m in eligible)
+            assert f"-> {winner} (measured)" in pipe.optimization.notes["winograd"]
+        if eligible:  # amx=True takes every one without timing
+            timer = decide(pipe, {"winograd": 3.0, "direct": 1.0}, winograd={"amx": True}, **settings)
+            assert timer.calls == [] and all(entry(m, "winograd") is not None for m in eligible)
+            assert "(forced; amx=True)" in pipe.optimization.notes["winograd"]
+
+
+def test_geglu_fuses_the_projections_that_measure_faster(cpu, pipe):
+    needs_compiler(cpu)
+    ready = {d for d, ok in [(BF16, cpu.avx512_bf16), (FP32, cpu.avx512)] if ok}
+    assert set(GEGLUPass()._fused_dtypes()) == ready  # AMX or not: measurement decides
+    for settings in dtypes_run(cpu):
+        for winner in ("fused", "unfused"):
+            decide(pipe, {"fused": 1.0 if winner == "fused" else 3.0, "unfused": 2.0}, geglu=True, **settings)
+            modules = [m for m in pipe.unet.modules() if isinstance(m, GEGLU)]
+            if pipe.unet.dtype not in ready:
+                assert "geglu" in pipe.optimization.skipped
+                continue
+            assert modules and all((m.fused is not None) == (winner == "fused") for m in modules)
+            assert f"-> {winner} (measured)" in pipe.optimization.notes["geglu"]
+        if pipe.unet.dtype in ready:  # amx=True fuses without timing
+            timer = decide(pipe, {"fused": 3.0, "unfused": 1.0}, geglu={"amx": True}, **settings)
+            assert timer.calls == [] and all(m.fused is not None for m in modules)
 
 
 def test_the_environment_can_take_flags_away_but_never_add_one(monkeypatch):

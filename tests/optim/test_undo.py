@@ -229,8 +229,9 @@ def test_apply_revert_ten_times_leaves_no_residue(pipe):
 
 # Orders the plan allows: precision before anything that reads dtypes, fused_qkv before prepack (it
 # packs the fused projection), upsample before winograd (which takes its conv_2x); the rest free.
-BEFORE = [("precision", "prepack"), ("precision", "winograd"), ("precision", "geglu"), ("fused_qkv", "prepack"),
-          ("fused_qkv", "geglu"), ("upsample", "winograd")]
+# precision before the passes that measure which implementation runs (they decide per dtype: dispatch.py)
+BEFORE = [("precision", "prepack"), ("precision", "winograd"), ("precision", "geglu"), ("precision", "attention"),
+          ("fused_qkv", "prepack"), ("fused_qkv", "geglu"), ("upsample", "winograd")]
 
 
 def allowed_orders(names, count, seed=0):
