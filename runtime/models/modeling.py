@@ -176,6 +176,9 @@ class ModelMixin(CallSlot, ConfigMixin):
     @classmethod
     def _check_class_name(cls, config: dict, config_path: Path) -> None:
         name = config.get("_class_name")
+        if name is not None and not isinstance(name, str):
+            raise ConfigError(f"{config_path}: _class_name must be a string naming the model class, "
+                              f"got {type(name).__name__} {name!r}")
         if name is not None and name not in cls._accepted_class_names():
             raise ConfigError(
                 f"{config_path}: _class_name {name!r} is not {cls.__name__} (nor a known alias or "

@@ -170,6 +170,7 @@ UNET_KEYS = ["block_out_channels", "layers_per_block", "down_block_types", "up_b
 
 @given(edit=edits(VAE_KEYS))
 @example(edit=([], ("bytes", b"\x80")))  # UnicodeDecodeError from read_json
+@example(edit=([("set", "_class_name", [])], None))  # TypeError: unhashable list in the class-name check
 @settings(max_examples=N)
 def test_vae_config_json(sd_folder, edit):
     ops, how = edit
@@ -180,6 +181,7 @@ def test_vae_config_json(sd_folder, edit):
 
 
 @given(edit=edits(UNET_KEYS))
+@example(edit=([("set", "_class_name", {"a": 1})], None))  # TypeError: unhashable dict in the class-name check
 @settings(max_examples=N)
 def test_unet_config_json(sd_folder, edit):
     ops, how = edit
