@@ -7,9 +7,9 @@
   and ours sliced for a batch of 2 against unsliced.
 - ``pipeline``: the bench ``small`` checkpoint (bench/make_checkpoint.py) at 256x256: eager,
   attention slicing "auto" and "max", VAE tiling, VAE slicing, and ``optimize`` level 2; for level 2
-  also the RSS after load, after optimize and after the call, and the bytes each applied pass holds
-  in tensors the model no longer uses (what its revert keeps) or that are new (packed or
-  transformed weights), to say where level 2's memory goes.
+  also the RSS after load, after optimize and after the call, where the originals its revert needs
+  are (in memory, left to the checkpoint file, spilled: runtime/optim/snapshot.py) and the MiB of
+  derived weight copies (packed, transformed) by kind and model, to say where level 2's memory goes.
 
 Every child prints one JSON line: ``peak_rss_mib`` (VmHWM, bench/machine.py), ``before_mib`` (RSS
 once the model is loaded, before the measured work), seconds. The parent writes ``rows.jsonl`` and
@@ -92,76 +92,54 @@ def _storage(t) -> tuple[int, int]:
         return id(t), t.numel() * t.element_size()
 
 
-def _pass_bytes(pipe) -> dict:
-    """Per applied pass: MiB of tensors held in its state that are not the model's current tensors."""
+def _tensor_bytes(obj) -> int:
+    """Bytes of the tensors in ``obj`` (a tensor, or dicts / lists of them); meta tensors count nothing."""
     import torch
 
-    live = set()
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        for t in list(m.parameters()) + list(m.buffers()):
-            live.add(t.untyped_storage().data_ptr())
+    if isinstance(obj, torch.Tensor):
+        return 0 if obj.device.type == "meta" else _storage(obj)[1]
+    if isinstance(obj, dict):
+        return sum(_tensor_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in obj)
+    return 0
+
+
+def _held(pipe) -> dict:
+    """MiB the optimization holds beside the model's tensors: the originals each pass's tensor snapshots
+    keep, by where they are (runtime/optim/snapshot.py: memory, file, spill), and the derived weight
+    copies (runtime/optim/derived.py) by kind and model."""
+    from runtime.models.resnet import Upsample2D
+    from runtime.models.transformer_2d import GEGLU
+
     out = {}
     for p in pipe.optimization.applied:
-        seen, total = set(), 0
-
-        def walk(obj, depth=0):
-            nonlocal total
-            if depth > 6:
-                return
-            if isinstance(obj, torch.Tensor):
-                if obj.device.type == "meta":
-                    return
-                ptr, nbytes = _storage(obj)
-                if ptr not in seen and ptr not in live:
-                    seen.add(ptr)
-                    total += nbytes
-            elif isinstance(obj, dict):
-                for v in obj.values():
-                    walk(v, depth + 1)
-            elif isinstance(obj, (list, tuple, set)):
-                for v in obj:
-                    walk(v, depth + 1)
-            elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)) and not callable(obj):
-                walk(vars(obj), depth + 1)
-            elif callable(obj) and hasattr(obj, "__closure__") and obj.__closure__:
-                for cell in obj.__closure__:
-                    try:
-                        walk(cell.cell_contents, depth + 1)
-                    except ValueError:
-                        pass
-
-        walk(p.__dict__.get("_saved", {}))
-        # modules a pass added or tensors it hung on modules (packed / transformed weights)
-        out[p.name] = round(total / 2**20, 1)
-    # tensors on modules that are not parameters or buffers (kernels' packed / transformed weights)
-    extra, seen = 0, set()
-
-    def count(v, depth=0):
-        nonlocal extra
-        if isinstance(v, torch.Tensor) and v.device.type != "meta":
-            ptr, nbytes = _storage(v)
-            if ptr not in seen and ptr not in live:
-                seen.add(ptr)
-                extra += nbytes
-        elif depth < 3 and isinstance(v, (list, tuple)):
-            for x in v:
-                count(x, depth + 1)
-        elif depth < 3 and isinstance(v, dict):
-            for x in v.values():
-                count(x, depth + 1)
-        elif depth < 3 and callable(v) and getattr(v, "__closure__", None):
-            for cell in v.__closure__:
-                try:
-                    count(cell.cell_contents, depth + 1)
-                except ValueError:
-                    pass
-
-    for m in (pipe.unet, pipe.vae, pipe.text_encoder):
-        for mod in m.modules():
-            for v in vars(mod).values():
-                count(v)
-    out["module attributes (not params/buffers)"] = round(extra / 2**20, 1)
-    return out
+        for snapshot in p.log().snapshots():
+            for place, nbytes in snapshot.where().items():
+                if place != "module":
+                    key = f"{p.name} originals: {place}"
+                    out[key] = out.get(key, 0) + nbytes
+    for name, model in (("unet", pipe.unet), ("vae", pipe.vae), ("text_encoder", pipe.text_encoder)):
+        for mod in model.modules():
+            found = []
+            for entry_name, impl in getattr(mod, "compute", ()):
+                for attr in ("packed_cache", "winograd_cache"):
+                    found.append((f"{entry_name} {type(mod).__name__}", getattr(impl, attr, None)))
+            if isinstance(mod, Upsample2D) and mod.conv_2x is not None:
+                for c2 in (mod.conv_2x, getattr(mod.conv_2x, "previous", None)):
+                    if c2 is None:
+                        continue
+                    found.append((f"{type(c2).__name__}", getattr(c2, "cache", None)))
+                    if hasattr(c2, "folded"):
+                        found.append(("upsample fold", [c2.folded.weight, c2.folded.bias, c2.packed.packed_cache]))
+            if isinstance(mod, GEGLU) and mod.fused is not None:
+                found.append(("geglu fused", getattr(mod.fused, "packed_cache", None)))
+            for kind, obj in found:
+                nbytes = _tensor_bytes(obj)
+                if nbytes:
+                    key = f"{kind} ({name})"
+                    out[key] = out.get(key, 0) + nbytes
+    return {k: round(v / 2**20, 1) for k, v in sorted(out.items())}
 
 
 def _model_mib(pipe) -> float:
@@ -200,7 +178,7 @@ def child_pipeline(args) -> dict:
         record["optimize_s"] = time.perf_counter() - start
         record["after_optimize_mib"] = rss_mib()
         record["model_mib_after"] = _model_mib(pipe)
-        record["held_by_pass_mib"] = _pass_bytes(pipe)
+        record["held_mib"] = _held(pipe)
     before = rss_mib()
     kwargs = dict(num_inference_steps=args.steps, height=args.size, width=args.size, output_type="np",
                   num_images_per_prompt=args.batch)
@@ -213,7 +191,7 @@ def child_pipeline(args) -> dict:
     record.update({"before_mib": before, "peak_rss_mib": peak_rss_mib(), "first_call_s": first,
                    "seconds": second, "after_call_mib": rss_mib()})
     if getattr(pipe, "optimization", None) is not None:  # packed copies are made at the first call
-        record["held_by_pass_after_call_mib"] = _pass_bytes(pipe)
+        record["held_after_call_mib"] = _held(pipe)
     return record
 
 

@@ -21,6 +21,10 @@ It cannot see, by construction (re-optimize after them):
 - an edit that frees a storage and allocates a new one at the same address with the same dtype
   and version count (in practice: a replaced Parameter that is then edited back to the old count).
 
+A copy, once made, serves the calls; the pass then calls ``served(source)``, so a source on file
+pages (precision's converted weights, runtime/optim/snapshot.py) hands its pages back until a call
+reads it again: a weight and its derived copy are not both in memory.
+
 Fused QKV's concatenated projections (runtime/models/attention.py) are made once, when fused, and
 do not follow later edits of ``to_q`` / ``to_k`` / ``to_v`` by themselves: ``refresh_fused_projections()``
 copies the parts into them again in place (``fuse_lora`` / ``unfuse_lora`` do), or unfuse and fuse again.
@@ -42,6 +46,17 @@ def derived(cache: dict, *sources: torch.Tensor) -> dict:
         cache.clear()
         cache["owner"] = owner
     return cache
+
+
+def served(*sources: torch.Tensor) -> None:
+    """Say that a copy just made from ``sources`` serves their calls from now on. A source that lies on
+    file pages (the converted weights precision leaves there, runtime/optim/snapshot.py) gives its pages
+    back to the kernel, those written since excepted; a call that reads it again (a fallback: another
+    dtype, autograd, tracing) reads them from the file, the same bytes. Other sources are left alone."""
+    from .snapshot import give_back
+
+    for source in sources:
+        give_back(source)
 
 
 weight_cache = derived  # the name the passes used for it before

@@ -31,7 +31,7 @@ from runtime.models.transformer_2d import GEGLU, geglu_activation
 
 from . import dispatch
 from .components import pipeline_device
-from .derived import derived
+from .derived import derived, served
 from .undo import entry
 from .slots import CpuKernelSlotPass
 
@@ -62,6 +62,7 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
         if "packed" not in entry:
             entry["packed"] = linear_geglu_weight(w, w.dtype)
             entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
+            served(w)
         return linear_geglu_launch(x, entry["packed"], entry["bias"])
 
     fused.packed_cache = cache

@@ -43,5 +43,4 @@ class MemoryFormatPass(Pass):
     def apply(self, pipe) -> None:
         for name, model in pipeline_models(pipe).items():
             if name in TARGETS:
-                self.log().tensors(model)
-                model.to(memory_format=torch.channels_last)
+                self.log().tensors(model, lambda: model.to(memory_format=torch.channels_last))

@@ -60,8 +60,7 @@ class PrecisionPass(Pass):
             if self._keep_fp32(name, model, dtype):
                 kept.append(name)
                 continue
-            self.log().tensors(model)
-            model.to(dtype=dtype)
+            self.log().tensors(model, lambda: model.to(dtype=dtype))
         self._state()["why"] = why + (f"; {', '.join(kept)} kept in fp32 (force_upcast)" if kept else "")
 
     def describe(self) -> str:

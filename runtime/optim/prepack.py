@@ -8,14 +8,16 @@ first copies the broadcast bias into its output, then multiplies (a (2048, 1024)
 share of the matmul's time; measured: bench/RESULTS.md, session 12, 'Level 2 without compile: packed
 linears, fused GEGLU, compile skipped for bf16 on CPU'). This pass gives each bf16
 ``nn.Conv2d`` and ``nn.Linear`` of the pipeline's models (fp32 ones too with ``fp32=True``;
-measured no faster) a forward that packs its weight once (convolutions: per input shape) and calls
-oneDNN's convolution / linear with the packed weight, the bias added inside.
+measured no faster) a forward that packs its weight once (convolutions: per input shape, at most
+``MAX_SHAPES`` of them, the oldest dropped) and calls oneDNN's convolution / linear with the packed
+weight, the bias added inside.
 
 The packed copy follows the weight: it is rebuilt when the weight's storage, version or dtype
 changes (precision switching dtypes, a user loading new weights with ``load_state_dict``), so it
 is never stale; edits through ``weight.data``, and in-place edits of weights made inside
 ``torch.inference_mode`` (which have no version counter), are not seen: re-optimize after them.
-Costs memory: one packed copy of every weight it packs. Under torch.compile, or when autograd
+Costs memory: one packed copy of every weight it packs; a weight that precision left on file pages
+hands its own pages back once packed (``served``, runtime/optim/derived.py). Under torch.compile, or when autograd
 needs the graph, the plain operator runs (inductor packs weights itself when it freezes). Revert
 deletes the per-instance forward: the module is what it was.
 """
@@ -31,10 +33,14 @@ from runtime.models.layers import Conv2d, Linear
 
 from .base import Pass
 from .components import pipeline_device, pipeline_models
-from .derived import derived, weight_cache  # noqa: F401  (weight_cache: the earlier name of the rule)
+from .derived import derived, served, weight_cache  # noqa: F401  (weight_cache: the earlier name of the rule)
 from .undo import entry
 
 PACKED_DTYPES = (torch.float32, torch.bfloat16)
+# Packed copies a convolution keeps, one per input shape (oneDNN picks the layout for the shape): a
+# pipeline called at many sizes (or batch sizes) would otherwise keep one more weight copy per size.
+# Past this many the oldest goes; four covers a pipeline's usual one or two shapes per layer.
+MAX_SHAPES = 4
 
 
 def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
@@ -42,6 +48,14 @@ def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
     return (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != w.dtype
             or w.dtype not in PACKED_DTYPES or x.numel() == 0
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
+
+
+def _drop_oldest(cache: dict) -> None:
+    """Drop the packed copy made first (dicts keep insertion order); another thread may have dropped it already."""
+    try:
+        del cache[next(k for k in list(cache) if k != "owner")]
+    except (KeyError, StopIteration):
+        pass
 
 
 class PackedConv:
@@ -59,10 +73,14 @@ class PackedConv:
             return rest(x, add)
         padding, stride, dilation, groups = self.geometry
         key = tuple(x.shape)
-        packed = derived(self.packed_cache, w).get(key)
+        cache = derived(self.packed_cache, w)
+        packed = cache.get(key)
         if packed is None:
-            packed = self.packed_cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
+            if len(cache) > MAX_SHAPES:  # the "owner" entry and MAX_SHAPES packed copies
+                _drop_oldest(cache)
+            packed = cache[key] = torch._C._nn.mkldnn_reorder_conv2d_weight(
                 w.detach().to_mkldnn(), padding, stride, dilation, groups, list(x.shape))
+            served(w)
         out = torch.ops.mkldnn._convolution_pointwise(x, packed, conv.bias, padding, stride, dilation, groups,
                                                       "none", [], "")
         return out if add is None else add + out
@@ -84,6 +102,7 @@ class PackedLinear:
         if packed is None:  # the row count only hints oneDNN's choice of layout
             packed = self.packed_cache["packed"] = torch.ops.mkldnn._reorder_linear_weight(
                 w.detach(), x.numel() // x.shape[-1])
+            served(w)
         out = torch.ops.mkldnn._linear_pointwise(x, packed, linear.bias, "none", [], "")
         return out if add is None else add + out
 

@@ -8,8 +8,10 @@ A pass never writes its own restore code: ``apply`` records each change through 
   shows again, so the module's ``__dict__`` is what it was).
 - ``plug(layer, name, impl)``: an entry in a layer's compute chain (runtime/models/layers.py), at
   the place ``ORDER`` gives it; undone by removing that entry, whatever else was plugged since.
-- ``tensors(module)``: the module's parameters' data and buffers, before a conversion that swaps
-  them (dtype, memory format); undone by putting the same tensors back (runtime/optim/snapshot.py).
+- ``tensors(module, convert)``: the module's parameters' data and buffers, before a conversion that
+  swaps them (dtype, memory format; ``convert`` runs it); undone by putting the same tensors back
+  (runtime/optim/snapshot.py). After ``convert`` the originals the module no longer holds leave
+  memory (left to their checkpoint file, or spilled to disk) until the revert.
 - ``hook(handle)``: a registered torch hook; undone by removing it.
 - ``call(what, undo)``: anything else that has an exact inverse (unfusing projections), by name.
 
@@ -107,10 +109,21 @@ class UndoLog:
 
         self.entries.append((f"{_label(layer)}.compute[{name!r}]", unplug))
 
-    def tensors(self, module: nn.Module) -> None:
-        """Keep ``module``'s parameter data and buffers before the caller converts them, recorded."""
+    def tensors(self, module: nn.Module, convert: Callable[[], Any] | None = None) -> TensorSnapshot:
+        """Keep ``module``'s parameter data and buffers, recorded; then ``convert()`` (the conversion,
+        e.g. ``lambda: module.to(dtype)``) and release the originals it replaced from memory
+        (``TensorSnapshot.release``: left to their checkpoint file or spilled, read back on replay).
+        Without ``convert`` the caller converts afterwards and the originals stay in memory."""
         snapshot = TensorSnapshot.take(module)
         self.entries.append((f"{_label(module)} tensors", snapshot.restore))
+        if convert is not None:
+            convert()
+            snapshot.release(f"{self.owner}: {_label(module)}")
+        return snapshot
+
+    def snapshots(self) -> list[TensorSnapshot]:
+        """The tensor snapshots this log holds (what ``tensors`` recorded), oldest first."""
+        return [u.__self__ for _, u in self.entries if isinstance(getattr(u, "__self__", None), TensorSnapshot)]
 
     def hook(self, handle, what: str = "hook") -> None:
         """A hook handle (``register_forward_pre_hook`` & co.), removed on replay."""

@@ -28,7 +28,7 @@ from runtime.models.resnet import Upsample2D
 
 from .base import Pass
 from .components import pipeline_models
-from .derived import derived
+from .derived import derived, served
 from .prepack import mkldnn_usable, packed_conv_forward
 
 # FOLD[a] (2 x 3): which 3x3 kernel rows (columns) feed the two window rows (columns) of phase a.
@@ -79,6 +79,7 @@ class FoldedUpsampleConv:
                 if conv.bias is not None:
                     self.folded.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
             cache["folded"] = True
+            served(conv.weight)
 
     def __call__(self, module: Upsample2D, x: torch.Tensor) -> torch.Tensor:
         conv = module.conv

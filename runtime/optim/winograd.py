@@ -17,7 +17,8 @@ dtype changes, as prepack does. Costs memory: 16/9 of each weight it takes, in t
 beside the weight: SD 1.5's UNet holds more memory with the pass than without it at level 1 (fp32) and
 at level 2 (bf16, in place of prepack's packed copies, which are then never made) (measured:
 bench/RESULTS.md, session 15, 'Winograd in fp32, and the pass at level 1', and 'Figures moved from
-docstrings'; ``winograd=False`` when memory is short). In bf16 the result differs from the direct
+docstrings'; ``winograd=False`` when memory is short); a weight precision left on file pages hands
+its own pages back once transformed (``served``, runtime/optim/derived.py). In bf16 the result differs from the direct
 convolution by rounding only, with a larger rms and max error against fp32 than the direct convolution's
 (measured: bench/RESULTS.md, session 14, 'Winograd F(2x2, 3x3) convolutions', and 'Figures moved
 from docstrings'; tests/kernels/test_winograd_cpu.py); in fp32 its error against fp64 is the direct
@@ -46,7 +47,7 @@ from runtime.models.resnet import ResnetBlock2D, Upsample2D
 from . import dispatch
 from .base import Pass
 from .components import pipeline_device, pipeline_models
-from .derived import derived
+from .derived import derived, served
 from .undo import ORDER, entry
 from .upsample import plain_3x3
 
@@ -87,6 +88,7 @@ def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
 
             entry["u"] = winograd_weight(conv.weight, up2=up2)
         entry["bias"] = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
+        served(conv.weight)
     return entry["u"], entry["bias"]
 
 
