@@ -10,9 +10,10 @@ the shapes stay (hotswap with padded ranks: fixed-rank buffers, so compiled code
 tensors and nothing recompiles).
 
 ``base(x)`` is the rest of the chain (packed / Winograd kernels over the untouched base weights):
-adapters run on the side and never repack the base. The entry has no ``same_operator``: fused QKV,
-fused GEGLU and the upsample fold fall back to the separate layers while it is plugged
-(``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
+adapters run on the side and never repack the base. The entry has no ``same_operator``, but offers its
+term alone (``delta``): fused q/k/v keep their one matmul and add each projection's term after it
+(``Linear.side_terms()``); fused GEGLU and the upsample fold, which would need the term inside their
+kernels, fall back to the separate layers while it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
 (peft's rule: a merged layer runs its base layer only) and the entry is unplugged.
 """
 from __future__ import annotations
@@ -111,14 +112,15 @@ class LoraEntry:
         self.packs.clear()
 
     # ---- the chain entry -------------------------------------------------------------------
-    def __call__(self, layer: nn.Module, x: torch.Tensor, rest, add: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+        """The active adapters' term for ``x`` (call-time scale applied), or None when none is active:
+        what the entry adds to ``rest(x)`` (``Linear.side_terms``: fused q/k/v add it after their matmul)."""
         key = (x.dtype, x.device)
         pack = self.packs.get(key, _MISSING)
         if pack is _MISSING:
             pack = self.packs[key] = self._pack(*key)
         if pack is None:
-            return rest(x, add)
-        out = rest(x)
+            return None
         down, up = pack
         if self.conv:
             stride, padding, dilation = self.geometry
@@ -126,8 +128,13 @@ class LoraEntry:
         else:
             delta = F.linear(F.linear(x, down), up)
         scale = self.state.call_scale()
-        if scale != 1.0:
-            delta = delta * scale
+        return delta if scale == 1.0 else delta * scale
+
+    def __call__(self, layer: nn.Module, x: torch.Tensor, rest, add: torch.Tensor | None = None) -> torch.Tensor:
+        delta = self.delta(layer, x)
+        if delta is None:
+            return rest(x, add)
+        out = rest(x)
         if (out.requires_grad or delta.requires_grad or out.shape != delta.shape or out.dtype != delta.dtype
                 or (add is not None and (add.shape != out.shape or add.dtype != out.dtype))):
             out = out + delta  # peft's order: base(x) + lora; then a caller's residual

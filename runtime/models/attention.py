@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_slicing import check_slice_size, sliced_attention
-from .layers import Linear
+from .layers import Linear, fused_outputs
 from .call_slot import CallSlot
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -170,21 +170,18 @@ class Attention(CallSlot):
         if fused.bias is not None:
             fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
 
-    @staticmethod
-    def _fusable(*projections) -> bool:
-        return all(p.computes_operator() for p in projections)
-
     # ---- forward ---------------------------------------------------------------------------
     def _project(self, x: torch.Tensor, context: torch.Tensor):
-        # the fused matmul computes the projections from their weights: only while their chains do too
-        # (runtime/models/layers.py, ``computes_operator``); otherwise each projection runs its own chain
-        if self.fused == "qkv" and context is x and self._fusable(self.to_q, self.to_k, self.to_v):
-            return self.to_qkv(x).chunk(3, dim=-1)
+        # the fused matmul computes the projections' operators; each projection's chain may only add
+        # terms on top (an adapter's), which come after it (runtime/models/layers.py, ``side_terms``);
+        # any other entry and every projection runs its own chain
+        if self.fused == "qkv" and context is x:
+            fused = fused_outputs(self.to_qkv, (self.to_q, self.to_k, self.to_v), x)
+            if fused is not None:
+                return fused
         q = self.to_q(x)
-        if self.fused == "kv" and self._fusable(self.to_k, self.to_v):
-            k, v = self.to_kv(context).chunk(2, dim=-1)
-        else:
-            k, v = self.to_k(context), self.to_v(context)
+        kv = fused_outputs(self.to_kv, (self.to_k, self.to_v), context) if self.fused == "kv" else None
+        k, v = kv if kv is not None else (self.to_k(context), self.to_v(context))
         return q, k, v
 
     def _attend(self, x: torch.Tensor, context: torch.Tensor | None, mask: torch.Tensor | None) -> torch.Tensor:

@@ -23,7 +23,7 @@ from torch import nn
 
 from runtime.lora.model_mixin import LoraModelMixin
 
-from .layers import Linear
+from .layers import Linear, fused_outputs
 
 from .attention import AttentionBackend, sdpa_backend
 from .checkpointing import maybe_checkpoint
@@ -134,11 +134,11 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
         batch, tokens, width = x.shape
-        # the fused matmul computes the projections from their weights: only while their chains do too
-        if self.fused == "qkv" and all(p.computes_operator() for p in (self.q_proj, self.k_proj, self.v_proj)):
-            q, k, v = self.to_qkv(x).chunk(3, dim=-1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        # the fused matmul computes the projections' operators, their chains' added terms after it
+        # (runtime/models/layers.py, ``fused_outputs``); any other entry and the projections run alone
+        parts = (self.q_proj, self.k_proj, self.v_proj)
+        qkv = fused_outputs(self.to_qkv, parts, x) if self.fused == "qkv" else None
+        q, k, v = qkv if qkv is not None else (p(x) for p in parts)
         # (B, T, H*D) -> (B, H, T, D)
         q, k, v = (t.view(batch, tokens, self.heads, self.head_dim).transpose(1, 2) for t in (q, k, v))
         out = self.backend(q, k, v, mask)

@@ -18,7 +18,10 @@ An implementation that computes the layer's own operator another way (a packed w
 transform) says so with a true ``same_operator`` attribute; one that changes what the layer
 computes (an adapter's low-rank term) does not. ``computes_operator()`` is true when every entry
 is of the first kind: only then may a caller compute the layer's result without calling it (one
-matmul for several projections, a projection fused with its activation).
+matmul for several projections, a projection fused with its activation). An entry that only adds
+a term to the operator's output (``rest(x) + term``) may also offer it alone as ``delta(layer, x)``
+(a tensor, or None when it adds nothing now); ``side_terms()`` gives those terms when every entry is
+of one of the two kinds, so a caller that computes the operator itself (fused q/k/v) adds them after.
 
 The layers know nothing about what the implementations do or in which order they belong: the
 optimization layer decides the order (runtime/optim/undo.py, ``ORDER``) and sets the whole tuple.
@@ -74,6 +77,29 @@ class _ComputeSlot:
         """Whether the chain computes exactly the layer's operator (empty, or only ``same_operator`` entries)."""
         return all(getattr(impl, "same_operator", False) for _, impl in self.__dict__.get("_compute", ()))
 
+    def side_terms(self) -> list | None:
+        """The terms the chain adds to the operator's output, as ``[delta, ...]`` (each called as
+        ``delta(layer, x)``, in chain order), or None when some entry changes the operator otherwise."""
+        terms = []
+        for _, impl in self.__dict__.get("_compute", ()):
+            if getattr(impl, "same_operator", False):
+                continue
+            delta = getattr(impl, "delta", None)
+            if delta is None:
+                return None
+            terms.append(delta)
+        return terms
+
+    def add_side_terms(self, out: torch.Tensor, x: torch.Tensor, terms: list) -> torch.Tensor:
+        """``out`` (this layer's operator on ``x``, computed by a caller) plus ``terms`` (``side_terms()``)."""
+        for delta in terms:
+            d = delta(self, x)
+            if d is None:
+                continue
+            inplace = not (out.requires_grad or d.requires_grad) and out.shape == d.shape and out.dtype == d.dtype
+            out = out.add_(d) if inplace else out + d
+        return out
+
 
 class Conv2d(_ComputeSlot, nn.Conv2d):
     """``nn.Conv2d`` with a ``compute`` slot and an ``add`` input (see the module docstring)."""
@@ -101,3 +127,16 @@ class Linear(_ComputeSlot, nn.Linear):
             out = F.linear(x, self.weight, self.bias)
             return out if add is None else add + out
         return self._chain(x, add)
+
+
+def fused_outputs(fused: nn.Module, parts, x: torch.Tensor):
+    """What each of ``parts`` (Linears of equal width on the same input ``x``) computes, through one
+    matmul: ``fused`` (their weights concatenated), then each part's side terms on its slice. None
+    when some part's chain changes its operator other than by adding a term: the caller runs the parts."""
+    terms = [p.side_terms() for p in parts]
+    if any(t is None for t in terms):
+        return None
+    outs = fused(x).chunk(len(parts), dim=-1)
+    if not any(terms):
+        return outs
+    return tuple(p.add_side_terms(o, x, t) if t else o for p, o, t in zip(parts, outs, terms))

@@ -94,7 +94,7 @@ def test_adapters_cast_to_the_input_dtype(unet):
     torch.testing.assert_close(got.float(), expected, rtol=0.05, atol=0.05)
 
 
-def test_fused_qkv_falls_back_while_an_adapter_is_on_and_is_refreshed_after_fusing(sd_folder):
+def test_fused_qkv_adds_the_adapter_after_its_matmul_and_is_refreshed_after_fusing(sd_folder):
     plain = runtime.UNet2DConditionModel.from_pretrained(str(sd_folder), subfolder="unet")
     fused = runtime.UNet2DConditionModel.from_pretrained(str(sd_folder), subfolder="unet")
     fused.fuse_qkv_projections()
@@ -104,11 +104,15 @@ def test_fused_qkv_falls_back_while_an_adapter_is_on_and_is_refreshed_after_fusi
     for model in (plain, fused):
         model.load_lora_adapter(sd, adapter_name="a")
     with torch.no_grad():
-        assert not attn_fused._fusable(attn_fused.to_q, attn_fused.to_k, attn_fused.to_v)
-        assert torch.equal(attn_fused(x), attn_plain(x))  # the separate projections, with the adapter
+        assert not attn_fused.to_q.computes_operator() and len(attn_fused.to_q.side_terms()) == 1
+        # the fused matmul, then the adapter's term on q's slice: the separate projections' result
+        torch.testing.assert_close(attn_fused(x), attn_plain(x), rtol=1e-5, atol=1e-5)
+        fused.disable_lora()
+        assert not torch.allclose(attn_fused(x), attn_plain(x), rtol=1e-5, atol=1e-5)  # the term mattered
+        fused.enable_lora()
         for model in (plain, fused):
             model.fuse_lora()
-        assert attn_fused._fusable(attn_fused.to_q, attn_fused.to_k, attn_fused.to_v)  # entry unplugged
+        assert attn_fused.to_q.computes_operator()  # entry unplugged
         expected_qkv = torch.cat([attn_fused.to_q.weight, attn_fused.to_k.weight, attn_fused.to_v.weight])
         assert torch.equal(attn_fused.to_qkv.weight, expected_qkv)  # refreshed in place
         torch.testing.assert_close(attn_fused(x), attn_plain(x), rtol=1e-5, atol=1e-5)

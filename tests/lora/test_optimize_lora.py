@@ -90,15 +90,27 @@ def test_fuse_under_optimization_then_revert_then_unfuse(sd_folder, sd_lora, sd_
     assert np.array_equal(images(pipe), eager["unfused"])
 
 
-def test_fused_qkv_and_geglu_step_aside_while_an_adapter_is_on(sd_folder, sd_lora):
+def test_fused_qkv_keeps_its_matmul_and_geglu_steps_aside_while_an_adapter_is_on(sd_folder, sd_lora):
     from runtime.models.transformer_2d import GEGLU
 
     pipe = ours(sd_folder)
     pipe.load_lora_weights(str(sd_lora), adapter_name="a")
-    runtime.optimize(pipe, level=1)
     attn = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0].attn1
+    h = torch.randn(2, 16, attn.to_q.in_features)
+    with torch.no_grad():
+        separate = attn(h)  # not fused yet: each projection runs its chain (base + adapter)
+    runtime.optimize(pipe, level=1)
     geglu = next(m for m in pipe.unet.modules() if isinstance(m, GEGLU))
-    assert attn.fused == "qkv" and not attn.to_q.computes_operator()
+    assert attn.fused == "qkv" and not attn.to_q.computes_operator() and len(attn.to_q.side_terms()) == 1
+    calls = {"qkv": 0, "q": 0}
+    hooks = [attn.to_qkv.register_forward_hook(lambda *a: calls.__setitem__("qkv", calls["qkv"] + 1)),
+             attn.to_q.register_forward_hook(lambda *a: calls.__setitem__("q", calls["q"] + 1))]
+    with torch.no_grad():
+        fused = attn(h)
+    for hook in hooks:
+        hook.remove()
+    assert calls == {"qkv": 1, "q": 0}  # one matmul for q/k/v, the adapter's terms added after it
+    torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
     x = torch.randn(1, 4, geglu.proj.in_features)
     if geglu.fused is not None:
         assert geglu.fused(x) is None  # declines: the projection's chain adds the adapter

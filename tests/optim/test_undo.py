@@ -119,6 +119,47 @@ def test_computes_operator_only_while_every_entry_says_it_computes_the_layers_op
     assert linear.computes_operator()
 
 
+def test_side_terms_and_fused_outputs_add_only_what_additive_entries_add():
+    from runtime.models.layers import fused_outputs
+
+    torch.manual_seed(0)
+    parts = [Linear(6, 4) for _ in range(3)]
+    fused = Linear(6, 12)
+    with torch.no_grad():
+        fused.weight.copy_(torch.cat([p.weight for p in parts]))
+        fused.bias.copy_(torch.cat([p.bias for p in parts]))
+    x = torch.randn(2, 5, 6)
+    term = torch.randn(4)
+
+    class Adds:  # rest(x) + term, and the term alone
+        def __call__(self, layer, x, rest, add=None):
+            out = rest(x) + term
+            return out if add is None else add + out
+
+        def delta(self, layer, x):
+            return term.expand(*x.shape[:-1], 4).clone()
+
+    def other(layer, x, rest, add=None):  # changes the operator another way: no delta
+        return rest(x, add) * 2
+
+    def same(layer, x, rest, add=None):
+        return rest(x, add)
+
+    same.same_operator = True
+    assert parts[0].side_terms() == []
+    parts[1].compute = (("lora", Adds()), ("prepack", same))
+    assert len(parts[1].side_terms()) == 1 and not parts[1].computes_operator()
+    with torch.no_grad():
+        got = fused_outputs(fused, parts, x)
+        want = [p(x) for p in parts]
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
+    parts[2].compute = (("lora", other),)
+    assert parts[2].side_terms() is None and fused_outputs(fused, parts, x) is None
+    for p in parts:
+        p.compute = ()
+
+
 # ---- the undo log ---------------------------------------------------------------------------------------
 def test_set_restores_instance_values_and_class_defaults():
     class Thing:
