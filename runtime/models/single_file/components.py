@@ -11,7 +11,7 @@ import logging
 
 import torch
 
-from ..errors import ConfigError, ShapeMismatchError
+from ..errors import ConfigError, RuntimeErrorBase, ShapeMismatchError
 from ..meta_build import skip_init_on_meta
 from ..weight_loading import SHOW_KEYS, list_keys, load_weights
 from . import clip_keys, infer, open_clip_keys, unet_keys, vae_keys
@@ -63,6 +63,22 @@ def build(cls, config: dict, state: dict, *, source: str, dtype=None, origins: d
     return model
 
 
+def inferred(ckpt: Checkpoint, what: str, prefix: str, infer_fn, *args):
+    """``infer_fn(*args)``, a config read off the file's shapes; a key set it cannot read (a key the
+    rules need is missing, a tensor has too few dimensions) is a ConfigError naming the file and key."""
+    try:
+        return infer_fn(*args)
+    except RuntimeErrorBase:
+        raise
+    except KeyError as exc:
+        key = exc.args[0] if exc.args else "?"
+        raise ConfigError(f"{ckpt.source}: cannot infer the {what} config from the file: it has no key {key!r} "
+                          f"(under {prefix!r}); pass config=... or a complete checkpoint") from None
+    except (IndexError, ValueError, TypeError, AttributeError, ZeroDivisionError, RuntimeError) as exc:
+        raise ConfigError(f"{ckpt.source}: cannot infer the {what} config from the file's {prefix!r} keys "
+                          f"({type(exc).__name__}: {exc}); pass config=... or a complete checkpoint") from None
+
+
 def unet_state(ckpt: Checkpoint, ftype: FileType, extract_ema: bool = False) -> dict:
     """The UNet's original-layout keys, prefix stripped."""
     if ftype.unet_prefix:
@@ -76,8 +92,8 @@ def load_unet(cls, ckpt: Checkpoint, ftype: FileType, *, config: dict | None = N
     if not sd:
         raise ConfigError(f"{ckpt.source}: the file holds no UNet ({unet_keys.PREFIX}* keys)")
     if config is None:
-        config, standard = infer.unet_config(sd, ftype.family, ftype.name, infer.pooled_width(ckpt.tensors, ftype),
-                                             prediction_type)
+        config, standard = inferred(ckpt, "UNet", ftype.unet_prefix or "", infer.unet_config, sd, ftype.family,
+                                    ftype.name, infer.pooled_width(ckpt.tensors, ftype), prediction_type)
         config_source = f"the shipped {ftype.name} UNet config" if standard else "the UNet config inferred from the file"
     config = {**config, **(overrides or {})}
     lpb = config.get("layers_per_block", 2)
@@ -94,7 +110,7 @@ def load_vae(cls, ckpt: Checkpoint, ftype: FileType, *, config: dict | None = No
         raise ConfigError(f"{ckpt.source}: the file holds no VAE (first_stage_model.* keys); pass vae=...")
     sd = infer.strip(ckpt.tensors, prefix) if prefix else dict(ckpt.tensors)
     if config is None:
-        config = infer.vae_config(sd, ftype.family, ftype.name)
+        config = inferred(ckpt, "VAE", prefix, infer.vae_config, sd, ftype.family, ftype.name)
         config_source = "the VAE config inferred from the file"
     config = {**config, **(overrides or {})}
     state, unmapped = vae_keys.to_diffusers(sd)
@@ -107,7 +123,7 @@ def load_text_encoder(cls, ckpt: Checkpoint, ftype: FileType, component: str, *,
     layout, prefix = ftype.text[component]
     sd = infer.strip(ckpt.tensors, prefix)
     if config is None:
-        config = infer.text_config(sd, layout, ftype.family, ftype.name, component)
+        config = inferred(ckpt, component, prefix, infer.text_config, sd, layout, ftype.family, ftype.name, component)
         config_source = f"the {component} config inferred from the file"
     projection = cls.__name__ == "CLIPTextModelWithProjection"
     if layout == "clip":
