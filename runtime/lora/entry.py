@@ -11,7 +11,7 @@ tensors and nothing recompiles).
 
 ``base(x)`` is the rest of the chain (packed / Winograd kernels over the untouched base weights):
 adapters run on the side and never repack the base. The entry has no ``same_operator``, but offers its
-term alone (``delta``): fused q/k/v keep their one matmul and add each projection's term after it
+term alone (``add_term``): fused q/k/v keep their one matmul and add each projection's term after it
 (``Linear.side_terms()``); fused GEGLU and the upsample fold, which would need the term inside their
 kernels, fall back to the separate layers while it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
 (peft's rule: a merged layer runs its base layer only) and the entry is unplugged.
@@ -112,36 +112,75 @@ class LoraEntry:
         self.packs.clear()
 
     # ---- the chain entry -------------------------------------------------------------------
-    def delta(self, layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
-        """The active adapters' term for ``x`` (call-time scale applied), or None when none is active:
-        what the entry adds to ``rest(x)`` (``Linear.side_terms``: fused q/k/v add it after their matmul)."""
+    def _pack_for(self, x: torch.Tensor):
         key = (x.dtype, x.device)
         pack = self.packs.get(key, _MISSING)
         if pack is _MISSING:
             pack = self.packs[key] = self._pack(*key)
-        if pack is None:
-            return None
-        down, up = pack
+        return pack
+
+    def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         if self.conv:
             stride, padding, dilation = self.geometry
-            delta = F.conv2d(F.conv2d(x, down, None, stride, padding, dilation), up)
-        else:
-            delta = F.linear(F.linear(x, down), up)
+            return F.conv2d(x, down, None, stride, padding, dilation)
+        return F.linear(x, down)
+
+    def _fold(self, out: torch.Tensor, h: torch.Tensor, up: torch.Tensor, scale: float) -> bool:
+        """``out += scale * up(h)`` in place as one matrix product into ``out`` (addmm / baddbmm: no
+        term tensor, no second pass over ``out``); False where the layouts do not allow it."""
+        if out.dtype != h.dtype or (torch.is_grad_enabled() and (out.requires_grad or h.requires_grad)):
+            return False
+        r = up.shape[1]
+        try:
+            if not self.conv:
+                if out.shape[:-1] != h.shape[:-1]:
+                    return False
+                out.view(-1, out.shape[-1]).addmm_(h.reshape(-1, r), up.t(), alpha=scale)
+                return True
+            if out.ndim != 4 or h.shape[0] != out.shape[0] or h.shape[2:] != out.shape[2:]:
+                return False
+            up2 = up.view(up.shape[0], r)
+            if out.is_contiguous() and h.is_contiguous():
+                b, c = out.shape[:2]
+                out.view(b, c, -1).baddbmm_(up2.expand(b, c, r), h.view(b, r, -1), alpha=scale)
+                return True
+            if out.is_contiguous(memory_format=torch.channels_last) and h.is_contiguous(memory_format=torch.channels_last):
+                rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
+                rows.addmm_(h.permute(0, 2, 3, 1).reshape(-1, r), up2.t(), alpha=scale)
+                return True
+        except RuntimeError:  # a view the layout does not allow: the term is added the plain way
+            return False
+        return False
+
+    def add_term(self, layer: nn.Module, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``out`` (the layer's operator on ``x``, a fresh tensor) plus the active adapters' term (call-time
+        scale applied): written into ``out`` where no autograd needs it, else a new tensor. What the entry
+        adds to ``rest(x)``; fused q/k/v call it on their slices (``Linear.side_terms``)."""
+        pack = self._pack_for(x)
+        if pack is None:
+            return out
+        down, up = pack
         scale = self.state.call_scale()
-        return delta if scale == 1.0 else delta * scale
+        h = self._down(x, down)
+        if self._fold(out, h, up, scale):
+            return out
+        delta = F.conv2d(h, up) if self.conv else F.linear(h, up)
+        if scale != 1.0:
+            delta = delta * scale
+        if out.requires_grad or delta.requires_grad or out.shape != delta.shape or out.dtype != delta.dtype:
+            return out + delta  # peft's order: base(x) + lora
+        return out.add_(delta)
 
     def __call__(self, layer: nn.Module, x: torch.Tensor, rest, add: torch.Tensor | None = None) -> torch.Tensor:
-        delta = self.delta(layer, x)
-        if delta is None:
+        if self._pack_for(x) is None:
             return rest(x, add)
-        out = rest(x)
-        if (out.requires_grad or delta.requires_grad or out.shape != delta.shape or out.dtype != delta.dtype
-                or (add is not None and (add.shape != out.shape or add.dtype != out.dtype))):
-            out = out + delta  # peft's order: base(x) + lora; then a caller's residual
-            return out if add is None else add + out
-        # no autograd: the base output is ours alone (a fresh tensor), so add into it (a + b == b + a)
-        out.add_(delta)
-        return out if add is None else out.add_(add)
+        out = self.add_term(layer, rest(x), x)
+        if add is None:
+            return out
+        # then a caller's residual (add + out == out + add); into ``out`` where it is ours alone
+        if out.requires_grad or add.requires_grad or add.shape != out.shape or add.dtype != out.dtype:
+            return add + out
+        return out.add_(add)
 
     def __repr__(self) -> str:
         return f"LoraEntry({self.path!r}, adapters={list(self.adapters)}, fused={[n for n, _ in self.fused]})"

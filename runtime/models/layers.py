@@ -19,9 +19,10 @@ transform) says so with a true ``same_operator`` attribute; one that changes wha
 computes (an adapter's low-rank term) does not. ``computes_operator()`` is true when every entry
 is of the first kind: only then may a caller compute the layer's result without calling it (one
 matmul for several projections, a projection fused with its activation). An entry that only adds
-a term to the operator's output (``rest(x) + term``) may also offer it alone as ``delta(layer, x)``
-(a tensor, or None when it adds nothing now); ``side_terms()`` gives those terms when every entry is
-of one of the two kinds, so a caller that computes the operator itself (fused q/k/v) adds them after.
+a term to the operator's output (``rest(x) + term``) may also offer it alone as ``add_term(layer, out,
+x)`` (``out`` plus the term, written into ``out`` where it may); ``side_terms()`` gives those when
+every entry is of one of the two kinds, so a caller that computes the operator itself (fused q/k/v)
+adds them after.
 
 The layers know nothing about what the implementations do or in which order they belong: the
 optimization layer decides the order (runtime/optim/undo.py, ``ORDER``) and sets the whole tuple.
@@ -78,26 +79,23 @@ class _ComputeSlot:
         return all(getattr(impl, "same_operator", False) for _, impl in self.__dict__.get("_compute", ()))
 
     def side_terms(self) -> list | None:
-        """The terms the chain adds to the operator's output, as ``[delta, ...]`` (each called as
-        ``delta(layer, x)``, in chain order), or None when some entry changes the operator otherwise."""
+        """The terms the chain adds to the operator's output, as ``[add_term, ...]`` (each called as
+        ``add_term(layer, out, x)``, in chain order), or None when some entry changes the operator otherwise."""
         terms = []
         for _, impl in self.__dict__.get("_compute", ()):
             if getattr(impl, "same_operator", False):
                 continue
-            delta = getattr(impl, "delta", None)
-            if delta is None:
+            add_term = getattr(impl, "add_term", None)
+            if add_term is None:
                 return None
-            terms.append(delta)
+            terms.append(add_term)
         return terms
 
     def add_side_terms(self, out: torch.Tensor, x: torch.Tensor, terms: list) -> torch.Tensor:
-        """``out`` (this layer's operator on ``x``, computed by a caller) plus ``terms`` (``side_terms()``)."""
-        for delta in terms:
-            d = delta(self, x)
-            if d is None:
-                continue
-            inplace = not (out.requires_grad or d.requires_grad) and out.shape == d.shape and out.dtype == d.dtype
-            out = out.add_(d) if inplace else out + d
+        """``out`` (this layer's operator on ``x``, computed by a caller, its own tensor or a slice of one)
+        plus ``terms`` (``side_terms()``)."""
+        for add_term in terms:
+            out = add_term(self, out, x)
         return out
 
 

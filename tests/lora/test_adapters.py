@@ -325,3 +325,31 @@ def test_a_copied_model_carries_its_own_adapters(unet):
         twin.set_adapters("a", 0.0)
         assert not torch.equal(twin_layer(x), layer(x))  # the original keeps weight 1.0
     assert chain_entry(twin_layer, "lora").state is lora_state(twin)
+
+
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_term_written_into_the_output_equals_the_term_added_after(unet, layout):
+    """Without autograd the up projection runs as one addmm_ / baddbmm_ into the base output; with it, the
+    term is a tensor added after: both give base + up(down(x)), for linears (3-D inputs) and convolutions
+    (3x3 and 1x1, NCHW and channels-last), at a call-time scale."""
+    paths = [n for n, m in unet.named_modules() if n.endswith(("attn1.to_q", "attn2.to_k", "ff.net.2", "proj_in"))
+             or n.endswith(("resnets.0.conv1", "resnets.0.conv2", "conv_shortcut"))]
+    assert any(isinstance(unet.get_submodule(p), torch.nn.Conv2d) for p in paths)
+    unet.load_lora_adapter(random_lora(unet, paths, 4, 3), adapter_name="a")
+    if layout == "channels_last":
+        unet.to(memory_format=torch.channels_last)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(2, unet.config.in_channels, 16, 16, generator=g)
+    ctx = torch.randn(2, 5, unet.config.cross_attention_dim, generator=g)
+    if layout == "channels_last":
+        x = x.contiguous(memory_format=torch.channels_last)
+    with lora_state(unet).scaled(0.7):
+        with torch.no_grad():
+            folded = unet(x, 3, encoder_hidden_states=ctx).sample
+        xg = x.clone().requires_grad_(True)
+        separate = unet(xg, 3, encoder_hidden_states=ctx).sample.detach()
+    torch.testing.assert_close(folded, separate, rtol=1e-5, atol=1e-5)
+    unet.disable_lora()
+    with torch.no_grad():
+        plain = unet(x, 3, encoder_hidden_states=ctx).sample
+    assert (folded - plain).abs().max() > 1e-3  # the adapters were applied
