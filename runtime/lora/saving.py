@@ -13,8 +13,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -127,11 +125,11 @@ def write_lora_file(save_directory, tensors: dict[str, torch.Tensor], config: di
     directory.mkdir(parents=True, exist_ok=True)
     name = weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else LORA_WEIGHT_NAME)
     path = directory / name
-    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
-    os.close(fd)
-    try:
+    from runtime.models.atomic_file import atomic_file
+
+    with atomic_file(path) as tmp:
         if save_function is not None:
-            save_function(tensors, tmp)
+            save_function(tensors, str(tmp))
         elif safe_serialization:
             from runtime.models.safetensors_io import write_safetensors
 
@@ -139,11 +137,4 @@ def write_lora_file(save_directory, tensors: dict[str, torch.Tensor], config: di
             write_safetensors(tensors, tmp, metadata=extra)
         else:
             torch.save(tensors, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
     return path

@@ -1,4 +1,5 @@
-"""Crash safety: kill -9 in the middle of save_pretrained, a full disk, read-only caches.
+"""Crash safety: kill -9 in the middle of save_pretrained, save_lora_weights and save_single_file, a full
+disk, read-only caches.
 
 - kill -9 a child process at each stage of a save (while writing the weights, at the swap, while
   writing model_index.json): the target then loads as the previous complete checkpoint or the new
@@ -168,6 +169,74 @@ def test_kill_9_mid_pipeline_save_never_mixes_components(sd_folder, tmp_path, st
     assert _same(_weights(target), old), "some components were replaced and others not"
     assert (target / "model_index.json").read_text() == index
     runtime.StableDiffusionPipeline.from_pretrained(target)
+
+
+FILE_CHILD = textwrap.dedent("""
+    import sys, time
+    from pathlib import Path
+    import safetensors.torch
+    import torch
+    import runtime
+
+    source, target, what, seed, marker = sys.argv[1:6]
+    real = safetensors.torch.save_file
+    def save_file(tensors, path, metadata=None):  # the new file half written, then killed
+        Path(path).write_bytes(b"partial")
+        Path(marker).write_text("ready")
+        time.sleep(60)
+    if marker != "-":
+        safetensors.torch.save_file = save_file
+    if what == "lora":
+        g = torch.Generator().manual_seed(int(seed))
+        layers = {"down_blocks.0.attentions.0.proj_in.lora_A.weight": torch.randn(4, 32, generator=g),
+                  "down_blocks.0.attentions.0.proj_in.lora_B.weight": torch.randn(32, 4, generator=g)}
+        runtime.StableDiffusionPipeline.save_lora_weights(target, unet_lora_layers=layers)
+    else:
+        vae = runtime.AutoencoderKL.from_pretrained(source)
+        with torch.no_grad():
+            for p in vae.parameters():
+                p.add_(float(seed))
+        vae.save_single_file(target)
+    if marker != "-":
+        Path(marker).write_text("done")
+""")
+
+
+def _file_save(source: Path, target: Path, what: str, seed: int, marker: Path | None) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    return subprocess.Popen([sys.executable, "-c", FILE_CHILD, str(source), str(target), what, str(seed),
+                             str(marker) if marker else "-"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("what", ["lora", "single_file"])
+def test_kill_9_mid_file_save_leaves_the_previous_file_and_the_next_save_sweeps(sd_folder, tmp_path, what):
+    target = tmp_path / "lora" if what == "lora" else tmp_path / "vae.safetensors"
+    saved = target / "pytorch_lora_weights.safetensors" if what == "lora" else target
+    first = _file_save(sd_folder / "vae", target, what, 0, None)
+    assert first.wait(120) == 0, first.communicate()[0].decode()[-3000:]
+    old = load_file(saved)
+    marker = tmp_path / "marker"
+    child = _file_save(sd_folder / "vae", target, what, 1, marker)
+    try:
+        deadline = time.monotonic() + 120
+        while not marker.exists() and child.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert marker.exists() and marker.read_text() == "ready", child.communicate()[0].decode()[-3000:]
+        child.send_signal(signal.SIGKILL)
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()
+    assert _same(load_file(saved), old)  # the previous complete file, tensor for tensor
+    left = [p for p in saved.parent.iterdir() if p.name.startswith(f".{saved.name}.saving-")]
+    assert len(left) == 1 and left[0].read_bytes() == b"partial"  # the killed write's temporary file...
+    again = _file_save(sd_folder / "vae", target, what, 2, None)
+    assert again.wait(120) == 0, again.communicate()[0].decode()[-3000:]
+    assert not left[0].exists()  # ...is swept by the next write of that target
+    new = load_file(saved)
+    assert new.keys() == old.keys() and not any(torch.equal(new[k], old[k]) for k in new)
+    assert [p.name for p in saved.parent.iterdir() if p.name.startswith(".")] == []  # nothing else hidden left
 
 
 def _full_disk(tmp_path: Path, monkeypatch) -> tuple[Path, str]:

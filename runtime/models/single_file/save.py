@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 
+from ..atomic_file import atomic_file
 from ..errors import InputError
 from ..safetensors_io import prepare_for_save
 from . import clip_keys, open_clip_keys, unet_keys, vae_keys
@@ -52,18 +52,8 @@ def write(path: str | os.PathLike, tensors: dict[str, torch.Tensor], configs: di
     tensors = prepare_for_save(tensors)
     path.parent.mkdir(parents=True, exist_ok=True)
     metadata = {"format": "pt", METADATA_KEY: json.dumps(configs, sort_keys=True)}
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata=metadata)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp's 0600 would make the shared file private
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_file(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)
     return path
 
 
