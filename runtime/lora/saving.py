@@ -125,7 +125,7 @@ def write_lora_file(save_directory, tensors: dict[str, torch.Tensor], config: di
     directory.mkdir(parents=True, exist_ok=True)
     name = weight_name or (LORA_WEIGHT_NAME_SAFE if safe_serialization else LORA_WEIGHT_NAME)
     path = directory / name
-    from runtime.models.atomic_file import atomic_file
+    from runtime.models.files import atomic_file
 
     with atomic_file(path) as tmp:
         if save_function is not None:

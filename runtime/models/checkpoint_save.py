@@ -32,7 +32,7 @@ import torch
 
 from . import safetensors_io
 from .checkpoint_files import WeightNames
-from .files import atomic_write_text
+from .files import atomic_write_text, owner_gone
 
 
 def _carry_over(old: Path, new: Path, names: WeightNames, config_name: str) -> None:
@@ -116,20 +116,6 @@ def temp_sibling(target: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=f".{target.name}.saving-{os.getpid()}-", dir=target.parent))
 
 
-def _owner_gone(folder: Path) -> bool:
-    """Whether the pid in a ``.<name>.<kind>-<pid>-<random>`` folder name no longer runs on this host."""
-    pid = folder.name.rsplit("-", 2)[-2] if folder.name.count("-") >= 2 else ""
-    if not pid.isdigit():
-        return False  # not one of ours (or an older name without a pid): leave it
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # exists, owned by someone else
-        return False
-    return False
-
-
 def sweep_stale(target: Path) -> list[Path]:
     """Remove the temporary and backup folders that killed saves left beside ``target``; where the
     target is missing and a dead save's backup is there, restore the backup first. Returns what it removed."""
@@ -138,7 +124,7 @@ def sweep_stale(target: Path) -> list[Path]:
         siblings = list(target.parent.iterdir())
     except OSError:
         return removed
-    stale = [p for p in siblings if p.is_dir() and not p.is_symlink() and _owner_gone(p)
+    stale = [p for p in siblings if p.is_dir() and not p.is_symlink() and owner_gone(p)
              and (p.name.startswith(f".{target.name}.saving-") or p.name.startswith(f".{target.name}.old-"))]
     backups = sorted((p for p in stale if p.name.startswith(f".{target.name}.old-")), key=lambda p: p.stat().st_mtime)
     if backups and not target.exists():

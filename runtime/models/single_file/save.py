@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from ..atomic_file import atomic_file
+from ..files import atomic_file
 from ..errors import InputError
 from ..safetensors_io import prepare_for_save
 from . import clip_keys, open_clip_keys, unet_keys, vae_keys
