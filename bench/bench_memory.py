@@ -232,7 +232,7 @@ def run(args) -> int:
         for config in args.configs.split(","):
             argv = ["pipeline", "--folder", args.small, "--config", config, "--size", str(args.size),
                     "--steps", str(args.steps), "--batch", str(args.batch)]
-            row = {"name": f"small {args.size}px {config}", **_run_child(argv + common, args.timeout)}
+            row = {"name": f"{Path(args.small).name} {args.size}px {config}", **_run_child(argv + common, args.timeout)}
             rows.append(row)
             print(json.dumps(row), flush=True)
     with open(out / "rows.jsonl", "w") as f:
@@ -260,7 +260,7 @@ def main(argv: list[str] | None = None) -> int:
     p_run.add_argument("--skip-vae", action="store_true")
     p_run.add_argument("--vae-rows", default=None, help="indices into the VAE rows: 0 diffusers, 1 ours, "
                        "2 ours tiled, 3 diffusers tiled, 4 ours batch 2, 5 ours batch 2 sliced")
-    p_run.add_argument("--small", default=None, help="the bench small checkpoint folder (pipeline rows)")
+    p_run.add_argument("--small", default=None, help="a bench checkpoint folder for the pipeline rows (small, sd15)")
     p_run.add_argument("--configs", default="eager,slicing-auto,slicing-max,vae-tiling,vae-slicing,L2")
     p_run.add_argument("--size", type=int, default=256)
     p_run.add_argument("--steps", type=int, default=4)
