@@ -1,6 +1,7 @@
 """Long run: many generations in one process; RSS, open file descriptors, live tensors and threads
 must level off. Writes one CSV row per request (and a PNG of RSS against request number when
-matplotlib imports) and prints the slopes over the second half of the run.
+matplotlib imports: ``pip install -c constraints.txt matplotlib``) and prints the slopes over the second
+half of the run. The 500-request run's CSV and plot are kept in bench/figures/.
 
     python3 bench/bench_long_run.py --requests 500 --out results/long     # shipped model, levels 0 and 3
 
