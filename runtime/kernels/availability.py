@@ -82,6 +82,11 @@ def register_op(name: str, fn: Callable, fake: Callable):
     function. torch.compile still traces it as one node, without a graph break.
     """
     qualname = f"diffusion_runtime::{name}"
+    if not INTERPRET and not torch.cuda.is_available():
+        # Compiled Triton runs on CUDA only, and there is none: ``fn`` can only say so (device_reason).
+        # No op to register, and registering one imports torch._dynamo and inductor (a second of a
+        # CPU process's cold start: bench/RESULTS.md, 'Cold start on a quiet machine').
+        return fn
     if not INTERPRET:
         return torch.library.triton_op(qualname, fn, mutates_args=())
     op = torch.library.custom_op(qualname, fn, mutates_args=())

@@ -291,13 +291,22 @@ def networks(pipe) -> list[tuple[str, Any]]:
 
 
 def probe(pipe):
-    """The calls the pipeline's networks make at the session's size (shape_probe.py), probed once per session."""
-    from .shape_probe import probe_calls
+    """The calls the pipeline's networks make at the session's size (shape_probe.py), probed once per
+    session, and read from the cache's folder where an earlier process probed the same networks at that
+    size (probe_cache.py)."""
+    from . import probe_cache
+    from .shape_probe import image_size, probe_calls
 
     s = current()
     key = (id(pipe), s.settings.height, s.settings.width)
     if key not in s.probes:
-        s.probes[key] = probe_calls(pipe, s.settings.height, s.settings.width)
+        directory = s.cache().directory
+        disk_key = probe_cache.probe_key(pipe, image_size(pipe, s.settings.height, s.settings.width))
+        calls = probe_cache.load(directory, disk_key)
+        if calls is None:
+            calls = probe_calls(pipe, s.settings.height, s.settings.width)
+            probe_cache.store(directory, disk_key, calls)
+        s.probes[key] = calls
         if _session.get() is None:  # no session to keep it in: nothing to reuse
             return s.probes.pop(key)
     return s.probes[key]

@@ -297,3 +297,45 @@ def test_optimize_measures_at_the_size_asked_for(pipe, cache):
         with pytest.raises(OptimizationError, match=match):
             optim.optimize(pipe, level=1, dispatch=bad)
     assert pipe.optimization is None
+
+
+def test_the_probe_is_read_back_from_the_cache_folder_by_a_new_process(pipe, cache, monkeypatch):
+    from runtime.optim import probe_cache, shape_probe
+
+    with dispatch.using(cache=cache), dispatch.ensure_session():
+        probed = dispatch.probe(pipe)
+    files = sorted(p.name for p in cache.directory.glob("probe-*.json"))
+    assert len(files) == 1 and probed.probed == ["vae", "unet"]
+    assert probe_cache.from_json(json.loads(json.dumps(probe_cache.to_json(probed)))) == probed  # exact round trip
+
+    def no_twins(model):
+        raise AssertionError("probed again although the cache folder holds the result")
+
+    monkeypatch.setattr(shape_probe, "_twin", no_twins)
+    with dispatch.using(cache=DispatchCache(cache.directory)), dispatch.ensure_session():  # a new process
+        again = dispatch.probe(pipe)
+    assert again == probed
+    with dispatch.using(cache=cache, height=pipe.default_size()[0] // 2), dispatch.ensure_session():
+        small = dispatch.probe(pipe)  # another size is another key: probed, and the twin refuses
+    assert "vae" in small.failed and "unet" in small.failed
+    assert len(list(cache.directory.glob("probe-*.json"))) == 1  # a failed probe is not kept
+
+
+def test_a_corrupt_probe_file_is_ignored_with_a_warning_and_rewritten(pipe, cache):
+    from runtime.optim import probe_cache, shape_probe
+
+    with dispatch.using(cache=cache), dispatch.ensure_session():
+        probed = dispatch.probe(pipe)
+    path = next(cache.directory.glob("probe-*.json"))
+    path.write_text('{"format": 1, "calls": 3}')
+    with pytest.warns(RuntimeWarning, match="probe cache file .* corrupt"):
+        with dispatch.using(cache=DispatchCache(cache.directory)), dispatch.ensure_session():
+            again = dispatch.probe(pipe)
+    assert again == probed
+    assert probe_cache.from_json(json.loads(path.read_text())) == probed
+    key = probe_cache.probe_key(pipe, shape_probe.image_size(pipe, None, None))
+    pipe.vae.enable_tiling()  # the VAE's memory controls change the calls: another key
+    try:
+        assert probe_cache.probe_key(pipe, shape_probe.image_size(pipe, None, None)) != key
+    finally:
+        pipe.vae.disable_tiling()
