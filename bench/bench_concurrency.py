@@ -1,6 +1,7 @@
 """Concurrency stress: one level-0 and one level-3 pipeline, their from_pipe siblings (img2img,
 inpaint) sharing the same components, N threads x M requests mixing schedulers, sizes, guidance
-scales, num_images_per_prompt and callbacks. Every image must equal its sequential twin
+scales, num_images_per_prompt, callbacks and, with ``--lora``, a LoRA adapter on both pipelines at a
+per-request call-time scale (``cross_attention_kwargs={"scale": s}``, 0 to 1, or none given). Every image must equal its sequential twin
 (torch.equal, one intra-op thread). Reports throughput and p50 / p99 latency, concurrent against
 the same requests in sequence.
 
@@ -18,7 +19,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,7 @@ class Request:
     seed: int
     prompt: str
     steps: int
+    lora_scale: float | None = None  # cross_attention_kwargs={"scale": ...}; None: not passed
 
 
 @dataclass
@@ -56,12 +58,29 @@ class Result:
     seconds: float = 0.0
 
 
-def build_pipes(folder: str | Path, levels=(0, 3)) -> dict:
-    """{(level, task, scheduler): pipeline}; per level one loaded pipeline, everything else from_pipe."""
+def random_lora(pipe, rank: int = 4, seed: int = 0) -> dict:
+    """A PEFT-format LoRA state dict for ``pipe``: every attention projection of the UNet and q/v of the
+    text encoder, seeded random weights of a size that changes the image."""
+    g = torch.Generator().manual_seed(seed)
+    out = {}
+    for prefix, model, ends in (("unet", pipe.unet, ("to_q", "to_k", "to_v", "to_out.0")),
+                                ("text_encoder", pipe.text_encoder, ("q_proj", "v_proj"))):
+        for name, m in model.named_modules():
+            if name.endswith(ends) and isinstance(m, torch.nn.Linear):
+                out[f"{prefix}.{name}.lora_A.weight"] = torch.randn(rank, m.in_features, generator=g) * 0.3
+                out[f"{prefix}.{name}.lora_B.weight"] = torch.randn(m.out_features, rank, generator=g) * 0.3
+    return out
+
+
+def build_pipes(folder: str | Path, levels=(0, 3), lora: bool = False) -> dict:
+    """{(level, task, scheduler): pipeline}; per level one loaded pipeline (with ``lora``, a random
+    adapter loaded into it before it is optimized), everything else from_pipe."""
     pipes = {}
     for level in levels:
         base = runtime.StableDiffusionPipeline.from_pretrained(folder)
         base.set_progress_bar_config(disable=True)
+        if lora:
+            base.load_lora_weights(random_lora(base), adapter_name="stress")
         if level:
             runtime.optimize(base, level=level)
         classes = {"text2image": runtime.StableDiffusionPipeline, "img2img": runtime.StableDiffusionImg2ImgPipeline,
@@ -73,13 +92,19 @@ def build_pipes(folder: str | Path, levels=(0, 3)) -> dict:
     return pipes
 
 
-def make_requests(count: int, sizes=(16, 24), seed: int = 0, steps=(3, 4), levels=(0, 3)) -> list[Request]:
+def make_requests(count: int, sizes=(16, 24), seed: int = 0, steps=(3, 4), levels=(0, 3),
+                  lora: bool = False) -> list[Request]:
     rng = random.Random(seed)
-    return [Request(index=i, level=rng.choice(levels), task=rng.choice(TASKS), scheduler=rng.choice(SCHEDULERS),
-                    size=rng.choice(sizes), guidance_scale=rng.choice([1.0, 4.5, 7.5]),
-                    num_images_per_prompt=rng.choice([1, 1, 2]), callback=rng.random() < 0.5,
-                    seed=rng.randrange(2**31), prompt=rng.choice(PROMPTS), steps=rng.choice(steps))
-            for i in range(count)]
+    out = []
+    for i in range(count):
+        req = Request(index=i, level=rng.choice(levels), task=rng.choice(TASKS), scheduler=rng.choice(SCHEDULERS),
+                      size=rng.choice(sizes), guidance_scale=rng.choice([1.0, 4.5, 7.5]),
+                      num_images_per_prompt=rng.choice([1, 1, 2]), callback=rng.random() < 0.5,
+                      seed=rng.randrange(2**31), prompt=rng.choice(PROMPTS), steps=rng.choice(steps))
+        if lora:
+            req = replace(req, lora_scale=rng.choice([None, 0.0, 0.5, 1.0]))
+        out.append(req)
+    return out
 
 
 def _image(size: int, seed: int):
@@ -104,6 +129,8 @@ def run_one(pipes: dict, req: Request) -> Result:
                   num_images_per_prompt=req.num_images_per_prompt, output_type="pt",
                   generator=torch.Generator().manual_seed(req.seed),
                   callback_on_step_end=callback if req.callback else None)
+    if req.lora_scale is not None:
+        kwargs["cross_attention_kwargs"] = {"scale": req.lora_scale}
     if req.task == "text2image":
         kwargs.update(height=req.size, width=req.size)
     else:
@@ -152,14 +179,15 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=25, help="per thread")
     ap.add_argument("--sizes", default="64,48")
     ap.add_argument("--steps", default="4,6")
+    ap.add_argument("--lora", action="store_true", help="a LoRA adapter on both pipelines, per-request scales")
     ap.add_argument("--out", default=None)
     args = ap.parse_args(argv)
     torch.set_num_threads(1)  # the equality contract is stated for one intra-op thread
     t0 = time.perf_counter()
-    pipes = build_pipes(args.model)
+    pipes = build_pipes(args.model, lora=args.lora)
     setup = time.perf_counter() - t0
     requests = make_requests(args.threads * args.requests, sizes=tuple(map(int, args.sizes.split(","))),
-                             steps=tuple(map(int, args.steps.split(","))))
+                             steps=tuple(map(int, args.steps.split(","))), lora=args.lora)
     run_sequential(pipes, requests[: min(4, len(requests))])  # warm-up (first calls build kernels)
     t0 = time.perf_counter()
     seq = run_sequential(pipes, requests)
@@ -169,7 +197,7 @@ def main(argv=None) -> int:
     conc_wall = time.perf_counter() - t0
     bad = mismatches(requests, seq, conc)
     images = sum(r.num_images_per_prompt for r in requests)
-    row = {"model": args.model, "threads": args.threads, "requests": len(requests), "images": images,
+    row = {"model": args.model, "lora": args.lora, "threads": args.threads, "requests": len(requests), "images": images,
            "setup_s": round(setup, 2), "mismatches": len(bad), "torch_threads": torch.get_num_threads()}
     for name, res, wall in (("sequential", seq, seq_wall), ("concurrent", conc, conc_wall)):
         lat = [r.seconds for r in res]
