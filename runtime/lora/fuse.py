@@ -33,7 +33,7 @@ def held_views(model: nn.Module) -> list[dict[int, torch.Tensor]]:
     ids = {id(p) for p in model.parameters()}
     views = []
     for snap in live_snapshots():
-        view = {k: v for k, v in snap.held().items() if k in ids}
+        view = snap.held(ids)  # only this model's: another pipeline's spilled originals stay spilled
         if view:
             views.append(view)
     return views

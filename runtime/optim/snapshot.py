@@ -494,11 +494,14 @@ class TensorSnapshot:
         _live.add(snap)
         return snap
 
-    def held(self) -> dict[int, torch.Tensor]:
-        """``id(parameter) -> tensor`` this snapshot puts back on restore; spilled originals are read back
-        into memory first (the caller may edit them in place: ``fuse_lora``)."""
+    def held(self, ids=None) -> dict[int, torch.Tensor]:
+        """``id(parameter) -> tensor`` this snapshot puts back on restore, for the parameters whose ids are
+        in ``ids`` (None: all); their spilled originals are read back into memory first (the caller may
+        edit them in place: ``fuse_lora``), the others' stay where they are."""
         out = {}
         for i, (p, data) in enumerate(self.params):
+            if ids is not None and id(p) not in ids:
+                continue
             if isinstance(data, _Spilled):
                 try:
                     data = data.read(self.spill_file)

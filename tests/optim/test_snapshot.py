@@ -368,3 +368,24 @@ def test_precision_leaves_the_fp32_originals_to_the_checkpoint_and_reverts_bit_f
     for name, m in models.items():
         after = state(m)
         assert same_values(after, before[name]) and addresses(after) == addresses(before[name])
+
+
+def test_held_reads_back_only_the_parameters_asked_for(spill_folder):
+    """fuse_lora asks every live snapshot for its own model's originals: another model's spilled ones
+    must stay spilled (read back, they would sit in memory until that model's revert)."""
+    from runtime.optim.snapshot import _Spilled
+
+    net = built_net()
+    before = state(net)
+    log = UndoLog("test")
+    snap = to_bf16(log, net)
+    spilled = [p for p, data in snap.params if isinstance(data, _Spilled)]
+    ids = [id(p) for p in spilled]
+    assert len(spilled) >= 2
+    assert snap.held({id(torch.nn.Parameter(torch.zeros(1)))}) == {}  # another model's parameter: nothing
+    assert all(isinstance(data, _Spilled) for p, data in snap.params if id(p) in ids)
+    one = snap.held({id(spilled[0])})
+    assert list(one) == [id(spilled[0])] and isinstance(one[id(spilled[0])], torch.Tensor)
+    assert [isinstance(data, _Spilled) for p, data in snap.params if id(p) in ids] == [False] + [True] * (len(ids) - 1)
+    log.replay()
+    assert same_values(state(net), before)
