@@ -38,6 +38,14 @@ def _pair(folder, cls, path):
     return ref, mine
 
 
+def _matches_diffusers(folder, cls, path, base) -> None:
+    """``path`` loaded into diffusers and into ours gives the same latents, and changes ``base``'s."""
+    ref, mine = _pair(folder, cls, path)
+    got = latents(mine)
+    close(got, latents(ref))
+    assert float((got - latents(base)).abs().max()) > 1e-3  # the adapters changed the result
+
+
 def test_kohya_sd1_file_matches_diffusers(sd_folder, sd_lora, tmp_path):
     base = ours(sd_folder)
     # diffusers' Kohya reader keeps convolution LoRAs of resnets but not of conv_in/out and samplers: leave those out
@@ -46,11 +54,7 @@ def test_kohya_sd1_file_matches_diffusers(sd_folder, sd_lora, tmp_path):
                       and "samplers" not in p}
     path = _kohya_file(parsed, base, tmp_path, sgm=False)
     assert any(k.startswith("lora_unet_down_blocks_") for k in load_safetensors(path))
-    ref, mine = _pair(sd_folder, "StableDiffusionPipeline", path)
-    plain = latents(base)
-    got = latents(mine)
-    close(got, latents(ref))
-    assert float((got - plain).abs().max()) > 1e-3  # the adapters changed the result
+    _matches_diffusers(sd_folder, "StableDiffusionPipeline", path, base)
 
 
 def test_kohya_sdxl_sgm_file_matches_diffusers(sdxl_folder, sdxl_lora, tmp_path):
@@ -61,10 +65,7 @@ def test_kohya_sdxl_sgm_file_matches_diffusers(sdxl_folder, sdxl_lora, tmp_path)
     path = _kohya_file(parsed, base, tmp_path, sgm=True)
     keys = load_safetensors(path)
     assert any(k.startswith("lora_unet_input_blocks_") for k in keys) and any(k.startswith("lora_te2_") for k in keys)
-    ref, mine = _pair(sdxl_folder, "StableDiffusionXLPipeline", path)
-    got = latents(mine)
-    close(got, latents(ref))
-    assert float((got - latents(base)).abs().max()) > 1e-3
+    _matches_diffusers(sdxl_folder, "StableDiffusionXLPipeline", path, base)
 
 
 def test_older_diffusers_attention_processor_file_matches_diffusers(sd_folder, sd_lora, tmp_path):
@@ -80,10 +81,7 @@ def test_older_diffusers_attention_processor_file_matches_diffusers(sd_folder, s
         state[f"unet.{attn}.processor.{name}.up.weight"] = (layer.up * layer.scale).contiguous()  # alpha = rank
     path = tmp_path / "old.safetensors"
     save_file(state, str(path))
-    ref, mine = _pair(sd_folder, "StableDiffusionPipeline", path)
-    got = latents(mine)
-    close(got, latents(ref))
-    assert float((got - latents(base)).abs().max()) > 1e-3
+    _matches_diffusers(sd_folder, "StableDiffusionPipeline", path, base)
 
 
 def test_model_level_load_reads_kohya_names_without_prefix(sd_folder, sd_lora, tmp_path):
