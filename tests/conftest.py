@@ -75,6 +75,7 @@ KERNEL_FAMILIES = {
     "attention_cpu": "attention bf16", "attention_f32_cpu": "attention fp32", "geglu_cpu": "GEGLU bf16",
     "group_norm_cpu": "GroupNorm+SiLU bf16", "linear_geglu_cpu": "linear+GEGLU bf16",
     "linear_geglu_f32_cpu": "linear+GEGLU fp32", "winograd_cpu": "Winograd bf16", "winograd_f32_cpu": "Winograd fp32",
+    "winograd_f32_avx2_cpu": "Winograd fp32 AVX2",
 }
 
 
@@ -90,8 +91,8 @@ def pytest_terminal_summary(terminalreporter):
     done = [label for stem, label in KERNEL_FAMILIES.items() if stem in ran]
     left = [label for stem, label in KERNEL_FAMILIES.items() if stem not in ran]
     host = cpu_features.host()
-    why = {True: cpu_build.machine_reason(bf16=True), False: cpu_build.machine_reason(bf16=False)}
-    reasons = sorted({r for r in why.values() if r})
+    why = [cpu_build.machine_reason(needs=needs) for needs in ("avx512_bf16", "avx512", "avx2")]
+    reasons = sorted({r for r in why if r})
     terminalreporter.write_line(
         f"CPU kernels exercised on this host ({cpu_features.model_name()}; {host.describe()}): "
         f"{', '.join(done) or 'none'}" + (f"; not exercised: {', '.join(left)}" if left else "")

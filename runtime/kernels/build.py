@@ -24,7 +24,7 @@ def build(jobs: int | None = None, log=print) -> dict[str, tuple[str, str | None
     results: dict[str, tuple[str, str | None]] = {}
     todo = []
     for stem, kernel in kernels.items():
-        why = cpu_build.machine_reason(kernel.bf16)
+        why = cpu_build.machine_reason(needs=kernel.needs)
         if why:
             results[stem] = ("skipped", why)
         else:

@@ -1,6 +1,8 @@
 """Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
-group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), and the fp32 ones
-(attention_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512.
+group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), the fp32 ones
+(attention_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512, and their AVX2
+siblings (``*_avx2_cpu.c``) for CPUs without AVX-512. A kernel with siblings binds the first one the CPU
+runs (``bind_first``).
 
 Each ``<stem>.c`` has its one declaration, ``<stem>.h``: the entry points ``bind`` sets up with ctypes and the
 CPU the library needs (cpu_sources.py parses it). ``load(source)`` returns the library or why it cannot run
@@ -32,12 +34,13 @@ import torch
 from . import cpu_features, cpu_sources
 
 FLAGS, FP32_FLAGS = cpu_sources.FLAGS, cpu_sources.FP32_FLAGS  # the fp32 kernels need AVX-512 only
+_WHAT = {"avx512_bf16": "AVX512-BF16", "avx512": "AVX-512", "avx2": "AVX2"}  # needs -> its name in a reason
 ENV_NO_PREBUILT = "DIFFUSION_RUNTIME_NO_PREBUILT"  # "1": ignore the prebuilt libraries (compile as without them)
 
 _lock = threading.Lock()
 _loaded: dict[str, tuple[ctypes.CDLL | None, str | None]] = {}
 _bound: list[dict] = []  # every state ``bind`` filled, so ``forget`` can empty them
-_loaded_ever: dict[str, bool] = {}  # source stem -> needs AVX512-BF16, for every library loaded (kept by forget)
+_loaded_ever: dict[str, str] = {}  # source stem -> what it needs (cpu_sources.NEEDS), for every library loaded (kept by forget)
 _origins: dict[str, str] = {}  # source stem -> where its library came from ("prebuilt", "cache", "built")
 
 
@@ -79,28 +82,29 @@ def _compiler() -> str | None:
 
 
 def declared(source: Path) -> cpu_sources.Kernel:
-    """What ``source``'s header declares (its functions, whether it needs AVX512-BF16)."""
+    """What ``source``'s header declares (its functions, the CPU it needs)."""
     return cpu_sources.kernel(source)
 
 
-def machine_reason(bf16: bool = True) -> str | None:
-    """None when this machine can run the kernels (``bf16``: those that need AVX512-BF16, else those
-    that need AVX-512 only), else why not. Reads cpu_features.current(), which tests can fake."""
+def machine_reason(bf16: bool = True, needs: str | None = None) -> str | None:
+    """None when this machine can run the kernels that need ``needs`` (a key of cpu_sources.NEEDS; without
+    it, ``bf16``: those that need AVX512-BF16, else those that need AVX-512 only), else why not. Reads
+    cpu_features.current(), which tests can fake."""
+    needs = needs or ("avx512_bf16" if bf16 else "avx512")
     cpu = cpu_features.current()
     if not cpu.x86_64:
         return f"our CPU kernels are for x86-64; this machine is {platform.machine()}"
-    have, what = (cpu.avx512_bf16, "AVX512-BF16") if bf16 else (cpu.avx512, "AVX-512")
-    if not have:
-        return f"this CPU has no {what}"
+    if not getattr(cpu, needs):
+        return f"this CPU has no {_WHAT[needs]}"
     return None
 
 
-def _open(path: Path, stem: str, bf16: bool, origin: str) -> tuple[ctypes.CDLL | None, str | None]:
+def _open(path: Path, stem: str, needs: str, origin: str) -> tuple[ctypes.CDLL | None, str | None]:
     try:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         return None, f"loading {path} failed: {e}"
-    _loaded_ever[stem] = bf16
+    _loaded_ever[stem] = needs
     _origins[stem] = f"{origin} {path}"
     return lib, None
 
@@ -110,14 +114,14 @@ def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
         kernel = declared(source)
     except (OSError, cpu_sources.DeclarationError) as e:
         return None, f"the declaration of {source.name}: {e}"
-    why = machine_reason(kernel.bf16)
+    why = machine_reason(needs=kernel.needs)
     if why:
         return None, why
     # Built with the package for these very sources and flags (the name says so; see cpu_sources.py)
     for folder in prebuilt_dirs():
         path = folder / kernel.library_name()
         if path.is_file():
-            lib, _ = _open(path, kernel.stem, kernel.bf16, "prebuilt")
+            lib, _ = _open(path, kernel.stem, kernel.needs, "prebuilt")
             if lib is not None:
                 return lib, None  # one that will not load (a foreign libgomp, say): compile as without it
     compiler = _compiler()
@@ -132,7 +136,7 @@ def _load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
         if why:
             return None, why
         origin = "built"
-    return _open(path, kernel.stem, kernel.bf16, origin)
+    return _open(path, kernel.stem, kernel.needs, origin)
 
 
 def load(source: Path) -> tuple[ctypes.CDLL | None, str | None]:
@@ -192,6 +196,30 @@ def bind(state: dict, source: Path) -> str | None:
     return state.get("why")
 
 
+def bind_first(state: dict, sources) -> str | None:
+    """``bind(state, source)`` for the first of ``sources`` (siblings declaring the same entry points, most
+    demanding CPU first) whose CPU this machine has, recording it as ``state["source"]``; returns why none
+    runs (the last one's reason). After the first call it only reads ``state``, as ``bind`` does."""
+    if state:
+        return state.get("why")
+    why = None
+    for source in sources:
+        try:
+            why = machine_reason(needs=declared(source).needs)
+        except (OSError, cpu_sources.DeclarationError) as e:
+            why = f"the declaration of {Path(source).name}: {e}"
+            continue
+        if why is None:
+            why = bind(state, source)
+            state["source"] = Path(source)  # which sibling runs (its entry points are the state's)
+            return why
+    if not state:
+        if not any(state is known for known in _bound):
+            _bound.append(state)
+        state["why"] = why
+    return state.get("why")
+
+
 def forget() -> None:
     """Drop what ``load`` and ``bind`` cached (tests change the machine's answers and ask again)."""
     with _lock:
@@ -210,8 +238,7 @@ def loaded_on_host() -> list[str]:
     """The kernels (source stems) loaded in this process that the host itself can run: under faked
     flags (cpu_features.assumed) a library may be loaded for a decision on a CPU the host is not."""
     host = cpu_features.host()
-    return sorted(stem for stem, bf16 in _loaded_ever.items()
-                  if host.x86_64 and (host.avx512_bf16 if bf16 else host.avx512))
+    return sorted(stem for stem, needs in _loaded_ever.items() if host.x86_64 and getattr(host, needs))
 
 
 def profiled(name: str):

@@ -20,10 +20,11 @@ from dataclasses import dataclass, fields, replace
 
 import torch
 
-# The flags, by the names lscpu prints them (amx: the tile unit, amx_tile).
-FLAGS = ("avx512", "avx512_bf16", "amx")
-_PROBES = {"avx512": "_is_avx512_supported", "avx512_bf16": "_is_avx512_bf16_supported",
-           "amx": "_is_amx_tile_supported"}
+# The flags, by the names lscpu prints them (avx2: AVX2 with FMA; amx: the tile unit, amx_tile).
+FLAGS = ("avx2", "avx512", "avx512_bf16", "amx")
+_PROBES = {"avx2": "_is_avx2_supported", "avx512": "_is_avx512_supported",
+           "avx512_bf16": "_is_avx512_bf16_supported", "amx": "_is_amx_tile_supported"}
+_IMPLIES_AVX2 = ("avx512", "avx512_bf16", "amx")  # every CPU with one of these has AVX2 and FMA
 
 
 @dataclass(frozen=True)
@@ -31,13 +32,18 @@ class CpuFeatures:
     """The instruction sets our CPU kernels and passes decide on."""
 
     x86_64: bool
+    avx2: bool = False
     avx512: bool = False
     avx512_bf16: bool = False
     amx: bool = False
 
+    def __post_init__(self):
+        if any(getattr(self, f) for f in _IMPLIES_AVX2) and not self.avx2:
+            object.__setattr__(self, "avx2", True)
+
     @classmethod
     def of(cls, *flags: str, x86_64: bool = True) -> "CpuFeatures":
-        """A flag set by name: ``CpuFeatures.of("avx512", "avx512_bf16")``."""
+        """A flag set by name: ``CpuFeatures.of("avx512", "avx512_bf16")`` (AVX2 comes with any AVX-512 flag)."""
         unknown = set(flags) - set(FLAGS)
         if unknown:
             raise ValueError(f"unknown CPU flag(s) {sorted(unknown)}; known: {', '.join(FLAGS)}")
@@ -50,7 +56,7 @@ class CpuFeatures:
         if not self.x86_64:
             return "not x86-64"
         have = self.flags()
-        return " ".join(have) if have else "no AVX-512"
+        return " ".join(have) if have else "no AVX2"
 
     def without(self, *flags: str) -> "CpuFeatures":
         return replace(self, **{f: False for f in CpuFeatures.of(*flags).flags()})
@@ -81,10 +87,13 @@ def _allowed() -> set[str] | None:
 
 def host() -> CpuFeatures:
     """What this machine's CPU has (PyTorch's probes, read now), less any flag ``$DIFFUSION_RUNTIME_CPU_FLAGS``
-    leaves out: setting it can only take flags away (to run as on a smaller CPU), never add one."""
+    leaves out: setting it can only take flags away (to run as on a smaller CPU), never add one. A list
+    that keeps an AVX-512 flag keeps AVX2 too; ``none`` takes every flag away, AVX2's included."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return CpuFeatures(x86_64=False)
     allowed = _allowed()
+    if allowed is not None and allowed & set(_IMPLIES_AVX2):
+        allowed = allowed | {"avx2"}
     return CpuFeatures(x86_64=True, **{flag: _probe(probe) and (allowed is None or flag in allowed)
                                        for flag, probe in _PROBES.items()})
 

@@ -6,8 +6,8 @@ One declaration per kernel: ``<stem>.c`` exports the functions declared in ``<st
 restricted C syntax this module parses (``parse_header``): one prototype per ``;``, the return type ``void``,
 ``int``, ``int64_t``, ``float`` or ``double``, each parameter one of those scalars or a pointer to any of
 those or ``uint16_t``/``char`` (``const`` allowed), passed as ``void *`` (a tensor's ``data_ptr()``, ``None``,
-or a ctypes array). A comment line ``needs: avx512_bf16`` or ``needs: avx512`` says which CPU the library
-runs on (the flags it is built with). The build force-includes the header (``-include <stem>.h``), so a
+or a ctypes array). A comment line ``needs: avx512_bf16``, ``needs: avx512`` or ``needs: avx2`` says which CPU
+the library runs on (the flags it is built with: ``NEEDS``). The build force-includes the header (``-include <stem>.h``), so a
 definition that disagrees with its declaration is a compile error, and tests/kernels/test_cpu_build.py
 checks that each library exports exactly the declared names.
 
@@ -41,10 +41,14 @@ PREBUILT = "_prebuilt"  # the folder in the installed package (runtime/kernels/_
 FLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512bf16", "-mfma", "-fopenmp",
          "-shared", "-fPIC")
 # Kernels that compute in fp32 only need AVX-512 (F, BW, VL): built without the bf16 extension, they
-# also run on CPUs without it (Intel Skylake-SP and Cascade Lake servers, AMD Zen 3 has no AVX-512 at all).
+# also run on CPUs without it (Intel Skylake-SP and Cascade Lake servers).
 FP32_FLAGS = tuple(f for f in FLAGS if f != "-mavx512bf16")
+# The AVX2 siblings of the fp32 kernels, for x86-64 CPUs without AVX-512 (AMD Zen 2 and Zen 3, Intel
+# client cores): AVX2 and FMA only.
+AVX2_FLAGS = ("-O3", "-mavx2", "-mfma", "-fopenmp", "-shared", "-fPIC")
 
-NEEDS = {"avx512_bf16": True, "avx512": False}  # the header's ``needs:`` -> built with AVX512-BF16
+# The header's ``needs:`` -> the flags its library is built with, least demanding last
+NEEDS = {"avx512_bf16": FLAGS, "avx512": FP32_FLAGS, "avx2": AVX2_FLAGS}
 SCALARS = {"void": None, "int": "c_int", "int64_t": "c_int64", "float": "c_float", "double": "c_double"}
 POINTEES = set(SCALARS) | {"uint16_t", "char"}
 
@@ -65,13 +69,18 @@ class Kernel:
     stem: str
     source: Path
     header: Path
-    bf16: bool  # needs AVX512-BF16 (else AVX-512 only)
+    needs: str  # the CPU it runs on: "avx512_bf16", "avx512" (AVX-512 F/BW/VL) or "avx2" (AVX2 and FMA)
     functions: tuple[Function, ...]
+
+    @property
+    def bf16(self) -> bool:
+        """Whether it needs AVX512-BF16."""
+        return self.needs == "avx512_bf16"
 
     @property
     def flags(self) -> tuple[str, ...]:
         """The compiler's arguments but the source and output (run in the source's folder)."""
-        return (FLAGS if self.bf16 else FP32_FLAGS) + ("-include", self.header.name)
+        return NEEDS[self.needs] + ("-include", self.header.name)
 
     def key(self, compiler: str | None = None) -> str:
         """The library's hash: source, every header of the folder, the flags, and ``compiler`` for a cache
@@ -110,11 +119,11 @@ def _ctype(text: str, where: str, param: bool) -> str | None:
     return SCALARS[base]
 
 
-def parse_header(text: str, where: str = "header") -> tuple[bool, tuple[Function, ...]]:
-    """(needs AVX512-BF16, the declared functions) of a declaration header's text."""
+def parse_header(text: str, where: str = "header") -> tuple[str, tuple[Function, ...]]:
+    """(what it needs: a key of NEEDS, the declared functions) of a declaration header's text."""
     needs = _NEEDS.findall(text)
     if len(needs) != 1 or needs[0] not in NEEDS:
-        raise DeclarationError(f"{where}: want one 'needs: avx512_bf16' or 'needs: avx512' line, got {needs}")
+        raise DeclarationError(f"{where}: want one 'needs:' line naming one of {', '.join(NEEDS)}, got {needs}")
     body = "\n".join(line for line in _COMMENT.sub(" ", text).splitlines() if not line.lstrip().startswith("#"))
     functions = []
     for stmt in body.split(";"):
@@ -135,7 +144,7 @@ def parse_header(text: str, where: str = "header") -> tuple[bool, tuple[Function
     names = [f.name for f in functions]
     if len(set(names)) != len(names):
         raise DeclarationError(f"{where}: a function is declared twice: {names}")
-    return NEEDS[needs[0]], tuple(functions)
+    return needs[0], tuple(functions)
 
 
 def kernel(source: Path) -> Kernel:
@@ -144,8 +153,8 @@ def kernel(source: Path) -> Kernel:
     header = source.with_suffix(".h")
     if not header.is_file():
         raise DeclarationError(f"{source.name} has no declaration header {header.name}")
-    bf16, functions = parse_header(header.read_text(encoding="utf-8"), header.name)
-    return Kernel(source.stem, source, header, bf16, functions)
+    needs, functions = parse_header(header.read_text(encoding="utf-8"), header.name)
+    return Kernel(source.stem, source, header, needs, functions)
 
 
 def kernels(folder: Path = HERE) -> dict[str, Kernel]:

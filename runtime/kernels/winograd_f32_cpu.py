@@ -9,10 +9,12 @@ transforms are exact in binary: halves and sums). ``winograd_weight_f32(w)`` is 
 the kernel, (C_out / 32, 16, C_in, 32), 16/9 the size of ``w``; ``cpu_winograd_conv3x3_f32(x, u, bias)`` is
 ``conv2d(x, w, bias, padding=1)`` for an (N, C, H, W) fp32 input, its result channels-last. Needs AVX-512
 (F, BW, VL), not its bf16 extension: it is built without it and runs on CPUs without native bf16, where
-levels 1 and 2 compute in fp32.
+levels 1 and 2 compute in fp32. On CPUs without AVX-512 its AVX2 sibling (winograd_f32_avx2_cpu.c: same
+entry points, packed kernel and sums) runs instead; ``variant(source)`` pins one of the two (tests).
 """
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -21,13 +23,35 @@ from . import cpu_build
 from .winograd_cpu import residual_layout, work_split
 
 SOURCE = Path(__file__).with_name("winograd_f32_cpu.c")
+AVX2_SOURCE = Path(__file__).with_name("winograd_f32_avx2_cpu.c")
+SOURCES = (SOURCE, AVX2_SOURCE)  # the first this CPU runs is bound
 
 _state: dict = {}
 
 
 def cpu_winograd_f32_ready() -> str | None:
     """None when the fp32 kernels run on this machine (building them on first call), else why not."""
-    return cpu_build.bind(_state, SOURCE)  # entry points: winograd_f32_cpu.h
+    return cpu_build.bind_first(_state, SOURCES)  # entry points: winograd_f32_cpu.h, winograd_f32_avx2_cpu.h
+
+
+def bound_source() -> Path | None:
+    """Which of SOURCES the kernels run from (None: neither runs here)."""
+    if cpu_winograd_f32_ready() is not None:
+        return None
+    return _state.get("source")
+
+
+@contextlib.contextmanager
+def variant(source: Path):
+    """Run the kernels from ``source`` (one of SOURCES) inside the block, whatever this CPU prefers (tests:
+    the AVX2 sibling on an AVX-512 host). Yields why it cannot run here, or None."""
+    global _state
+    before = _state
+    _state = {}
+    try:
+        yield cpu_build.bind_first(_state, (source,))
+    finally:
+        _state = before
 
 
 def winograd_weight_f32(w: torch.Tensor) -> torch.Tensor:

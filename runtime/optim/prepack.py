@@ -23,6 +23,7 @@ deletes the per-instance forward: the module is what it was.
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -43,10 +44,24 @@ PACKED_DTYPES = (torch.float32, torch.bfloat16)
 MAX_SHAPES = 4
 
 
+@functools.cache
+def onednn_bf16() -> bool:
+    """Whether oneDNN computes bf16 convolutions and linears on this CPU (torch's own check: AVX-512 BW, VL and
+    DQ, or AVX-NE-CONVERT). Where it does not (AVX2-only CPUs), packing a bf16 weight raises, so bf16
+    weights stay on the plain operator there. The host's answer, never a faked one: it decides what can run."""
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    try:
+        return bool(check()) if check is not None else torch.cpu._is_avx512_supported()
+    except RuntimeError:
+        return False
+
+
 def _plain(x: torch.Tensor, w: torch.Tensor) -> bool:
-    """Whether this call must take the plain operator (compiling, autograd, odd inputs)."""
+    """Whether this call must take the plain operator (compiling, autograd, odd inputs, bf16 where
+    oneDNN has no bf16 path)."""
     return (torch.compiler.is_compiling() or x.device.type != "cpu" or x.dtype != w.dtype
             or w.dtype not in PACKED_DTYPES or x.numel() == 0
+            or (w.dtype == torch.bfloat16 and not onednn_bf16())
             or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)))
 
 
@@ -167,6 +182,8 @@ class PrepackPass(Pass):
 
     def _targets(self, pipe):
         dtypes = PACKED_DTYPES if self.fp32 else (torch.bfloat16,)
+        if not onednn_bf16():
+            dtypes = tuple(d for d in dtypes if d != torch.bfloat16)
         return [(m, packer) for model in pipeline_models(pipe).values() for m in model.modules()
                 if (packer := _packer(m)) is not None and m.weight.dtype in dtypes]
 
@@ -177,6 +194,9 @@ class PrepackPass(Pass):
         if why:
             return why
         if not self._targets(pipe):
+            if not onednn_bf16() and not self.fp32:
+                return ("oneDNN has no bf16 path on this CPU (it needs AVX-512 BW/VL/DQ or AVX-NE-CONVERT), and "
+                        "fp32 packing measured no faster (fp32=True forces it)")
             kinds = ("bf16 or fp32" if self.fp32
                      else "bf16 (precision off?; fp32 packing measured no faster, fp32=True forces it)")
             return f"no {kinds} convolutions or linears in this pipeline"

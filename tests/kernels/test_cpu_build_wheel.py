@@ -16,6 +16,15 @@ from runtime.kernels import cpu_build, cpu_sources
 
 ROOT = Path(__file__).resolve().parents[2]
 KERNELS = cpu_sources.kernels(ROOT / "runtime" / "kernels")
+# an AVX2 sibling is bound through its AVX-512 kernel's wrapper (the first of the two the host runs)
+SIBLINGS = {stem: stem.replace("_avx2_cpu", "_cpu") for stem in KERNELS if stem.endswith("_avx2_cpu")}
+
+
+def bound_by(seen: dict, stem: str) -> tuple[str | None, str | None]:
+    """(what ``stem``'s wrapper should say on the probed host, the stem whose library it binds or None)."""
+    family = [stem] + [s for s, of in SIBLINGS.items() if of == stem]
+    runs = [s for s in family if seen["host"][KERNELS[s].needs] is None]
+    return (None, runs[0]) if runs else (seen["host"][KERNELS[family[-1]].needs], None)
 
 PROBE = r"""
 import json, sys, torch
@@ -29,7 +38,7 @@ checks = {"attention_cpu": lambda: attention_cpu.cpu_attention_ready(torch.bfloa
           "winograd_cpu": winograd_cpu.cpu_winograd_ready, "winograd_f32_cpu": winograd_f32_cpu.cpu_winograd_f32_ready}
 ready = {stem: checks[stem]() for stem in (sys.argv[1:] or checks)}
 print(json.dumps({"ready": ready, "origins": cpu_build.origins(), "file": cpu_build.__file__,
-                  "host": {"bf16": cpu_build.machine_reason(True), "fp32": cpu_build.machine_reason(False)}}))
+                  "host": {n: cpu_build.machine_reason(needs=n) for n in ("avx512_bf16", "avx512", "avx2")}}))
 """
 
 pytestmark = pytest.mark.skipif(not (sys.platform.startswith("linux") and cpu_build.cpu_features.host().x86_64),
@@ -85,11 +94,13 @@ def test_an_installed_wheel_runs_its_prebuilt_kernels_without_a_compiler(tmp_pat
     expected = {f"runtime/kernels/_prebuilt/{k.library_name()}" for k in KERNELS.values()}
     assert expected <= names and info["failed"] == {}
     seen = _install_and_probe(tmp_path, wheel, dict(env, CC=str(tmp_path / "no-such-compiler")))
-    for stem, kernel in KERNELS.items():
-        host_why = seen["host"]["bf16" if kernel.bf16 else "fp32"]
+    for stem in KERNELS:
+        if stem in SIBLINGS:
+            continue
+        host_why, bound = bound_by(seen, stem)
         assert seen["ready"][stem] == host_why, stem
-        if host_why is None:
-            assert seen["origins"][stem].startswith("prebuilt "), seen["origins"]
+        if bound is not None:
+            assert seen["origins"][bound].startswith("prebuilt "), seen["origins"]
     assert not (tmp_path / "xdg").exists()  # no compiler ran, nothing was written
 
 
@@ -106,9 +117,8 @@ def test_a_wheel_built_without_a_compiler_is_pure_and_compiles_on_first_use(tmp_
     stems = ["geglu_cpu", "winograd_f32_cpu"]  # one of each CPU: compiling all eight would only cost time
     seen = _install_and_probe(tmp_path, wheel, run_env, stems)
     for stem in stems:
-        kernel = KERNELS[stem]
-        host_why = seen["host"]["bf16" if kernel.bf16 else "fp32"]
+        host_why, bound = bound_by(seen, stem)
         if host_why is not None:
             assert seen["ready"][stem] == host_why
         elif cpu_build._compiler() is not None:
-            assert seen["ready"][stem] is None and seen["origins"][stem].startswith("built "), seen
+            assert seen["ready"][stem] is None and seen["origins"][bound].startswith("built "), seen

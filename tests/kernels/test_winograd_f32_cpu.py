@@ -89,27 +89,65 @@ def test_bad_calls_name_what_is_wrong():
         cpu_winograd_conv3x3_f32(x[:0], u, b)
 
 
-def test_runs_on_cpus_with_avx512_but_no_bf16(monkeypatch, tmp_path):
-    """Built without the bf16 extension (cpu_build.FP32_FLAGS), it needs AVX-512 only; the bf16 kernels say why not."""
-    from runtime.kernels import cpu_build, winograd_cpu, winograd_f32_cpu
+def test_runs_on_cpus_with_avx512_but_no_bf16_and_on_avx2_ones(monkeypatch, tmp_path):
+    """Built without the bf16 extension (cpu_build.FP32_FLAGS), it needs AVX-512 only; without AVX-512 its AVX2
+    sibling runs; without either, it says why. The kernels run only where the real host has what they need
+    (a kernel run under faked flags dies of an illegal instruction)."""
+    from runtime.kernels import cpu_build, cpu_features, winograd_cpu, winograd_f32_cpu
 
-    monkeypatch.setattr(winograd_f32_cpu, "_state", {})
-    monkeypatch.setattr(winograd_cpu, "_state", {})
-    monkeypatch.setattr(cpu_build, "_loaded", {})
-    monkeypatch.setattr(cpu_build, "kernel_cache_dir", lambda: tmp_path)
-    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
-    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: True, raising=False)
-    assert winograd_cpu.cpu_winograd_ready() == "this CPU has no AVX512-BF16"
-    if cpu_build.machine_reason(bf16=False) is None and cpu_build._compiler() is not None:
-        assert winograd_f32_cpu.cpu_winograd_f32_ready() is None
+    real = cpu_features.host()
+    compiler = cpu_build._compiler() is not None
+
+    def fake(avx512: bool, avx2: bool = True):
+        for module in (winograd_f32_cpu, winograd_cpu):
+            monkeypatch.setattr(module, "_state", {})
+        monkeypatch.setattr(cpu_build, "_loaded", {})
+        monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: avx512, raising=False)
+        monkeypatch.setattr(torch.cpu, "_is_avx2_supported", lambda: avx2, raising=False)
+
+    def runs_here():
         x, w, b = torch.randn(1, 32, 6, 6), torch.randn(32, 32, 3, 3) / 17, torch.randn(32)
         out = winograd_f32_cpu.cpu_winograd_conv3x3_f32(x, winograd_f32_cpu.winograd_weight_f32(w), b)
         assert (out - F.conv2d(x, w, b, padding=1)).abs().max() <= 1e-4
-    monkeypatch.setattr(winograd_f32_cpu, "_state", {})
-    monkeypatch.setattr(cpu_build, "_loaded", {})
-    monkeypatch.setattr(torch.cpu, "_is_avx512_supported", lambda: False, raising=False)
-    assert winograd_f32_cpu.cpu_winograd_f32_ready() == "this CPU has no AVX-512"
+
+    monkeypatch.setattr(cpu_build, "kernel_cache_dir", lambda: tmp_path)
+    monkeypatch.setattr(cpu_build.platform, "machine", lambda: "x86_64")
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False, raising=False)
+    fake(avx512=True)
+    assert winograd_cpu.cpu_winograd_ready() == "this CPU has no AVX512-BF16"
+    if compiler:
+        assert winograd_f32_cpu.cpu_winograd_f32_ready() is None
+        assert winograd_f32_cpu.bound_source() == winograd_f32_cpu.SOURCE
+        if real.avx512:
+            runs_here()
+    fake(avx512=False)
+    if compiler:
+        assert winograd_f32_cpu.cpu_winograd_f32_ready() is None
+        assert winograd_f32_cpu.bound_source() == winograd_f32_cpu.AVX2_SOURCE
+        if real.avx2:
+            runs_here()
+    fake(avx512=False, avx2=False)
+    assert winograd_f32_cpu.cpu_winograd_f32_ready() == "this CPU has no AVX2"
+    assert winograd_f32_cpu.bound_source() is None
+
+
+def test_the_avx2_sibling_gives_the_avx512_kernels_numbers_bit_for_bit():
+    """Same packed kernel, same transforms, the same chain of FMAs per output: the two libraries agree exactly
+    (run where the host has both; on an AVX2-only host the fp64 budget tests above cover the sibling)."""
+    from runtime.kernels import winograd_f32_cpu
+
+    results = []
+    for source in winograd_f32_cpu.SOURCES:
+        with winograd_f32_cpu.variant(source) as why:
+            if why is not None:
+                pytest.skip(f"{source.name}: {why}")
+            x, wt, b = inputs(2, 37, 9, 14, 64, seed=3)
+            res = torch.randn(2, 64, 9, 14, generator=torch.Generator().manual_seed(4))
+            res = res.contiguous(memory_format=torch.channels_last)
+            u = winograd_weight_f32(wt)
+            results.append((u, winograd_f32_cpu.winograd_launch_f32(x, u, b, residual=res)))
+    (u_a, y_a), (u_b, y_b) = results
+    assert torch.equal(u_a, u_b) and torch.equal(y_a, y_b)
 
 
 @needs_kernel

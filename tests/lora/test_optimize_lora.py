@@ -21,6 +21,13 @@ def images(pipe, **kwargs):
     return latents(pipe, steps=STEPS, output_type="np", **kwargs)
 
 
+def geglu_kernels_here() -> bool:
+    from runtime.kernels.geglu_cpu import cpu_geglu_ready
+    from runtime.kernels.linear_geglu_cpu import cpu_linear_geglu_ready
+
+    return cpu_geglu_ready() is None or cpu_linear_geglu_ready(torch.float32) is None
+
+
 def within_class(level: int, got, expected) -> None:
     if level == 1:
         assert max_abs(got, expected) <= EXACT_TOL * 10  # images in [0, 1]: well inside the latent bound
@@ -58,7 +65,8 @@ def test_either_order_matches_eager_and_reverts_exactly(sd_folder, sd_lora, sd_l
         _load(pipe, sd_lora, sd_lora_b)
         runtime.optimize(pipe, level=level)
     applied = [p.name for p in pipe.optimization.applied]
-    assert {"fused_qkv", "geglu"} <= set(applied)
+    assert "fused_qkv" in applied
+    assert ("geglu" in applied) == geglu_kernels_here()  # on AVX2-only CPUs no GEGLU kernel runs: skipped
     if level == 2:
         assert "precision" in applied or "precision" in pipe.optimization.skipped
     within_class(level, images(pipe), eager["unfused"])

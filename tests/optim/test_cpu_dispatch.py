@@ -32,7 +32,8 @@ CPUS = {
     "xeon-amx": (("avx512", "avx512_bf16", "amx"), True),  # Sapphire Rapids and later
     "epyc-avx512-bf16": (("avx512", "avx512_bf16"), True),  # AMD Zen 4 / Zen 5, Cooper Lake
     "avx512-only": (("avx512",), True),  # Skylake-SP, Cascade Lake, Ice Lake servers
-    "avx2-only": ((), True),  # AMD Zen 2 / Zen 3, client Intel
+    "avx2-only": (("avx2",), True),  # AMD Zen 2 / Zen 3, client Intel
+    "no-avx2": ((), True),  # x86-64 before AVX2 (or a VM that hides it)
     "not-x86": ((), False),  # Arm servers (Graviton), Apple silicon
 }
 
@@ -45,7 +46,7 @@ def cpu(request, fake_cpu):
 
 def needs_compiler(cpu: CpuFeatures):
     """Where a kernel is available on ``cpu``, building it needs a C compiler on the host."""
-    if cpu.avx512 and cpu_build._compiler() is None:
+    if cpu.avx2 and cpu_build._compiler() is None:
         pytest.skip("no C compiler here: every kernel reports that instead")
 
 
@@ -72,10 +73,11 @@ def dtypes_run(cpu: CpuFeatures) -> list[dict]:
 
 
 def test_flag_sets_name_known_flags_only():
-    assert CpuFeatures.of("avx512", "amx").flags() == ("avx512", "amx")
+    assert CpuFeatures.of("avx512", "amx").flags() == ("avx2", "avx512", "amx")  # AVX2 comes with AVX-512
     assert CpuFeatures.of("avx512", "amx").without("amx") == CpuFeatures.of("avx512")
-    assert CpuFeatures.of().describe() == "no AVX-512" and CpuFeatures(x86_64=False).describe() == "not x86-64"
-    with pytest.raises(ValueError, match=r"unknown CPU flag\(s\) \['avx512bf16'\]; known: avx512, avx512_bf16, amx"):
+    assert CpuFeatures.of("avx2").flags() == ("avx2",) and CpuFeatures.of("avx2").describe() == "avx2"
+    assert CpuFeatures.of().describe() == "no AVX2" and CpuFeatures(x86_64=False).describe() == "not x86-64"
+    with pytest.raises(ValueError, match=r"unknown CPU flag\(s\) \['avx512bf16'\]; known: avx2, avx512, avx512_bf16, amx"):
         CpuFeatures.of("avx512bf16")
 
 
@@ -90,12 +92,15 @@ def test_assumed_flags_end_with_the_block_and_the_host_is_read_again():
 def test_kernel_availability_and_reasons(cpu):
     needs_compiler(cpu)
     bf16_why, fp32_why = cpu_build.machine_reason(bf16=True), cpu_build.machine_reason(bf16=False)
+    avx2_why = cpu_build.machine_reason(needs="avx2")
     if not cpu.x86_64:
-        assert "for x86-64" in bf16_why and "for x86-64" in fp32_why
+        assert "for x86-64" in bf16_why and "for x86-64" in fp32_why and "for x86-64" in avx2_why
     else:
         assert (bf16_why is None) == cpu.avx512_bf16 and (fp32_why is None) == cpu.avx512
+        assert (avx2_why is None) == cpu.avx2
         assert bf16_why in (None, "this CPU has no AVX512-BF16")
         assert fp32_why in (None, "this CPU has no AVX-512")
+        assert avx2_why in (None, "this CPU has no AVX2")
     # every kernel agrees with the machine: bf16 ones need AVX512-BF16, fp32 ones AVX-512
     from runtime.kernels.attention_cpu import cpu_attention_ready
     from runtime.kernels.geglu_cpu import cpu_geglu_ready
@@ -105,8 +110,10 @@ def test_kernel_availability_and_reasons(cpu):
     for ready, why in [(cpu_attention_ready(BF16), bf16_why), (cpu_attention_ready(FP32), fp32_why),
                        (cpu_geglu_ready(), bf16_why), (cpu_group_norm_ready(), bf16_why),
                        (cpu_linear_geglu_ready(BF16), bf16_why), (cpu_linear_geglu_ready(FP32), fp32_why),
-                       (kernel_ready(BF16), bf16_why), (kernel_ready(FP32), fp32_why)]:
+                       (kernel_ready(BF16), bf16_why)]:
         assert ready == why
+    # fp32 Winograd has an AVX2 sibling: it runs wherever AVX2 does (the AVX-512 kernel where that runs too)
+    assert kernel_ready(FP32) == (None if fp32_why is None else avx2_why)
 
 
 def test_bf16_precision_where_the_cpu_computes_it_natively(cpu):
@@ -151,7 +158,7 @@ def test_attention_forced_backends(cpu):
 
 def test_winograd_takes_the_convolutions_it_can_run(cpu):
     needs_compiler(cpu)
-    assert WinogradPass()._takes(conv(FP32)) == cpu.avx512
+    assert WinogradPass()._takes(conv(FP32)) == cpu.avx2  # AVX-512 kernel, else its AVX2 sibling
     assert WinogradPass()._takes(conv(BF16)) == cpu.avx512_bf16  # AMX or not: measurement decides
     assert not WinogradPass()._takes(nn.Conv2d(4, 64, 3, padding=1))  # too few input channels for any CPU
 
@@ -200,8 +207,10 @@ def test_the_environment_can_take_flags_away_but_never_add_one(monkeypatch):
     monkeypatch.setenv(cpu_features.ENV, "none")
     assert cpu_features.host() == CpuFeatures.of()
     assert cpu_build.machine_reason(bf16=False) == "this CPU has no AVX-512"
-    monkeypatch.setenv(cpu_features.ENV, "avx512, amx")  # amx is kept only where the host has it
-    assert cpu_features.host() == CpuFeatures.of(*(f for f in ("avx512", "amx") if f in real.flags()))
+    monkeypatch.setenv(cpu_features.ENV, "avx2")
+    assert cpu_features.host() == CpuFeatures.of(*(["avx2"] if real.avx2 else []))
+    monkeypatch.setenv(cpu_features.ENV, "avx512, amx")  # each kept only where the host has it; AVX2 comes along
+    assert cpu_features.host() == CpuFeatures.of(*(f for f in ("avx2", "avx512", "amx") if f in real.flags()))
     monkeypatch.setenv(cpu_features.ENV, "avx512bf16")
     with pytest.raises(ValueError, match=r"DIFFUSION_RUNTIME_CPU_FLAGS='avx512bf16': unknown CPU flag\(s\)"):
         cpu_features.host()
