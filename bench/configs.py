@@ -57,7 +57,8 @@ def all_specs(no_compile: bool = False) -> list[ConfigSpec]:
         suffix = " (compile=False)" if off and level >= 2 else ""
         specs.append(ConfigSpec(f"ours-L{level}{suffix}", "ours", "level", {"level": level, "overrides": dict(off)}))
     for name in OUR_PASSES:
-        specs.append(ConfigSpec(f"ours-{name}", "ours", "pass", {"level": 0, "overrides": {name: True}}))
+        on = {"force": True} if name == "compile" else True  # compile on CPU only runs forced (compile.py)
+        specs.append(ConfigSpec(f"ours-{name}", "ours", "pass", {"level": 0, "overrides": {name: on}}))
     # Our DeepCache at the deepcache package's settings (every 3rd step whole from the first step on),
     # for a like-for-like row beside diffusers-deepcache; our default also runs the first quarter whole.
     specs.append(ConfigSpec("ours-deepcache-i3", "ours", "pass",

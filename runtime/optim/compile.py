@@ -158,10 +158,15 @@ class CompilePass(Pass):
         if self.freezing and _adapted(pipe, self.targets):
             return (f"freezing=True would bake the LoRA adapters of {', '.join(_adapted(pipe, self.targets))} into "
                     "the compiled code as constants; leave freezing at None (off with adapters) or False")
-        if not self.force and pipeline_device(pipe).type == "cpu" and any(
-                p.dtype == torch.bfloat16 for m in self._modules(pipe) for p in m.parameters()):
-            return ("bf16 on CPU: measured no faster than our eager bf16 kernels, after minutes of "
-                    "compiling (bench/RESULTS.md); force=True compiles anyway")
+        if not self.force and pipeline_device(pipe).type == "cpu":
+            if any(p.dtype == torch.bfloat16 for m in self._modules(pipe) for p in m.parameters()):
+                return ("bf16 on CPU: measured no faster than our eager bf16 kernels, after minutes of "
+                        "compiling (bench/RESULTS.md); force=True compiles anyway")
+            # fp32 on CPU (level 2 where the CPU has no native bf16): at most 1.1x in steady calls, measured
+            # over eager fp32 without our kernels, after minutes of compiling in every process, more than
+            # ten on the small model on an AVX2-only CPU (bench/RESULTS.md, 'An AVX2-only CPU')
+            return ("fp32 on CPU: minutes of compiling in every process for at most 1.1x in steady calls "
+                    "(bench/RESULTS.md); force=True compiles anyway")
         return None
 
     def _regional(self, pipe) -> bool:

@@ -218,7 +218,7 @@ def test_compile_pass_turns_freezing_off_with_adapters(sd_folder, sd_lora, tmp_p
     pipe = runtime.StableDiffusionPipeline.from_pretrained(str(sd_folder))
     pipe.load_lora_weights(str(sd_lora), adapter_name="a")
     try:
-        runtime.optimize(pipe, level=0, compile={"cache_dir": str(tmp_path)})
+        runtime.optimize(pipe, level=0, compile={"cache_dir": str(tmp_path), "force": True})
         assert "freezing off (LoRA adapters on text_encoder, unet)" in pipe.optimization.notes["compile"]
         pipe.set_adapters("a", 0.5)  # unfrozen compiled code reads the adapters: changes are fine
     finally:
@@ -226,7 +226,7 @@ def test_compile_pass_turns_freezing_off_with_adapters(sd_folder, sd_lora, tmp_p
     assert "freezing=True would bake" in CompilePass(freezing=True).supports(pipe)
     pipe.unload_lora_weights()
     try:  # compiled with freezing, without adapters: loading one later is refused, clearly
-        runtime.optimize(pipe, level=0, compile={"cache_dir": str(tmp_path), "freezing": True})
+        runtime.optimize(pipe, level=0, compile={"cache_dir": str(tmp_path), "freezing": True, "force": True})
         with pytest.raises(LoraError, match="compiled with inductor freezing"):
             pipe.load_lora_weights(str(sd_lora), adapter_name="a")
         assert pipe.get_list_adapters() == {}

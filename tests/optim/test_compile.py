@@ -19,7 +19,7 @@ from runtime import optim
 import runtime
 from runtime.optim.parity import max_abs
 
-COMPILE = {"targets": ("unet",), "regional": True}
+COMPILE = {"targets": ("unet",), "regional": True, "force": True}  # forced: on CPU compile is opt-in
 TOL = 1e-4  # fp32 max-abs: inductor reorders float work
 
 
@@ -75,7 +75,7 @@ SECOND_PROCESS = textwrap.dedent("""
     from torch._dynamo.utils import counters
     pipe = runtime.StableDiffusionPipeline.from_pretrained(sys.argv[1])
     pipe.set_progress_bar_config(disable=True)
-    optim.optimize(pipe, level=0, compile={"targets": ("unet",), "regional": True, "cache_dir": sys.argv[2]})
+    optim.optimize(pipe, level=0, compile={"targets": ("unet",), "regional": True, "force": True, "cache_dir": sys.argv[2]})
     pipe("a red circle", num_inference_steps=2, height=16, width=16, generator=torch.Generator().manual_seed(0))
     print(json.dumps(dict(counters["inductor"])))
 """)
@@ -102,7 +102,7 @@ def test_level3_composes_with_compile_without_recompiles(compiled, cache_dir):
     eager_l3 = {size: run(pipe, size) for size in (16, 24)}
     optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir)}, **settings)
     assert "measured slower" in pipe.optimization.skipped["compile"]  # CPU: auto skips regional compile
-    optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir), "regional": True},
+    optim.optimize(pipe, level=3, compile={"targets": ("unet",), "cache_dir": str(cache_dir), "regional": True, "force": True},
                    **settings)
     assert "regionally" in pipe.optimization.notes["compile"]
     assert max_abs(run(pipe, 16), eager_l3[16]) <= TOL  # warm-up: both DeepCache paths run
@@ -119,4 +119,5 @@ def test_bf16_cpu_pipelines_skip_compile_unless_forced(sd_folder, one_thread):
     assert "bf16 on CPU" in pipe.optimization.skipped["compile"] and "force=True" in pipe.optimization.skipped["compile"]
     assert optim.compile.CompilePass(targets=("unet",), force=True).supports(pipe) is None
     pipe.optimization.revert()
-    assert optim.compile.CompilePass(targets=("unet",)).supports(pipe) is None  # fp32 on CPU still compiles
+    assert "fp32 on CPU" in optim.compile.CompilePass(targets=("unet",)).supports(pipe)  # fp32 too: opt-in
+    assert optim.compile.CompilePass(targets=("unet",), force=True).supports(pipe) is None
