@@ -171,13 +171,18 @@ _CTYPES = {"c_int": ctypes.c_int, "c_int64": ctypes.c_int64, "c_float": ctypes.c
            "c_double": ctypes.c_double, "c_void_p": ctypes.c_void_p, None: None}
 
 
+def _remember(state: dict) -> None:
+    """Keep ``state`` in the list ``forget`` empties (once)."""
+    if not any(state is known for known in _bound):
+        _bound.append(state)
+
+
 def bind(state: dict, source: Path) -> str | None:
     """Fill ``state`` once with the entry points of ``source``'s library, their ``restype``/``argtypes`` from
     the declaration header ``<stem>.h`` (cpu_sources.py), or with ``"why"``; returns why they are unavailable.
     After the first call it only reads ``state`` (it runs once per kernel call)."""
     if not state:
-        if not any(state is known for known in _bound):
-            _bound.append(state)
+        _remember(state)
         lib, why = load(source)
         if lib is None:
             state["why"] = why
@@ -214,8 +219,7 @@ def bind_first(state: dict, sources) -> str | None:
             state["source"] = Path(source)  # which sibling runs (its entry points are the state's)
             return why
     if not state:
-        if not any(state is known for known in _bound):
-            _bound.append(state)
+        _remember(state)
         state["why"] = why
     return state.get("why")
 

@@ -157,8 +157,9 @@ class LoraEntry:
         scale applied): written into ``out`` where no autograd needs it, else a new tensor. What the entry
         adds to ``rest(x)``; fused q/k/v call it on their slices (``Linear.side_terms``)."""
         pack = self._pack_for(x)
-        if pack is None:
-            return out
+        return out if pack is None else self._with_term(out, x, pack)
+
+    def _with_term(self, out: torch.Tensor, x: torch.Tensor, pack) -> torch.Tensor:
         down, up = pack
         scale = self.state.call_scale()
         h = self._down(x, down)
@@ -172,9 +173,10 @@ class LoraEntry:
         return out.add_(delta)
 
     def __call__(self, layer: nn.Module, x: torch.Tensor, rest, add: torch.Tensor | None = None) -> torch.Tensor:
-        if self._pack_for(x) is None:
+        pack = self._pack_for(x)
+        if pack is None:
             return rest(x, add)
-        out = self.add_term(layer, rest(x), x)
+        out = self._with_term(rest(x), x, pack)
         if add is None:
             return out
         # then a caller's residual (add + out == out + add); into ``out`` where it is ours alone
