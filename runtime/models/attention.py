@@ -139,12 +139,13 @@ class Attention(CallSlot):
             return
         parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
         weight = torch.cat([p.weight for p in parts], dim=0)
-        fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None,
-                       device=weight.device, dtype=weight.dtype)
-        fused.weight.copy_(weight)
+        # Made on the meta device and given the concatenated tensors: no random initialisation to throw
+        # away (a quarter of a second of SD 1.5's optimize) and no second copy of the weights.
+        fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta",
+                       dtype=weight.dtype)
+        fused.weight = nn.Parameter(weight, requires_grad=False)
         if fused.bias is not None:
-            fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
-        fused.requires_grad_(False)
+            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts], dim=0), requires_grad=False)
         self.fused = "kv" if self.is_cross_attention else "qkv"
         setattr(self, f"to_{self.fused}", fused)
 
