@@ -6,8 +6,15 @@ import os
 # before anything (torch's own Triton users included) can import triton (tests/kernels/conftest.py).
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tempfile  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+# The derived-weight store (runtime/optim/derived_store.py) of this test run: a fresh folder, so no run
+# reads copies an earlier one stored and the user's cache is left alone (subprocesses inherit it).
+if "DIFFUSION_RUNTIME_DERIVED_DIR" not in os.environ:
+    os.environ["DIFFUSION_RUNTIME_DERIVED_DIR"] = tempfile.mkdtemp(prefix="dr-derived-")
 
 from pipeline_fixtures import (  # noqa: F401  (tests/ is on sys.path through this conftest)
     ddpm_folder,

@@ -29,7 +29,7 @@ import torch
 
 from runtime.models.transformer_2d import GEGLU, geglu_activation
 
-from . import dispatch
+from . import derived_store, dispatch
 from .components import pipeline_device
 from .derived import derived, served
 from .undo import entry
@@ -60,7 +60,8 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
             return None
         entry = derived(cache, w)
         if "packed" not in entry:
-            entry["packed"] = linear_geglu_weight(w, w.dtype)
+            entry["packed"] = derived_store.cached(w, "linear-geglu", lambda: linear_geglu_weight(w, w.dtype),
+                                                   linear_geglu_weight)
             entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
             served(w)
         return linear_geglu_launch(x, entry["packed"], entry["bias"])

@@ -428,6 +428,34 @@ def _on_file_pages(tensors: list[torch.Tensor], label: str) -> list[torch.Tensor
     return copies
 
 
+def register_map(mm: mmap.mmap, base: int, length: int) -> None:
+    """Count a private map of a file nobody writes in place (runtime/optim/derived_store.py's copies) among
+    ``_on_file_pages``' maps, so ``give_back`` hands its clean pages back too."""
+    with _maps_lock:
+        _our_maps[:] = [m for m in _our_maps if m[2]() is not None]
+        _our_maps.append((base, base + length, weakref.ref(mm)))
+
+
+def _from_store(targets, originals: dict) -> list:
+    """Each converted tensor from the derived-weight store (runtime/optim/derived_store.py): the copy an
+    earlier process stored for the same original bytes and conversion, else this one stored and mapped
+    back; None where its original has no origin or the store cannot take it (``_on_file_pages`` then)."""
+    from . import derived_store
+
+    if derived_store.store_dir() is None:
+        return [None] * len(targets)
+    maps = _Maps()
+    out = []
+    for kind, i, current in targets:
+        key = derived_store.key_of(originals[(kind, i)], "convert", None, maps, dtype=str(current.dtype),
+                                   shape=list(current.shape), stride=list(current.stride()))
+        found = derived_store.lookup(key)
+        if found is None and key is not None:
+            found = derived_store.store(key, current)
+        out.append(found)
+    return out
+
+
 def _in_our_maps(lo: int, hi: int) -> tuple[int, int] | None:
     """The live map ``_on_file_pages`` made that holds ``[lo, hi)``, or None."""
     with _maps_lock:
@@ -575,10 +603,16 @@ class TensorSnapshot:
                 targets.append((kind, i, current))
         if not targets or not sys.platform.startswith("linux"):
             return
-        copies = _on_file_pages([t for _, _, t in targets], label)
+        placed = _from_store(targets, {(k, i): t for k, i, t in released})
+        rest = [target for target, copy in zip(targets, placed) if copy is None]
+        copies = _on_file_pages([t for _, _, t in rest], label) if rest else []
         if copies is None:
-            return
-        for (kind, i, _), copy in zip(targets, copies):
+            copies = [None] * len(rest)
+        made = iter(copies)
+        placed = [copy if copy is not None else next(made) for copy in placed]
+        for (kind, i, _), copy in zip(targets, placed):
+            if copy is None:
+                continue
             if kind == "param":
                 self.params[i][0].data = copy
             else:

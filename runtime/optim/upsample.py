@@ -26,6 +26,7 @@ from torch import nn
 
 from runtime.models.resnet import Upsample2D
 
+from . import derived_store
 from .base import Pass
 from .components import pipeline_models
 from .derived import derived, served
@@ -75,7 +76,8 @@ class FoldedUpsampleConv:
         cache = derived(self.cache, conv.weight)
         if "folded" not in cache:
             with torch.no_grad():
-                self.folded.weight = nn.Parameter(fold_weight(conv.weight), requires_grad=False)
+                folded = derived_store.cached(conv.weight, "upsample-fold", lambda: fold_weight(conv.weight), fold_weight)
+                self.folded.weight = nn.Parameter(folded, requires_grad=False)
                 if conv.bias is not None:
                     self.folded.bias = nn.Parameter(conv.bias.detach().repeat(4), requires_grad=False)
             cache["folded"] = True

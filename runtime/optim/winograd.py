@@ -44,7 +44,7 @@ from torch import nn
 from runtime.models.layers import Conv2d
 from runtime.models.resnet import ResnetBlock2D, Upsample2D
 
-from . import dispatch
+from . import derived_store, dispatch
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .derived import derived, served
@@ -79,14 +79,18 @@ def _transformed(cache: dict, conv: nn.Conv2d, up2: bool):
     entry = derived(cache, conv.weight)
     if "u" not in entry:
         dtype = conv.weight.dtype
+        # made once per machine: a warm process maps the transform an earlier one stored
+        # (runtime/optim/derived_store.py)
         if dtype == torch.float32:
             from runtime.kernels.winograd_f32_cpu import winograd_weight_f32
 
-            entry["u"] = winograd_weight_f32(conv.weight)
+            entry["u"] = derived_store.cached(conv.weight, "winograd-f32", lambda: winograd_weight_f32(conv.weight),
+                                              winograd_weight_f32)
         else:
             from runtime.kernels.winograd_cpu import winograd_weight
 
-            entry["u"] = winograd_weight(conv.weight, up2=up2)
+            entry["u"] = derived_store.cached(conv.weight, "winograd-bf16", lambda: winograd_weight(conv.weight, up2=up2),
+                                              winograd_weight, up2=up2)
         entry["bias"] = None if conv.bias is None else conv.bias.detach().to(dtype).contiguous()
         served(conv.weight)
     return entry["u"], entry["bias"]

@@ -338,3 +338,48 @@ def test_read_only_compile_cache_degrades_to_a_warning(sd_folder, tmp_path):
         runtime.optimize(pipe, level=0, compile={"cache_dir": bad, "force": True})
     assert "compile" in str(pipe.optimization)
     pipe.optimization.revert()
+
+
+def _level2_latents(folder, store: str):
+    from runtime.optim import derived_store
+
+    before = dict(derived_store.stats)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(derived_store.STORE_ENV, store)
+        mp.setattr(derived_store, "_sizes", {})
+        mp.setattr(derived_store, "_warned", set())
+        pipe = runtime.StableDiffusionPipeline.from_pretrained(folder)
+        pipe.set_progress_bar_config(disable=True)
+        runtime.optimize(pipe, level=2)
+        out = pipe("a cat", num_inference_steps=2, height=64, width=64, output_type="latent",
+                   generator=torch.Generator().manual_seed(0)).images
+    return out, {k: derived_store.stats[k] - before[k] for k in before}
+
+
+def test_unusable_derived_weight_store_degrades_to_a_warning(sd_folder, tmp_path):
+    reference, _ = _level2_latents(sd_folder, "off")
+    with pytest.warns(RuntimeWarning, match="derived-weight store: cannot write"):
+        out, counts = _level2_latents(sd_folder, str(_unusable_dir(tmp_path)))
+    assert counts["stored"] == counts["hits"] == 0 and torch.equal(out, reference)
+
+
+def test_read_only_derived_weight_store_that_holds_the_copies_is_used(sd_folder, tmp_path):
+    """A warm store on a read-only volume: every copy found, no warning, the same latents."""
+    store = tmp_path / "derived"
+    reference, cold = _level2_latents(sd_folder, str(store))
+    if not cold["stored"]:
+        pytest.skip("nothing stored: no weight here lies on file pages")
+    mounted = subprocess.run(["mount", "--bind", "-o", "ro", str(store), str(store)], capture_output=True).returncode == 0
+    if not mounted:
+        pytest.skip("cannot bind-mount read-only here")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RuntimeWarning)
+            out, warm = _level2_latents(sd_folder, str(store))
+    finally:
+        import gc
+
+        gc.collect()  # the pipeline's copies map files of the mount
+        if subprocess.run(["umount", str(store)]).returncode:
+            subprocess.run(["umount", "-l", str(store)], check=True)
+    assert warm["stored"] == 0 and warm["hits"] >= cold["stored"] and torch.equal(out, reference)
