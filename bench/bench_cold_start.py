@@ -5,10 +5,10 @@ level 0-3, each in a fresh process, split into import, load, optimize and first 
     python3 bench/bench_cold_start.py --model path --levels 0,2 --repeats 3 --out results/cold
 
 "warm": the kernel and compile caches as this machine has them ($XDG_CACHE_HOME or ~/.cache);
-"warm, store off": the same, with the derived-weight store off (runtime/optim/derived_store.py): every
+"warm, store off": the same, with the derived-weight store off, alternated with "warm" run by run (runtime/optim/derived_store.py): every
 weight copy made again, as before the store. "empty": XDG_CACHE_HOME pointed at a new empty folder, so our
-CPU kernels are built again and torch.compile (level 2 where it applies) starts cold. Each warm mode fills
-the caches with one untimed run first. "second call" is the same call again in the same process: the
+CPU kernels are built again and torch.compile (level 2 where it applies) starts cold. One untimed run per level
+fills the caches first. "second call" is the same call again in the same process: the
 steady state the first call is compared with. The OS page cache is not dropped.
 """
 from __future__ import annotations
@@ -69,18 +69,17 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     rows = []
     for level in map(int, args.levels.split(",")):
-        for caches in ("warm", "warm, store off", "empty"):
-            runs = []
-            if caches == "warm":
-                one(args.model, level, args.steps, None)  # fill the caches (dispatch, probe, derived weights)
-            for _ in range(args.repeats):
-                if caches == "empty":
-                    with tempfile.TemporaryDirectory() as tmp:
-                        runs.append(one(args.model, level, args.steps, tmp))
-                else:
-                    runs.append(one(args.model, level, args.steps, None, store=caches == "warm"))
-            row = {"level": level, "caches": caches, "runs": len(runs)}
-            row.update({k: round(statistics.median(r[k] for r in runs), 3) for k in runs[0]})
+        one(args.model, level, args.steps, None)  # fill the caches (dispatch, probe, derived weights)
+        runs: dict[str, list] = {"warm": [], "warm, store off": [], "empty": []}
+        for _ in range(args.repeats):  # the two warm modes alternated: the page cache treats them alike
+            runs["warm"].append(one(args.model, level, args.steps, None))
+            runs["warm, store off"].append(one(args.model, level, args.steps, None, store=False))
+        for _ in range(args.repeats):
+            with tempfile.TemporaryDirectory() as tmp:
+                runs["empty"].append(one(args.model, level, args.steps, tmp))
+        for caches, done in runs.items():
+            row = {"level": level, "caches": caches, "runs": len(done)}
+            row.update({k: round(statistics.median(r[k] for r in done), 3) for k in done[0]})
             rows.append(row)
             print(json.dumps(row), flush=True)
     print("\n| level | caches | import s | load s | optimize s | first call s | total s | second call s |")

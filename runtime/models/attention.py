@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention_slicing import check_slice_size, sliced_attention
-from .layers import Linear, fused_outputs
+from .layers import Linear, concatenated_linear, fused_outputs
 from .call_slot import CallSlot
 
 AttentionBackend = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], torch.Tensor]
@@ -138,14 +138,7 @@ class Attention(CallSlot):
         if self.fused is not None:
             return
         parts = [self.to_k, self.to_v] if self.is_cross_attention else [self.to_q, self.to_k, self.to_v]
-        weight = torch.cat([p.weight for p in parts], dim=0)
-        # Made on the meta device and given the concatenated tensors: no random initialisation to throw
-        # away (a quarter of a second of SD 1.5's optimize) and no second copy of the weights.
-        fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta",
-                       dtype=weight.dtype)
-        fused.weight = nn.Parameter(weight, requires_grad=False)
-        if fused.bias is not None:
-            fused.bias = nn.Parameter(torch.cat([p.bias for p in parts], dim=0), requires_grad=False)
+        fused = concatenated_linear(parts)
         self.fused = "kv" if self.is_cross_attention else "qkv"
         setattr(self, f"to_{self.fused}", fused)
 

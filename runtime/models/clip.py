@@ -23,7 +23,7 @@ from torch import nn
 
 from runtime.lora.model_mixin import LoraModelMixin
 
-from .layers import Linear, fused_outputs
+from .layers import Linear, concatenated_linear, fused_outputs
 
 from .attention import AttentionBackend, sdpa_backend
 from .checkpointing import maybe_checkpoint
@@ -106,12 +106,7 @@ class CLIPAttention(nn.Module):
         if self.fused is not None:
             return
         parts = (self.q_proj, self.k_proj, self.v_proj)
-        weight = torch.cat([p.weight for p in parts], dim=0)
-        fused = Linear(weight.shape[1], weight.shape[0], device=weight.device, dtype=weight.dtype)
-        fused.weight.copy_(weight)
-        fused.bias.copy_(torch.cat([p.bias for p in parts], dim=0))
-        fused.requires_grad_(False)
-        self.to_qkv = fused
+        self.to_qkv = concatenated_linear(parts)
         self.fused = "qkv"
 
     def unfuse_projections(self) -> None:

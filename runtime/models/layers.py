@@ -127,6 +127,19 @@ class Linear(_ComputeSlot, nn.Linear):
         return self._chain(x, add)
 
 
+@torch.no_grad()
+def concatenated_linear(parts) -> Linear:
+    """One ``Linear`` computing ``parts`` side by side (their weights and biases concatenated by output), no
+    gradients. Made on the meta device and given the concatenated tensors: no random initialisation to throw
+    away (a quarter of a second of SD 1.5's optimize) and no second copy."""
+    weight = torch.cat([p.weight for p in parts], dim=0)
+    fused = Linear(weight.shape[1], weight.shape[0], bias=parts[0].bias is not None, device="meta", dtype=weight.dtype)
+    fused.weight = nn.Parameter(weight, requires_grad=False)
+    if parts[0].bias is not None:
+        fused.bias = nn.Parameter(torch.cat([p.bias for p in parts], dim=0), requires_grad=False)
+    return fused
+
+
 def fused_outputs(fused: nn.Module, parts, x: torch.Tensor):
     """What each of ``parts`` (Linears of equal width on the same input ``x``) computes, through one
     matmul: ``fused`` (their weights concatenated), then each part's side terms on its slice. None
