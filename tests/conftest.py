@@ -14,7 +14,11 @@ import torch  # noqa: E402
 # The derived-weight store (runtime/optim/derived_store.py) of this test run: a fresh folder, so no run
 # reads copies an earlier one stored and the user's cache is left alone (subprocesses inherit it).
 if "DIFFUSION_RUNTIME_DERIVED_DIR" not in os.environ:
+    import atexit  # noqa: E402
+    import shutil  # noqa: E402
+
     os.environ["DIFFUSION_RUNTIME_DERIVED_DIR"] = tempfile.mkdtemp(prefix="dr-derived-")
+    atexit.register(shutil.rmtree, os.environ["DIFFUSION_RUNTIME_DERIVED_DIR"], ignore_errors=True)
 
 from pipeline_fixtures import (  # noqa: F401  (tests/ is on sys.path through this conftest)
     ddpm_folder,
@@ -80,7 +84,8 @@ def host_without_amx():
 # The CPU kernel families (C sources in runtime/kernels/) and the flags each needs.
 KERNEL_FAMILIES = {
     "attention_cpu": "attention bf16", "attention_f32_cpu": "attention fp32", "geglu_cpu": "GEGLU bf16",
-    "group_norm_cpu": "GroupNorm+SiLU bf16", "linear_geglu_cpu": "linear+GEGLU bf16",
+    "group_norm_cpu": "GroupNorm+SiLU bf16", "group_norm_f32_cpu": "GroupNorm+SiLU fp32",
+    "linear_geglu_cpu": "linear+GEGLU bf16",
     "linear_geglu_f32_cpu": "linear+GEGLU fp32", "winograd_cpu": "Winograd bf16", "winograd_f32_cpu": "Winograd fp32",
     "winograd_f32_avx2_cpu": "Winograd fp32 AVX2",
 }

@@ -1,6 +1,6 @@
 """Build and load our C kernels for x86-64 CPUs with AVX512-BF16 (attention_cpu.c, geglu_cpu.c,
 group_norm_cpu.c, linear_geglu_cpu.c, winograd_cpu.c; shared helpers in the .h files), the fp32 ones
-(attention_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512, and their AVX2
+(attention_f32_cpu.c, group_norm_f32_cpu.c, linear_geglu_f32_cpu.c, winograd_f32_cpu.c) for any CPU with AVX-512, and their AVX2
 siblings (``*_avx2_cpu.c``) for CPUs without AVX-512. A kernel with siblings binds the first one the CPU
 runs (``bind_first``).
 
