@@ -17,6 +17,7 @@ from runtime.models.errors import OptimizationError
 from .base import Pass
 from .components import pipeline_device, pipeline_models
 from .hardware import fast_half_dtype
+from .snapshot import to_dtype
 
 DTYPES = {"auto": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -60,7 +61,7 @@ class PrecisionPass(Pass):
             if self._keep_fp32(name, model, dtype):
                 kept.append(name)
                 continue
-            self.log().tensors(model, lambda: model.to(dtype=dtype))
+            self.log().tensors(model, lambda: to_dtype(model, dtype))  # stored conversions taken as they are
         self._state()["why"] = why + (f"; {', '.join(kept)} kept in fp32 (force_upcast)" if kept else "")
 
     def describe(self) -> str:

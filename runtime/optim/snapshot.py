@@ -436,6 +436,40 @@ def register_map(mm: mmap.mmap, base: int, length: int) -> None:
         _our_maps.append((base, base + length, weakref.ref(mm)))
 
 
+def to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """``module.to(dtype=dtype)``, but each floating CPU tensor the derived-weight store holds a conversion of
+    (runtime/optim/derived_store.py: the same source bytes, dtype, shape and strides) takes the stored copy
+    instead of being converted: a warm process converts nothing. Same Parameters, same buffers' names."""
+    from . import derived_store
+
+    if derived_store.store_dir() is None:
+        module.to(dtype=dtype)
+        return
+    maps = _Maps()
+    size = torch.empty((), dtype=dtype).element_size()
+
+    def converted(t: torch.Tensor) -> torch.Tensor:
+        if not t.is_floating_point() or t.dtype == dtype:
+            return t
+        if t.device.type == "cpu" and t.numel() * size >= derived_store.MIN_BYTES:  # the store keeps no smaller
+            key = derived_store.key_of(t.detach(), "convert", None, maps, dtype=str(dtype), shape=list(t.shape),
+                                       stride=list(t.stride()))
+            found = derived_store.lookup(key)
+            if found is not None:
+                return found
+            if key is not None:
+                derived_store.stats["made"] += 1
+        return t.detach().to(dtype)
+
+    with torch.no_grad():
+        for p in module.parameters():
+            p.data = converted(p.data)
+        for sub in module.modules():
+            for name, buf in list(sub._buffers.items()):
+                if buf is not None:
+                    sub._buffers[name] = converted(buf)
+
+
 def _from_store(targets, originals: dict) -> list:
     """Each converted tensor from the derived-weight store (runtime/optim/derived_store.py): the copy an
     earlier process stored for the same original bytes and conversion, else this one stored and mapped
@@ -447,6 +481,10 @@ def _from_store(targets, originals: dict) -> list:
     maps = _Maps()
     out = []
     for kind, i, current in targets:
+        lo = current.data_ptr()
+        if _in_our_maps(lo, lo + _nbytes(current)) is not None:  # taken from the store by to_dtype already
+            out.append(current)
+            continue
         key = derived_store.key_of(originals[(kind, i)], "convert", None, maps, dtype=str(current.dtype),
                                    shape=list(current.shape), stride=list(current.stride()))
         found = derived_store.lookup(key)

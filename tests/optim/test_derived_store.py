@@ -204,3 +204,31 @@ def test_level_2_in_a_second_process_maps_the_copies_back_and_gives_the_same_lat
     # again but those with no origin to key them by
     assert warm["stored"] == 0 and warm["hits"] == cold["hits"] + cold["stored"]
     assert torch.equal(cold_latents, warm_latents) and torch.equal(cold_latents, off_latents)
+
+
+def test_precision_takes_stored_conversions_without_converting_and_reverts_exactly(sd_folder, store):
+    import runtime
+    from runtime.optim import snapshot
+
+    def pipe():
+        p = runtime.StableDiffusionPipeline.from_pretrained(sd_folder)
+        return p, {k: v.clone() for k, v in p.unet.state_dict().items()}
+
+    only_precision = dict(winograd=False, geglu=False, prepack=False, upsample=False)
+    first, _ = pipe()
+    at_start = ds.stats["stored"]
+    runtime.optimize(first, level=2, **only_precision)
+    stored = ds.stats["stored"] - at_start
+    second, originals = pipe()  # another map of the same checkpoint: the same origins
+    before = dict(ds.stats)
+    runtime.optimize(second, level=2, **only_precision)
+    # nothing with an origin converted ("made") or stored again; every such tensor found
+    assert stored > 0 and ds.stats["hits"] - before["hits"] == stored
+    assert ds.stats["made"] == before["made"] and ds.stats["stored"] == before["stored"]
+    big = [p for p in second.unet.parameters() if p.numel() * p.element_size() >= ds.MIN_BYTES]
+    assert big and all(snapshot._in_our_maps(p.data_ptr(), p.data_ptr() + p.numel() * p.element_size()) for p in big)
+    a, b = first.unet.state_dict(), second.unet.state_dict()
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    second.optimization.revert()
+    assert all(torch.equal(v, originals[k]) and v.dtype == originals[k].dtype
+               for k, v in second.unet.state_dict().items())
