@@ -232,3 +232,26 @@ def test_precision_takes_stored_conversions_without_converting_and_reverts_exact
     second.optimization.revert()
     assert all(torch.equal(v, originals[k]) and v.dtype == originals[k].dtype
                for k, v in second.unet.state_dict().items())
+
+
+def test_a_full_disk_mid_write_leaves_no_partial_file_and_warns_once(tmp_path, store, monkeypatch):
+    import errno
+
+    from runtime.optim import snapshot
+
+    tensors = checkpoint(tmp_path / "a.safetensors")
+    real = snapshot._write_all
+    calls = []
+
+    def full(f, data):
+        calls.append(1)
+        if len(calls) > 1:  # the header went in; the bytes do not fit
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(f, data)
+
+    monkeypatch.setattr(snapshot, "_write_all", full)
+    with pytest.warns(RuntimeWarning, match="No space left") as record:
+        outs = [ds.cached(t, "double", double(t)) for t in tensors.values()]
+    assert len([r for r in record if "derived-weight store" in str(r.message)]) == 1
+    assert all(torch.equal(o, double(t)()) for o, t in zip(outs, tensors.values()))
+    assert list(store.iterdir()) == []  # no .bin, no .tmp
