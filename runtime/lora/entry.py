@@ -122,6 +122,16 @@ class LoraEntry:
     def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         if self.conv:
             stride, padding, dilation = self.geometry
+            if x.ndim == 4 and tuple(down.shape[2:]) == (1, 1) and stride == (1, 1) and padding == (0, 0) and dilation == (1, 1):
+                # a 1x1 convolution (proj_in / proj_out) to rank r as a matrix product: oneDNN's convolution
+                # takes 2-3.5x as long at r = 8 (bench/RESULTS.md, 'LoRA: the 1x1 down products as matmuls')
+                b, c, height, width = x.shape
+                d2 = down.view(down.shape[0], c)
+                if x.is_contiguous():
+                    return torch.matmul(d2, x.view(b, c, -1)).view(b, -1, height, width)
+                if x.is_contiguous(memory_format=torch.channels_last):
+                    rows = x.permute(0, 2, 3, 1).reshape(-1, c) @ d2.t()
+                    return rows.view(b, height, width, -1).permute(0, 3, 1, 2)
             return F.conv2d(x, down, None, stride, padding, dilation)
         return F.linear(x, down)
 
@@ -140,11 +150,12 @@ class LoraEntry:
             if out.ndim != 4 or h.shape[0] != out.shape[0] or h.shape[2:] != out.shape[2:]:
                 return False
             up2 = up.view(up.shape[0], r)
-            if out.is_contiguous() and h.is_contiguous():
+            # h has r channels: laying it out as ``out`` is (a copy where it is not) costs little
+            if out.is_contiguous():
                 b, c = out.shape[:2]
-                out.view(b, c, -1).baddbmm_(up2.expand(b, c, r), h.view(b, r, -1), alpha=scale)
+                out.view(b, c, -1).baddbmm_(up2.expand(b, c, r), h.reshape(b, r, -1), alpha=scale)
                 return True
-            if out.is_contiguous(memory_format=torch.channels_last) and h.is_contiguous(memory_format=torch.channels_last):
+            if out.is_contiguous(memory_format=torch.channels_last):
                 rows = out.permute(0, 2, 3, 1).view(-1, out.shape[1])
                 rows.addmm_(h.permute(0, 2, 3, 1).reshape(-1, r), up2.t(), alpha=scale)
                 return True
