@@ -4,11 +4,13 @@ Passes make copies of a model's weights: precision's bf16 weights, Winograd's tr
 fused GEGLU kernel's packed weight, the upsample fold's phase kernels (runtime/optim/derived.py has the
 rule by which such a copy follows its source inside a process). Making them is most of what a warm
 process pays between ``optimize`` and its second call on SD 1.5 (bench/RESULTS.md, 'Cold start: derived
-weights on disk'). ``cached(source, what, make)`` makes a copy once per machine and maps it back in later
-processes.
+weights kept on disk'). ``cached(source, what, make)`` makes a copy once per machine and maps it back in
+later processes.
 
 Precision converts through ``snapshot.to_dtype``, which takes a stored conversion in place of converting a
-tensor at all; the snapshot then stores the conversions it did make. **What names a source.** Only a source whose bytes are a file's bytes: a CPU tensor lying whole in a
+tensor at all; the snapshot then stores the conversions it did make.
+
+**What names a source.** Only a source whose bytes are a file's bytes: a CPU tensor lying whole in a
 private map of a regular file that still has a name, none of whose pages (the partial ones at its ends
 included) was written since it was mapped (``/proc/self/pagemap``, as runtime/optim/snapshot.py reads
 it). Checkpoints loaded from safetensors are such tensors, and so are the copies this store maps back,
