@@ -171,6 +171,12 @@ def key_of(source: torch.Tensor, what: str, maker=None, maps=None, **params) -> 
             "code": _code_hash(maker)}
 
 
+def conversion_key(source: torch.Tensor, dtype: torch.dtype, shape, stride, maps=None) -> dict | None:
+    """The key of ``source`` converted to ``dtype`` with ``shape`` and ``stride`` (what ``.to`` keeps): the one
+    key precision's conversion is stored and found under (runtime/optim/snapshot.py)."""
+    return key_of(source, "convert", None, maps, dtype=str(dtype), shape=list(shape), stride=list(stride))
+
+
 # ---- the files -------------------------------------------------------------------------------------
 def _digest(key: dict) -> str:
     return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:40]

@@ -420,17 +420,14 @@ def _on_file_pages(tensors: list[torch.Tensor], label: str) -> list[torch.Tensor
     for t, at in zip(tensors, offsets):
         raw = torch.frombuffer(mm, dtype=torch.uint8, count=_nbytes(t), offset=at)
         copies.append(raw.view(t.dtype).as_strided(tuple(t.shape), tuple(t.stride())))
-    base = torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr()
-    with _maps_lock:
-        _our_maps[:] = [m for m in _our_maps if m[2]() is not None]
-        _our_maps.append((base, base + offset, weakref.ref(mm)))
+    register_map(mm, torch.frombuffer(mm, dtype=torch.uint8, count=1).data_ptr(), offset)
     del mm  # the copies keep it
     return copies
 
 
 def register_map(mm: mmap.mmap, base: int, length: int) -> None:
-    """Count a private map of a file nobody writes in place (runtime/optim/derived_store.py's copies) among
-    ``_on_file_pages``' maps, so ``give_back`` hands its clean pages back too."""
+    """Count a private map of a file nobody writes in place (``_on_file_pages``' nameless files, the copies of
+    runtime/optim/derived_store.py) among the maps ``give_back`` hands clean pages back from."""
     with _maps_lock:
         _our_maps[:] = [m for m in _our_maps if m[2]() is not None]
         _our_maps.append((base, base + length, weakref.ref(mm)))
@@ -452,8 +449,7 @@ def to_dtype(module: torch.nn.Module, dtype: torch.dtype) -> None:
         if not t.is_floating_point() or t.dtype == dtype:
             return t
         if t.device.type == "cpu" and t.numel() * size >= derived_store.MIN_BYTES:  # the store keeps no smaller
-            key = derived_store.key_of(t.detach(), "convert", None, maps, dtype=str(dtype), shape=list(t.shape),
-                                       stride=list(t.stride()))
+            key = derived_store.conversion_key(t.detach(), dtype, t.shape, t.stride(), maps)
             found = derived_store.lookup(key)
             if found is not None:
                 return found
@@ -485,8 +481,7 @@ def _from_store(targets, originals: dict) -> list:
         if _in_our_maps(lo, lo + _nbytes(current)) is not None:  # taken from the store by to_dtype already
             out.append(current)
             continue
-        key = derived_store.key_of(originals[(kind, i)], "convert", None, maps, dtype=str(current.dtype),
-                                   shape=list(current.shape), stride=list(current.stride()))
+        key = derived_store.conversion_key(originals[(kind, i)], current.dtype, current.shape, current.stride(), maps)
         found = derived_store.lookup(key)
         if found is None and key is not None:
             found = derived_store.store(key, current)
