@@ -24,6 +24,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from runtime.kernels import lora_cpu
+
+from . import term_kernel
+
 _MISSING = object()
 
 
@@ -66,7 +70,7 @@ class LoraEntry:
         self.adapters: dict[str, AdapterWeights] = {}
         self.fused: list[tuple[str, float]] = []  # (adapter, scaling it was fused with), in fuse order
         self.originals: dict = {}  # fuse.py: storage key -> (copy, its saved original)
-        self.packs: dict = {}  # (dtype, device) -> (down, up) | None
+        self.packs: dict = {}  # (dtype, device) -> (down, up[, kernel down, kernel up pairs]) | None
 
     # ---- what is applied -------------------------------------------------------------------
     def active_names(self) -> list[str]:
@@ -90,12 +94,16 @@ class LoraEntry:
             down = torch.cat([a.down.to(device=device, dtype=dtype) for a in adapters], dim=0)
             up = torch.cat([(a.up.to(device=device, dtype=torch.float32) * a.scaling).to(dtype) for a in adapters],
                            dim=1)
-            if (previous is not None and previous[0].shape == down.shape and previous[1].shape == up.shape
-                    and not previous[0].is_inference()):
-                previous[0].copy_(down)
-                previous[1].copy_(up)
+            kernel = None
+            if not self.conv and dtype == torch.bfloat16 and device.type == "cpu" and lora_cpu.cpu_lora_term_ready() is None:
+                kernel = lora_cpu.lora_kernel_weights(down, up)  # runtime/lora/term_kernel.py decides per call shape
+            made = (down, up, *(kernel or ()))
+            if (previous is not None and len(previous) == len(made) and not previous[0].is_inference()
+                    and all(p.shape == t.shape for p, t in zip(previous, made))):
+                for p, t in zip(previous, made):
+                    p.copy_(t)
                 return previous
-        return down, up
+        return made
 
     def rebuild(self, layer: nn.Module | None = None) -> None:
         """Make every cached pack again (in place where the shapes allow); with ``layer``, also the
@@ -170,9 +178,23 @@ class LoraEntry:
         pack = self._pack_for(x)
         return out if pack is None else self._with_term(out, x, pack)
 
+    def _kernel_term(self, out: torch.Tensor, x: torch.Tensor, pack, scale: float) -> bool:
+        """``out += scale * term`` by the one-pass kernel where it was packed for and measured faster."""
+        if (len(pack) < 4 or out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.shape[:-1] != x.shape[:-1]
+                or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()
+                or lora_cpu.row_stride(x) is None or lora_cpu.row_stride(out) is None):
+            return False
+        k = x.shape[-1]
+        if not term_kernel.use_kernel(x.numel() // k if k else 0, k, pack[2].shape[0], out.shape[-1]):
+            return False
+        lora_cpu.lora_term_launch(out, x, pack[2], pack[3], scale)
+        return True
+
     def _with_term(self, out: torch.Tensor, x: torch.Tensor, pack) -> torch.Tensor:
-        down, up = pack
+        down, up = pack[:2]
         scale = self.state.call_scale()
+        if self._kernel_term(out, x, pack, scale):
+            return out
         h = self._down(x, down)
         if self._fold(out, h, up, scale):
             return out

@@ -29,13 +29,14 @@ def bound_by(seen: dict, stem: str) -> tuple[str | None, str | None]:
 PROBE = r"""
 import json, sys, torch
 from runtime.kernels import attention_cpu, cpu_build, geglu_cpu, group_norm_cpu, linear_geglu_cpu
-from runtime.kernels import winograd_cpu, winograd_f32_cpu
+from runtime.kernels import lora_cpu, winograd_cpu, winograd_f32_cpu
 checks = {"attention_cpu": lambda: attention_cpu.cpu_attention_ready(torch.bfloat16),
           "attention_f32_cpu": lambda: attention_cpu.cpu_attention_ready(torch.float32),
           "geglu_cpu": geglu_cpu.cpu_geglu_ready, "group_norm_cpu": group_norm_cpu.cpu_group_norm_ready,
           "group_norm_f32_cpu": lambda: group_norm_cpu.cpu_group_norm_ready(torch.float32),
           "linear_geglu_cpu": lambda: linear_geglu_cpu.cpu_linear_geglu_ready(torch.bfloat16),
           "linear_geglu_f32_cpu": lambda: linear_geglu_cpu.cpu_linear_geglu_ready(torch.float32),
+          "lora_cpu": lora_cpu.cpu_lora_term_ready,
           "winograd_cpu": winograd_cpu.cpu_winograd_ready, "winograd_f32_cpu": winograd_f32_cpu.cpu_winograd_f32_ready}
 ready = {stem: checks[stem]() for stem in (sys.argv[1:] or checks)}
 print(json.dumps({"ready": ready, "origins": cpu_build.origins(), "file": cpu_build.__file__,

@@ -1,0 +1,61 @@
+"""Which implementation adds an adapted Linear's LoRA term at bf16 on CPU: the two matmuls (the down product,
+then ``addmm_`` of the up product into the output) or our one-pass kernel (runtime/kernels/lora_cpu.py).
+
+Measured, as every routing choice is (runtime/optim/dispatch.py): on the first call with a given shape
+(rows, input width, packed rank, output width) both run on inputs of that shape and the faster is kept for
+the process, the matmuls unless the kernel wins by the dispatch margin; the machine's dispatch cache keeps
+the timing, so a later process reads it. Nothing is measured where the kernel cannot run (no AVX512-BF16:
+the reason is in ``choices()``) or while torch.compile traces (the matmuls are what it sees).
+"""
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from runtime.kernels import lora_cpu
+from runtime.optim import dispatch
+
+KERNEL, MATMULS = "lora kernel", "two matmuls"
+_choices: dict[tuple[int, int, int, int], dispatch.Measurement | str] = {}
+_lock = threading.Lock()
+
+
+def use_kernel(m: int, k: int, r: int, n: int) -> bool:
+    """Whether the kernel adds the term of a call with ``m`` rows, ``k`` inputs, packed rank ``r`` and ``n``
+    outputs (measured on first use)."""
+    key = (m, k, r, n)
+    found = _choices.get(key)
+    if found is None:
+        with _lock:
+            found = _choices.get(key)
+            if found is None:
+                found = _choices[key] = _measure(key)
+    return isinstance(found, dispatch.Measurement) and found.choice == KERNEL
+
+
+def _measure(key) -> dispatch.Measurement | str:
+    why = lora_cpu.cpu_lora_term_ready()
+    if why is not None:
+        return why
+    m, k, r, n = key
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    down = (torch.randn(r, k, generator=g) / k ** 0.5).bfloat16()
+    up = torch.zeros(n, r, dtype=torch.bfloat16)  # a zero term: ``out`` stays as it is however often it runs
+    out_a, out_b = torch.zeros(m, n, dtype=torch.bfloat16), torch.zeros(m, n, dtype=torch.bfloat16)
+    kd, ku = lora_cpu.lora_kernel_weights(down, up)
+    candidates = [dispatch.Candidate(MATMULS, lambda: out_a.addmm_(x @ down.t(), up.t()), baseline=True),
+                  dispatch.Candidate(KERNEL, lambda: lora_cpu.lora_term_launch(out_b, x, kd, ku, 1.0))]
+    return dispatch.measure(dispatch.OpKey("lora term", key, "bfloat16"), candidates)
+
+
+def choices() -> dict[tuple[int, int, int, int], str]:
+    """What each shape measured so far runs, with the times: for reports and tests."""
+    return {key: found if isinstance(found, str) else found.summary() for key, found in _choices.items()}
+
+
+def forget() -> None:
+    """Measure again on next use (tests; a changed thread count)."""
+    with _lock:
+        _choices.clear()

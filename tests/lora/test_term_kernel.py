@@ -1,0 +1,121 @@
+"""The LoRA term at bf16 on CPU: the one-pass kernel or the two matmuls, chosen by measuring
+(runtime/lora/term_kernel.py), both adding what fp64 adds within a bf16 budget."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from runtime.kernels import lora_cpu
+from runtime.lora import term_kernel
+from runtime.lora.entry import AdapterWeights, LoraEntry
+from runtime.models.layers import Linear
+from runtime.optim import dispatch
+
+needs_kernel = pytest.mark.skipif(lora_cpu.cpu_lora_term_ready() is not None,
+                                  reason=f"CPU kernel: {lora_cpu.cpu_lora_term_ready()}")
+
+
+class _State:
+    enabled, active, target_rank = True, ["a"], None
+
+    def __init__(self, scale=1.0):
+        self.scale = scale
+
+    def call_scale(self):
+        return self.scale
+
+
+@pytest.fixture(autouse=True)
+def fresh_choices():
+    term_kernel.forget()
+    yield
+    term_kernel.forget()
+
+
+def adapted(k=96, n=80, r=8, seed=0, scale=1.0):
+    g = torch.Generator().manual_seed(seed)
+    layer = Linear(k, n).to(torch.bfloat16)
+    down = torch.randn(r, k, generator=g) / k ** 0.5
+    up = torch.randn(n, r, generator=g) / r ** 0.5
+    entry = LoraEntry(_State(scale), "to_q", layer)
+    entry.adapters["a"] = AdapterWeights(down, up, down, up, rank=r, alpha=r / 2, scaling=0.5)
+    layer.compute = [("lora", entry)]
+    return layer, entry, down, up
+
+
+def counted(monkeypatch):
+    calls = []
+    launch = lora_cpu.lora_term_launch
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return launch(*args)
+
+    monkeypatch.setattr(lora_cpu, "lora_term_launch", spy)
+    return calls
+
+
+@needs_kernel
+@pytest.mark.parametrize("faster", [term_kernel.KERNEL, term_kernel.MATMULS])
+def test_the_measured_faster_one_runs_and_both_add_what_fp64_adds(monkeypatch, faster):
+    layer, entry, down, up = adapted(scale=0.8)
+    x = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(1)).bfloat16()
+    times = {term_kernel.KERNEL: 1.0, term_kernel.MATMULS: 2.0}
+    if faster == term_kernel.MATMULS:
+        times = {term_kernel.KERNEL: 2.0, term_kernel.MATMULS: 1.0}
+    calls = counted(monkeypatch)
+    with dispatch.using(timer=dispatch.fixed_timer(times), cache=dispatch.DispatchCache(None)), torch.no_grad():
+        got = layer(x)
+        base = F.linear(x, layer.weight, layer.bias)
+    assert len(calls) == (1 if faster == term_kernel.KERNEL else 0)
+    [(shape, summary)] = term_kernel.choices().items()
+    assert shape == (74, 96, 8, 80) and f"-> {faster} (measured" in summary
+    term = 0.8 * 0.5 * (x.double() @ down.bfloat16().double().t()) @ (up.bfloat16().double().t())
+    ref = base.double() + term
+    bound = ref.abs() * 2.0 ** -8 + 0.4 * (x.double() @ down.bfloat16().double().t()).abs() @ up.bfloat16().double().abs().t() * 2.0 ** -7
+    assert ((got.double() - ref).abs() <= bound + 1e-6).all()
+
+
+@needs_kernel
+def test_a_column_slice_of_a_fused_output_gets_the_term_and_nothing_else(monkeypatch):
+    """What fused q/k/v hand the entry (``add_term`` on their slice): the kernel writes that slice alone."""
+    layer, entry, down, up = adapted(k=64, n=48)
+    calls = counted(monkeypatch)
+    x = torch.randn(3, 20, 64, generator=torch.Generator().manual_seed(2)).bfloat16()
+    wide = torch.randn(3, 20, 3 * 48, generator=torch.Generator().manual_seed(3)).bfloat16()
+    before = wide.clone()
+    with torch.no_grad():
+        entry.add_term(layer, wide[..., 48:96], x)
+        expected = entry.add_term(layer, before[..., 48:96].contiguous(), x)
+    assert len(calls) == 2  # the fake timer of tests/conftest.py prefers ours
+    assert torch.equal(wide[..., 48:96], expected)
+    assert torch.equal(wide[..., :48], before[..., :48]) and torch.equal(wide[..., 96:], before[..., 96:])
+
+
+def test_where_the_kernel_cannot_run_the_matmuls_do_and_say_why(monkeypatch):
+    monkeypatch.setattr(lora_cpu, "cpu_lora_term_ready", lambda: "this CPU has no AVX512-BF16")
+    layer, entry, down, up = adapted()
+    x = torch.randn(5, 96).bfloat16()
+    with torch.no_grad():
+        got = layer(x)
+    assert len(entry.packs[(torch.bfloat16, torch.device("cpu"))]) == 2  # no kernel weights packed
+    h = F.linear(x, down.bfloat16())
+    plain = F.linear(x, layer.weight, layer.bias).addmm_(h, (up * 0.5).bfloat16().t())
+    assert torch.equal(got, plain)
+    assert term_kernel.use_kernel(5, 96, 8, 80) is False
+    assert term_kernel.choices() == {(5, 96, 8, 80): "this CPU has no AVX512-BF16"}
+
+
+@needs_kernel
+def test_fp32_and_grad_keep_the_matmuls(monkeypatch):
+    calls = counted(monkeypatch)
+    layer, entry, down, up = adapted()
+    layer.float()
+    x = torch.randn(4, 96)
+    with torch.no_grad():
+        layer(x)
+    layer.to(torch.bfloat16)
+    xb = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
+    layer(xb).sum().backward()  # the kernel is forward-only: autograd's path runs
+    assert calls == [] and xb.grad is not None
