@@ -7,4 +7,4 @@
 #include <stdint.h>
 
 void dr_linear_geglu_bf16(const uint16_t *x, const uint16_t *wp, const uint16_t *bias, uint16_t *out, int64_t m,
-                          int k, int d, int threads);
+                          int k, int d, const uint16_t *h, const uint16_t *hw, int r, int threads);

@@ -73,23 +73,57 @@ def cpu_linear_geglu_supports(x: torch.Tensor, wp: torch.Tensor, bias: torch.Ten
     return cpu_linear_geglu_ready(x.dtype)
 
 
-def linear_geglu_launch(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+def low_rank_weight(up: torch.Tensor, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
+    """A low-rank term's (2d, r) up weight packed as ``linear_geglu_weight`` packs the projection's, its rank
+    zero-padded to even in bf16: ``cpu_linear_geglu(x, wp, bias, low=(h, hw))`` adds ``h @ up.T`` to the
+    projection before the activation (a LoRA adapter's term, h its down product)."""
+    if dtype == torch.bfloat16 and up.ndim == 2 and up.shape[1] % 2:
+        up = torch.cat([up, up.new_zeros(up.shape[0], 1)], dim=1)
+    return linear_geglu_weight(up, dtype)
+
+
+def low_rank_input(h: torch.Tensor, hw: torch.Tensor) -> torch.Tensor:
+    """``h`` (rows, r) as the kernel reads it beside ``hw = low_rank_weight(up)``: contiguous, zero-padded to
+    hw's rank."""
+    r = hw.shape[1] * (2 if hw.ndim == 4 else 1)
+    h = h.reshape(-1, h.shape[-1])
+    if h.shape[1] != r:
+        h = torch.cat([h, h.new_zeros(h.shape[0], r - h.shape[1])], dim=1)
+    return h.contiguous()
+
+
+def linear_geglu_launch(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None,
+                        low: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """The kernel without ``cpu_linear_geglu_supports``: for a caller that packed ``wp`` and ``bias`` from
-    the module itself and checked ``x`` (runtime/optim/geglu.py, once per call)."""
+    the module itself and checked ``x`` (runtime/optim/geglu.py, once per call). ``low``: ``(h, hw)``, a
+    low-rank term (``low_rank_weight``, ``low_rank_input``: h's rows are x's)."""
     d, k = 16 * wp.shape[0], x.shape[-1]
     xc = x.contiguous()
     out = x.new_empty(*x.shape[:-1], d)
     rows = xc.numel() // k if k else 0
+    h, hw = (None, None) if low is None else low
+    r = 0 if h is None else h.shape[-1]
     if rows:
         with cpu_build.profiled("diffusion_runtime::cpu_linear_geglu"):
             _states[x.dtype][_ENTRY[x.dtype]](xc.data_ptr(), wp.data_ptr(), None if bias is None else bias.data_ptr(),
-                                              out.data_ptr(), rows, k, d, torch.get_num_threads())
+                                              out.data_ptr(), rows, k, d, None if h is None else h.data_ptr(),
+                                              None if hw is None else hw.data_ptr(), r, torch.get_num_threads())
     return out
 
 
-def cpu_linear_geglu(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``value * gelu(gate)`` of the linear with packed weight ``wp``; see the module docstring."""
+def cpu_linear_geglu(x: torch.Tensor, wp: torch.Tensor, bias: torch.Tensor | None,
+                     low: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    """``value * gelu(gate)`` of the linear with packed weight ``wp`` (plus ``h @ up.T`` with ``low = (h,
+    low_rank_weight(up))``); see the module docstring."""
     why = cpu_linear_geglu_supports(x, wp, bias)
+    if why is None and low is not None:
+        h, hw = low
+        r = h.shape[-1]
+        want = _packed_shape(16 * wp.shape[0], r, x.dtype)
+        if (h.dtype != x.dtype or hw.dtype != x.dtype or tuple(hw.shape) != want or not hw.is_contiguous()
+                or not h.is_contiguous() or h.numel() != x.numel() // x.shape[-1] * r or (x.dtype == torch.bfloat16 and r % 2)):
+            why = (f"want a contiguous low-rank input of {x.numel() // x.shape[-1]} rows and an even rank in bf16, with "
+                   f"its weight packed {want}; got h {tuple(h.shape)} {h.dtype}, weight {tuple(hw.shape)} {hw.dtype}")
     if why is not None:
         raise ValueError(f"cpu_linear_geglu: {why}")
-    return linear_geglu_launch(x, wp, bias)
+    return linear_geglu_launch(x, wp, bias, low)

@@ -13,14 +13,18 @@
 #define WR 8                      /* rows per block of the products */
 #define GROUP_BYTES (512 * 1024)  /* input rows per pass over a thread's weight columns: half this CPU's L2 */
 
-/* Output columns 16 jb.. 16 jb + 15 of ``rows`` (1..WR) rows from x0 (row stride k), weights w of that column block. */
+/* Output columns 16 jb.. 16 jb + 15 of ``rows`` (1..WR) rows from x0 (row stride k), weights w of that column block;
+ * with r > 0 also the low-rank term of h0's rows (row stride r) and hw, its weights for the block. */
 typedef void (*geglu_block_fn)(const void *x0, int rows, int k, const void *w, const void *bias, int d, int jb,
-                               void *out0);
+                               void *out0, const void *h0, const void *hw, int r);
 
 /* x (m, k) and out (m, d) row-major, elements of ``size`` bytes; the packed weight holds ``block_weights``
- * elements per column block. */
+ * elements per column block. h (m, r) row-major and hw (packed as wp, r inputs: 32 r elements per column
+ * block) a low-rank term added to the projection (a LoRA adapter's: the kernel sums [x, h] against [w, hw]);
+ * r = 0 for none. */
 static void linear_geglu_drive(const char *x, const char *wp, const void *bias, char *out, int64_t m, int k, int d,
-                               int64_t block_weights, int size, int threads, geglu_block_fn block) {
+                               int64_t block_weights, int size, int threads, geglu_block_fn block, const char *h,
+                               const char *hw, int r) {
     const int blocks = d / 16;
     const int parts = threads < blocks ? threads : blocks;
     const int64_t fit = GROUP_BYTES / (size * (int64_t)k) / WR * WR, group = fit > WR ? fit : WR;
@@ -32,7 +36,8 @@ static void linear_geglu_drive(const char *x, const char *wp, const void *bias, 
             for (int jb = jb0; jb < jb1; jb++)
                 for (int64_t r0 = g0; r0 < g1; r0 += WR)
                     block(x + r0 * k * size, g1 - r0 < WR ? (int)(g1 - r0) : WR, k, wp + jb * block_weights * size,
-                          bias, d, jb, out + r0 * d * size);
+                          bias, d, jb, out + r0 * d * size, r ? h + r0 * r * size : NULL,
+                          r ? hw + (int64_t)jb * 32 * r * size : NULL, r);
         }
     }
 }

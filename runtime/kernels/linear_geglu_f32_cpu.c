@@ -18,8 +18,8 @@
 /* Output columns 16 jb.. 16 jb + 15 of ``rows`` (at most WR) rows from ``x0`` (row stride k); a block of
  * fewer rows repeats its last row in the spare accumulators and stores only its own. k >= 1. */
 static void block(const void *x_at, int rows, int k, const void *w_at, const void *bias_at, int d, int jb,
-                  void *out_at) {
-    const float *x0 = x_at, *wp = w_at, *bias = bias_at;
+                  void *out_at, const void *h_at, const void *hw_at, int r) {
+    const float *x0 = x_at, *wp = w_at, *bias = bias_at, *h0 = h_at, *hw = hw_at;
     float *out0 = out_at;
     const float *row[WR];
     for (int r = 0; r < WR; r++) row[r] = x0 + (int64_t)(r < rows ? r : rows - 1) * k;
@@ -43,6 +43,24 @@ static void block(const void *x_at, int rows, int k, const void *w_at, const voi
             for (int h = 0; h < 2; h++)
                 _mm512_store_ps(total[r][h], i0 ? _mm512_add_ps(_mm512_load_ps(total[r][h]), acc[r][h]) : acc[r][h]);
     }
+    if (r) {  /* the low-rank term, one more chunk: h's columns against hw's */
+        __m512 acc[WR][2];
+#pragma GCC unroll 8
+        for (int i = 0; i < WR; i++) acc[i][0] = acc[i][1] = _mm512_setzero_ps();
+        for (int q = 0; q < r; q++) {
+            const __m512 value = _mm512_loadu_ps(hw + (int64_t)q * 32);
+            const __m512 gate = _mm512_loadu_ps(hw + (int64_t)q * 32 + 16);
+#pragma GCC unroll 8
+            for (int i = 0; i < WR; i++) {
+                const __m512 a = _mm512_set1_ps(h0[(int64_t)(i < rows ? i : rows - 1) * r + q]);
+                acc[i][0] = _mm512_fmadd_ps(a, value, acc[i][0]);
+                acc[i][1] = _mm512_fmadd_ps(a, gate, acc[i][1]);
+            }
+        }
+        for (int i = 0; i < WR; i++)
+            for (int h = 0; h < 2; h++)
+                _mm512_store_ps(total[i][h], k ? _mm512_add_ps(_mm512_load_ps(total[i][h]), acc[i][h]) : acc[i][h]);
+    }
     const __m512 bv = bias ? _mm512_loadu_ps(bias + 16 * jb) : _mm512_setzero_ps();
     const __m512 bg = bias ? _mm512_loadu_ps(bias + d + 16 * jb) : _mm512_setzero_ps();
     for (int r = 0; r < rows; r++) {
@@ -56,7 +74,7 @@ static void block(const void *x_at, int rows, int k, const void *w_at, const voi
  * input column, the 16 value then the 16 gate weights; bias (2 d) or NULL; out (m, d). Work split:
  * linear_geglu_drive.h. */
 void dr_linear_geglu_f32(const float *x, const float *wp, const float *bias, float *out, int64_t m, int k, int d,
-                         int threads) {
+                         const float *h, const float *hw, int r, int threads) {
     linear_geglu_drive((const char *)x, (const char *)wp, bias, (char *)out, m, k, d, (int64_t)k * 32, sizeof(float),
-                       threads, block);
+                       threads, block, (const char *)h, (const char *)hw, r);
 }

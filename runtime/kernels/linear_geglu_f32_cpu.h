@@ -7,4 +7,4 @@
 #include <stdint.h>
 
 void dr_linear_geglu_f32(const float *x, const float *wp, const float *bias, float *out, int64_t m, int k, int d,
-                         int threads);
+                         const float *h, const float *hw, int r, int threads);

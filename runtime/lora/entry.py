@@ -190,6 +190,20 @@ class LoraEntry:
         lora_cpu.lora_term_launch(out, x, pack[2], pack[3], scale)
         return True
 
+    def low_rank(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The active adapters' term on ``x`` as two factors, ``h @ up.T``: ``h`` the down product (rows of
+        ``x``, the call-time scale applied), ``up`` (outputs, rank) with the scalings folded, both in ``x``'s
+        dtype; None when nothing is active. For a kernel that adds the term inside its own sums (the fused
+        GEGLU projection: runtime/optim/geglu.py); Linears only."""
+        if self.conv:
+            return None
+        pack = self._pack_for(x)
+        if pack is None:
+            return None
+        h = F.linear(x, pack[0])
+        scale = self.state.call_scale()
+        return (h if scale == 1.0 else h.mul_(scale)), pack[1]
+
     def _with_term(self, out: torch.Tensor, x: torch.Tensor, pack) -> torch.Tensor:
         down, up = pack[:2]
         scale = self.state.call_scale()

@@ -18,8 +18,10 @@ own call at the representative size and in its dtype; the faster takes the modul
 projection the kernel takes without measuring (the name is from the AMX guard it replaced). The
 activation kernel, bound by memory, runs wherever it is available.
 Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3). The fusion computes the
-projection from its weight, so it declines calls while the projection's compute chain holds an entry that
-changes what it computes (a LoRA term: ``Linear.computes_operator()``); the projection then runs its chain.
+projection from its weight; while the projection's compute chain adds terms that come as low-rank factors
+(LoRA adapters: ``LoraEntry.low_rank``, ``h @ up.T``), the kernel adds them inside its sums (``[x, h]``
+against ``[w, up]``, the up weights packed as the projection's, again when they change). It declines calls
+while the chain changes the operator otherwise; the projection then runs its chain.
 """
 from __future__ import annotations
 
@@ -50,24 +52,58 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
     """A ``fused`` slot for ``module``: its CPU calls in ``dtypes`` through our linear+GEGLU kernel, None for the rest."""
     from runtime.kernels.linear_geglu_cpu import linear_geglu_launch, linear_geglu_weight
 
-    linear, cache = module.proj, {}
+    linear, cache, ups = module.proj, {}, {}
 
     def fused(x: torch.Tensor) -> torch.Tensor | None:
         w = linear.weight
-        if (torch.compiler.is_compiling() or not linear.computes_operator() or x.dtype not in dtypes or w.dtype != x.dtype or x.device.type != "cpu"
+        if (torch.compiler.is_compiling() or x.dtype not in dtypes or w.dtype != x.dtype or x.device.type != "cpu"
                 or x.ndim < 1 or x.shape[-1] != w.shape[1]
                 or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad))):
             return None
+        low = None
+        if not linear.computes_operator():
+            low = _low_rank_terms(linear, x, ups)
+            if low is None:
+                return None
         entry = derived(cache, w)
         if "packed" not in entry:
             entry["packed"] = derived_store.cached(w, "linear-geglu", lambda: linear_geglu_weight(w, w.dtype),
                                                    linear_geglu_weight)
             entry["bias"] = None if linear.bias is None else linear.bias.detach().to(w.dtype).contiguous()
             served(w)
-        return linear_geglu_launch(x, entry["packed"], entry["bias"])
+        return linear_geglu_launch(x, entry["packed"], entry["bias"], low or None)
 
     fused.packed_cache = cache
     return fused
+
+
+def _low_rank_terms(linear, x: torch.Tensor, ups: dict):
+    """The terms ``linear``'s chain adds, as the kernel's ``(h, packed up)``; ``()`` when none is active now,
+    None when some term is not low-rank (the call is declined). ``ups`` caches the packed up weights by the
+    tensor and its version: an adapter swap (weights copied in place) packs again, a call does not."""
+    from runtime.kernels.linear_geglu_cpu import low_rank_input, low_rank_weight
+
+    terms = linear.side_terms()
+    if terms is None:
+        return None
+    hs, weights = [], []
+    for term in terms:
+        factors = getattr(getattr(term, "__self__", None), "low_rank", None)
+        if factors is None:
+            return None
+        got = factors(linear, x)
+        if got is not None:
+            hs.append(got[0])
+            weights.append(got[1])
+    if not hs:
+        return ()
+    up = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
+    key = tuple((id(t), None if t.is_inference() else t._version) for t in weights)  # inference tensors: replaced, not written
+    if ups.get("key") != key:
+        ups.clear()
+        ups.update(key=key, packed=low_rank_weight(up.detach(), x.dtype), sources=weights)  # sources: ids stay theirs
+    h = hs[0] if len(hs) == 1 else torch.cat(hs, dim=-1)
+    return low_rank_input(h, ups["packed"]), ups["packed"]
 
 
 def _fusable(module: GEGLU, dtype: torch.dtype) -> bool:
@@ -167,11 +203,9 @@ def measure_call(module: GEGLU, shape) -> dispatch.Measurement:
             raise RuntimeError("the fused kernel declined the call")
         return out
 
-    candidates = [dispatch.Candidate("unfused", lambda: module.activation(module.proj(x())), baseline=True)]
-    note = "" if module.proj.computes_operator() else "fused: the projection has an adapter"
-    if not note:
-        candidates.append(dispatch.Candidate("fused", fused))
-    return dispatch.measure(_key(module, tuple(shape), dtype), candidates, note=note)
+    candidates = [dispatch.Candidate("unfused", lambda: module.activation(module.proj(x())), baseline=True),
+                  dispatch.Candidate("fused", fused)]
+    return dispatch.measure(_key(module, tuple(shape), dtype), candidates)
 
 
 def _drop_packed(linear) -> None:

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 
 from runtime.kernels.geglu_cpu import cpu_geglu
 from runtime.kernels.linear_geglu_cpu import (cpu_linear_geglu, cpu_linear_geglu_ready, cpu_linear_geglu_supports,
-                                      linear_geglu_weight)
+                                      linear_geglu_weight, low_rank_input, low_rank_weight)
 
 needs_kernel = pytest.mark.skipif(cpu_linear_geglu_ready() is not None,
                                   reason=f"CPU kernel: {cpu_linear_geglu_ready()}")
@@ -73,6 +73,37 @@ def test_fp32_matches_fp64_as_closely_as_eager(rows_shape, k, d, bias):
     value, gate = F.linear(x, w, b).chunk(2, dim=-1)
     eager = (value * F.gelu(gate)).double()
     assert err.max() <= 2 * (eager - ref).abs().max() + 1e-7
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("rows_shape, k, d, r", [((2, 256), 128, 512, 8), ((2, 77), 64, 48, 5), ((9,), 40, 16, 16)])
+def test_a_low_rank_term_inside_the_sums(dtype, rows_shape, k, d, r):
+    """``low=(h, hw)`` adds ``h @ up.T`` to the projection before the activation (a LoRA adapter's term), as
+    the kernel on ``[x, h]`` against ``[w, up]`` computes it: within the fp64 budget, and in bf16 the same
+    bits (the same running sums; fp32 sums h's columns as a chunk of their own)."""
+    why = cpu_linear_geglu_ready(dtype)
+    if why is not None:
+        pytest.skip(f"CPU kernel: {why}")
+    x, w, b = inputs(rows_shape, k, d, dtype=dtype)
+    g = torch.Generator().manual_seed(5)
+    h = torch.randn(*rows_shape, r, generator=g).to(dtype)
+    up = (torch.randn(2 * d, r, generator=g) / r).to(dtype)
+    hw = low_rank_weight(up, dtype)
+    out = cpu_linear_geglu(x, linear_geglu_weight(w, dtype), b, low=(low_rank_input(h, hw), hw))
+    r2 = hw.shape[1] * 2 if dtype == torch.bfloat16 else r
+    pad = lambda t: torch.cat([t, t.new_zeros(*t.shape[:-1], r2 - r)], dim=-1)
+    xh, wu = torch.cat([x, pad(h)], dim=-1), torch.cat([w, pad(up)], dim=1)
+    if dtype == torch.bfloat16:
+        assert torch.equal(out, cpu_linear_geglu(xh, linear_geglu_weight(wu, dtype), b))
+    ref = reference(xh, wu, b)
+    err = (out.double() - ref).abs()
+    if dtype == torch.bfloat16:
+        assert (err <= budget(xh, wu, b, ref)).all()
+    else:
+        sums = F.linear(xh.double().abs(), wu.double().abs(), b.double().abs())
+        assert (err <= ref.abs() * 2.0 ** -20 + sum(sums.chunk(2, dim=-1)) * 2.0 ** -20 + 1e-7).all()
+    with pytest.raises(ValueError, match="low-rank input"):
+        cpu_linear_geglu(x, linear_geglu_weight(w, dtype), b, low=(h.reshape(-1, r)[1:], hw))
 
 
 @needs_kernel

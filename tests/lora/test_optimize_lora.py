@@ -98,8 +98,8 @@ def test_fuse_under_optimization_then_revert_then_unfuse(sd_folder, sd_lora, sd_
     assert np.array_equal(images(pipe), eager["unfused"])
 
 
-def test_fused_qkv_keeps_its_matmul_and_geglu_steps_aside_while_an_adapter_is_on(sd_folder, sd_lora):
-    from runtime.models.transformer_2d import GEGLU
+def test_fused_qkv_keeps_its_matmul_and_geglu_adds_the_term_while_an_adapter_is_on(sd_folder, sd_lora):
+    from runtime.models.transformer_2d import GEGLU, geglu_activation
 
     pipe = ours(sd_folder)
     pipe.load_lora_weights(str(sd_lora), adapter_name="a")
@@ -120,8 +120,16 @@ def test_fused_qkv_keeps_its_matmul_and_geglu_steps_aside_while_an_adapter_is_on
     assert calls == {"qkv": 1, "q": 0}  # one matmul for q/k/v, the adapter's terms added after it
     torch.testing.assert_close(fused, separate, rtol=1e-5, atol=1e-5)
     x = torch.randn(1, 4, geglu.proj.in_features)
-    if geglu.fused is not None:
-        assert geglu.fused(x) is None  # declines: the projection's chain adds the adapter
+    if geglu.fused is not None:  # takes the adapter's term inside its sums: what the chain and activation give
+        with torch.no_grad():
+            with_term = geglu.fused(x)
+            torch.testing.assert_close(with_term, geglu_activation(geglu.proj(x)), rtol=1e-5, atol=1e-5)
+            pipe.disable_lora()
+            base = geglu.fused(x)
+            plain = geglu_activation(torch.nn.functional.linear(x, geglu.proj.weight, geglu.proj.bias))
+            torch.testing.assert_close(base, plain, rtol=1e-5, atol=1e-5)
+            assert not torch.allclose(base, with_term, rtol=1e-4, atol=1e-4)  # the adapter reaches this layer
+            pipe.enable_lora()
     pipe.fuse_lora()
     assert attn.to_q.computes_operator()  # fused: the entry is out, the fast paths are back
     assert torch.equal(attn.to_qkv.weight, torch.cat([attn.to_q.weight, attn.to_k.weight, attn.to_v.weight]))
