@@ -47,6 +47,8 @@ def lora_kernel_weights(down: torch.Tensor, up: torch.Tensor) -> tuple[torch.Ten
 def row_stride(t: torch.Tensor) -> int | None:
     """The stride between consecutive rows of ``t`` seen as (numel / last, last), when its last dimension is
     contiguous and its rows evenly spaced (a contiguous tensor, or a column slice of one); else None."""
+    if t.ndim and t.is_contiguous():
+        return t.shape[-1]
     if t.ndim == 0 or t.stride(-1) != 1:
         return None
     if t.ndim == 1:
@@ -80,14 +82,15 @@ def cpu_lora_term_supports(out: torch.Tensor, x: torch.Tensor, down: torch.Tenso
 
 
 def lora_term_launch(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up_pairs: torch.Tensor,
-                     scale: float) -> torch.Tensor:
-    """The kernel without ``cpu_lora_term_supports``: ``out`` (written in place) plus ``scale * up(down(x))``."""
+                     scale: float, ldx: int | None = None, ldo: int | None = None) -> torch.Tensor:
+    """The kernel without ``cpu_lora_term_supports``: ``out`` (written in place) plus ``scale * up(down(x))``;
+    ``ldx``/``ldo``: the row strides (``row_stride``) where the caller has them."""
     k, n = x.shape[-1], out.shape[-1]
     m = x.numel() // k if k else 0
     if m and n:
         with cpu_build.profiled("diffusion_runtime::cpu_lora_term"):
-            failed = _state["dr_lora_term_bf16"](x.data_ptr(), row_stride(x), down.data_ptr(), up_pairs.data_ptr(),
-                                                 out.data_ptr(), row_stride(out), m, k, down.shape[0], n, float(scale),
+            failed = _state["dr_lora_term_bf16"](x.data_ptr(), ldx or row_stride(x), down.data_ptr(), up_pairs.data_ptr(),
+                                                 out.data_ptr(), ldo or row_stride(out), m, k, down.shape[0], n, float(scale),
                                                  torch.get_num_threads())
         if failed:
             raise MemoryError(f"cpu_lora_term_: no memory for the kernel's scratch rows (rank {down.shape[0]}, {n} columns)")

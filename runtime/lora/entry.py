@@ -95,8 +95,9 @@ class LoraEntry:
             up = torch.cat([(a.up.to(device=device, dtype=torch.float32) * a.scaling).to(dtype) for a in adapters],
                            dim=1)
             kernel = None
-            if not self.conv and dtype == torch.bfloat16 and device.type == "cpu" and lora_cpu.cpu_lora_term_ready() is None:
-                kernel = lora_cpu.lora_kernel_weights(down, up)  # runtime/lora/term_kernel.py decides per call shape
+            if self._rows_kernel() and dtype == torch.bfloat16 and device.type == "cpu" and lora_cpu.cpu_lora_term_ready() is None:
+                # runtime/lora/term_kernel.py decides per call shape
+                kernel = lora_cpu.lora_kernel_weights(down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1))
             made = (down, up, *(kernel or ()))
             if (previous is not None and len(previous) == len(made) and not previous[0].is_inference()
                     and all(p.shape == t.shape for p, t in zip(previous, made))):
@@ -178,16 +179,31 @@ class LoraEntry:
         pack = self._pack_for(x)
         return out if pack is None else self._with_term(out, x, pack)
 
+    def _rows_kernel(self) -> bool:
+        """Whether the term is a product of rows the kernel can take: a Linear's, or a 1x1 convolution's on
+        channels-last tensors (each pixel a row of channels)."""
+        if not self.conv:
+            return True
+        a = next(iter(self.adapters.values()), None)
+        return a is not None and tuple(a.down.shape[2:]) == (1, 1) and self.geometry == ((1, 1), (0, 0), (1, 1))
+
     def _kernel_term(self, out: torch.Tensor, x: torch.Tensor, pack, scale: float) -> bool:
         """``out += scale * term`` by the one-pass kernel where it was packed for and measured faster."""
+        if self.conv:  # packed only for 1x1: rows of channels where both are channels-last
+            if (x.ndim != 4 or out.ndim != 4 or x.shape[2:] == (1, 1) or x.is_contiguous()
+                    or not x.is_contiguous(memory_format=torch.channels_last) or out.is_contiguous()
+                    or not out.is_contiguous(memory_format=torch.channels_last)):
+                return False
+            x, out = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
         if (len(pack) < 4 or out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.shape[:-1] != x.shape[:-1]
-                or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()
-                or lora_cpu.row_stride(x) is None or lora_cpu.row_stride(out) is None):
+                or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()):
             return False
+        ldx, ldo = lora_cpu.row_stride(x), lora_cpu.row_stride(out)
         k = x.shape[-1]
-        if not term_kernel.use_kernel(x.numel() // k if k else 0, k, pack[2].shape[0], out.shape[-1]):
+        if ldx is None or ldo is None or not term_kernel.use_kernel(x.numel() // k if k else 0, k, pack[2].shape[0],
+                                                                     out.shape[-1]):
             return False
-        lora_cpu.lora_term_launch(out, x, pack[2], pack[3], scale)
+        lora_cpu.lora_term_launch(out, x, pack[2], pack[3], scale, ldx, ldo)
         return True
 
     def low_rank(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:

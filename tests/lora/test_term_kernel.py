@@ -119,3 +119,28 @@ def test_fp32_and_grad_keep_the_matmuls(monkeypatch):
     xb = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
     layer(xb).sum().backward()  # the kernel is forward-only: autograd's path runs
     assert calls == [] and xb.grad is not None
+
+
+@needs_kernel
+def test_a_1x1_convolution_on_channels_last_tensors_takes_the_kernel(monkeypatch):
+    """proj_in / proj_out at level 2: each pixel a row of channels; a contiguous (channels-first) input keeps
+    the matmuls, and both add what fp64 adds."""
+    from runtime.models.layers import Conv2d
+
+    g = torch.Generator().manual_seed(4)
+    layer = Conv2d(64, 48, 1).to(torch.bfloat16)
+    down, up = torch.randn(8, 64, 1, 1, generator=g) / 8, torch.randn(48, 8, 1, 1, generator=g) / 3
+    entry = LoraEntry(_State(0.5), "proj_in", layer)
+    entry.adapters["a"] = AdapterWeights(down, up, down, up, rank=8, alpha=8, scaling=1.0)
+    layer.compute = [("lora", entry)]
+    calls = counted(monkeypatch)
+    x = torch.randn(2, 64, 6, 5, generator=g).bfloat16()
+    ref = F.conv2d(x.double(), layer.weight.double(), layer.bias.double()) + 0.5 * F.conv2d(
+        F.conv2d(x.double(), down.bfloat16().double()), up.bfloat16().double())
+    with torch.no_grad():
+        cl = layer(x.contiguous(memory_format=torch.channels_last))
+        assert len(calls) == 1 and cl.is_contiguous(memory_format=torch.channels_last)
+        plain = layer(x)
+        assert len(calls) == 1  # channels-first: the matmuls
+    for got in (cl, plain):
+        assert (got.double() - ref).abs().max() <= ref.abs().max() * 2.0 ** -6
