@@ -9,11 +9,16 @@ per (dtype, device); any change of adapters, weights or activity rebuilds the pa
 the shapes stay (hotswap with padded ranks: fixed-rank buffers, so compiled code sees the same
 tensors and nothing recompiles).
 
+At bf16 on CPU the pack also holds the kernel's copy of the pair (runtime/kernels/lora_cpu.py) for Linears
+and 1x1 convolutions, and the term runs in that one-pass kernel where runtime/lora/term_kernel.py measured it
+faster for the call's shape (rows of channels: a Linear's input, or a channels-last convolution's).
+
 ``base(x)`` is the rest of the chain (packed / Winograd kernels over the untouched base weights):
 adapters run on the side and never repack the base. The entry has no ``same_operator``, but offers its
 term alone (``add_term``): fused q/k/v keep their one matmul and add each projection's term after it
-(``Linear.side_terms()``); fused GEGLU and the upsample fold, which would need the term inside their
-kernels, fall back to the separate layers while it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
+(``Linear.side_terms()``); the fused GEGLU kernel takes it as two factors (``low_rank``) inside its sums;
+the upsample fold, which would need the term inside its kernel, falls back to the separate layers while
+it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
 (peft's rule: a merged layer runs its base layer only) and the entry is unplugged.
 """
 from __future__ import annotations
