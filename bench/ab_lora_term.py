@@ -3,7 +3,7 @@ measured choice between our one-pass kernel and the two matmuls, and the GEGLU p
 inside its kernel), and one adapter with the two matmuls forced and GEGLU stepping aside (the path before
 runtime/kernels/lora_cpu.c).
 
-    python3 -m bench.ab_lora_term --model small --size 256 --rounds 20 --threads 2
+    python3 -m bench.ab_lora_term --model small --size 256 --rounds 20 --threads 2 [--target-rank 64]
 
 One UNet call per configuration per round (batch 2), configurations alternated, order reversed every other
 round; prints each one's best, its median and the median of its per-round ratios to the no-adapter call.
@@ -28,6 +28,8 @@ def main(argv=None) -> int:
     ap.add_argument("--size", type=int, default=256)
     ap.add_argument("--rank", type=int, default=8)
     ap.add_argument("--rounds", type=int, default=20)
+    ap.add_argument("--target-rank", type=int, default=None,
+                    help="load into hotswap slots of this rank (enable_lora_hotswap), the adapter's rank padded")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--workdir", default=str(Path(tempfile.gettempdir()) / "diffusion-runtime-bench-lora"))
     args = ap.parse_args(argv)
@@ -44,6 +46,8 @@ def main(argv=None) -> int:
     folder = build_checkpoint(args.model, work / f"{args.model}-seed0")
     files = make_lora_files(folder, work / f"{args.model}-r{args.rank}", args.rank, count=1)
     pipe = runtime.StableDiffusionPipeline.from_pretrained(str(folder))
+    if args.target_rank:
+        pipe.enable_lora_hotswap(target_rank=args.target_rank)
     runtime.optimize(pipe, level=2)
     pipe.load_lora_weights(str(files[0].parent), adapter_name="a")
     latents, t, context = unet_inputs(pipe.unet, args.size)
@@ -79,7 +83,8 @@ def main(argv=None) -> int:
                 times[which].append(call())
     finally:
         term_kernel.use_kernel, geglu._low_rank_terms = use_kernel, low_rank
-    print(f"\n{args.model}, {args.size}x{args.size}, level 2, rank {args.rank}, {args.rounds} rounds\n")
+    slots = f", in rank-{args.target_rank} hotswap slots" if args.target_rank else ""
+    print(f"\n{args.model}, {args.size}x{args.size}, level 2, rank {args.rank}{slots}, {args.rounds} rounds\n")
     print("| configuration | best s | median s | paired median vs no adapter |")
     print("| --- | --- | --- | --- |")
     for which in configs:

@@ -9,8 +9,8 @@ per (dtype, device); any change of adapters, weights or activity rebuilds the pa
 the shapes stay (hotswap with padded ranks: fixed-rank buffers, so compiled code sees the same
 tensors and nothing recompiles).
 
-At bf16 on CPU the pack also holds the kernel's copy of the pair (runtime/kernels/lora_cpu.py) for Linears
-and 1x1 convolutions, and the term runs in that one-pass kernel where runtime/lora/term_kernel.py measured it
+At bf16 on CPU, Linears and 1x1 convolutions also keep the kernel's copy of the pair (runtime/kernels/lora_cpu.py;
+each adapter's own rank, hotswap's padding left out), and the term runs in that one-pass kernel where runtime/lora/term_kernel.py measured it
 faster for the call's shape (rows of channels: a Linear's input, or a channels-last convolution's).
 
 ``base(x)`` is the rest of the chain (packed / Winograd kernels over the untouched base weights):
@@ -75,7 +75,8 @@ class LoraEntry:
         self.adapters: dict[str, AdapterWeights] = {}
         self.fused: list[tuple[str, float]] = []  # (adapter, scaling it was fused with), in fuse order
         self.originals: dict = {}  # fuse.py: storage key -> (copy, its saved original)
-        self.packs: dict = {}  # (dtype, device) -> (down, up[, kernel down, kernel up pairs]) | None
+        self.packs: dict = {}  # (dtype, device) -> (down, up) | None
+        self.kernel_packs: dict = {}  # (dtype, device) -> (down, up pairs) for lora_cpu.c | None
 
     # ---- what is applied -------------------------------------------------------------------
     def active_names(self) -> list[str]:
@@ -99,23 +100,37 @@ class LoraEntry:
             down = torch.cat([a.down.to(device=device, dtype=dtype) for a in adapters], dim=0)
             up = torch.cat([(a.up.to(device=device, dtype=torch.float32) * a.scaling).to(dtype) for a in adapters],
                            dim=1)
-            kernel = None
-            if self._rows_kernel() and dtype == torch.bfloat16 and device.type == "cpu" and lora_cpu.cpu_lora_term_ready() is None:
-                # runtime/lora/term_kernel.py decides per call shape
-                kernel = lora_cpu.lora_kernel_weights(down.reshape(down.shape[0], -1), up.reshape(up.shape[0], -1))
-            made = (down, up, *(kernel or ()))
-            if (previous is not None and len(previous) == len(made) and not previous[0].is_inference()
-                    and all(p.shape == t.shape for p, t in zip(previous, made))):
-                for p, t in zip(previous, made):
-                    p.copy_(t)
+            if (previous is not None and previous[0].shape == down.shape and previous[1].shape == up.shape
+                    and not previous[0].is_inference()):
+                previous[0].copy_(down)
+                previous[1].copy_(up)
                 return previous
-        return made
+        return down, up
+
+    def _kernel_pack(self, dtype: torch.dtype, device: torch.device):
+        """The one-pass kernel's copy of the active adapters' pair (``lora_kernel_weights``), then the pair itself
+        unpadded ((rank, k) and (n, rank), bf16), or None where the kernel does not take this layer. Only each adapter's own rank: hotswap's zero padding (a rank-8 file
+        in a rank-64 slot) is left out, so it costs the kernel nothing; the kernel never runs in a compiled
+        graph, so these need not be the same tensors after a swap (the matmuls' packs are)."""
+        names = self.active_names()
+        if (not names or dtype != torch.bfloat16 or device.type != "cpu" or not self._rows_kernel()
+                or lora_cpu.cpu_lora_term_ready() is not None):
+            return None
+        with torch.no_grad():
+            adapters = [self.adapters[n] for n in names]
+            down = torch.cat([a.down[:a.rank].reshape(a.rank, -1) for a in adapters], dim=0)
+            down = down.to(device=device, dtype=dtype)
+            up = torch.cat([(a.up[:, :a.rank].reshape(a.up.shape[0], a.rank).to(torch.float32) * a.scaling)
+                            for a in adapters], dim=1).to(device=device, dtype=dtype)
+            return (*lora_cpu.lora_kernel_weights(down, up), down, up)
 
     def rebuild(self, layer: nn.Module | None = None) -> None:
         """Make every cached pack again (in place where the shapes allow); with ``layer``, also the
         pack for its weight's dtype and device, so a first call (a compiled one too) finds it ready."""
         for key in list(self.packs):
             self.packs[key] = self._pack(*key, previous=self.packs[key])
+        for key in list(self.kernel_packs):
+            self.kernel_packs[key] = self._kernel_pack(*key)
         if layer is not None and isinstance(getattr(layer, "weight", None), torch.Tensor):
             w = layer.weight
             key = (w.dtype, w.device)
@@ -124,6 +139,7 @@ class LoraEntry:
 
     def drop_packs(self) -> None:
         self.packs.clear()
+        self.kernel_packs.clear()
 
     # ---- the chain entry -------------------------------------------------------------------
     def _pack_for(self, x: torch.Tensor):
@@ -132,6 +148,13 @@ class LoraEntry:
         if pack is _MISSING:
             pack = self.packs[key] = self._pack(*key)
         return pack
+
+    def _kernel_pack_for(self, x: torch.Tensor):
+        key = (x.dtype, x.device)
+        kernel = self.kernel_packs.get(key, _MISSING)
+        if kernel is _MISSING:
+            kernel = self.kernel_packs[key] = self._kernel_pack(*key)
+        return kernel
 
     def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         if self.conv:
@@ -200,15 +223,16 @@ class LoraEntry:
                     or not out.is_contiguous(memory_format=torch.channels_last)):
                 return False
             x, out = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
-        if (len(pack) < 4 or out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.shape[:-1] != x.shape[:-1]
+        if (out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.shape[:-1] != x.shape[:-1]
                 or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()):
             return False
+        kernel = self._kernel_pack_for(x)
         ldx, ldo = lora_cpu.row_stride(x), lora_cpu.row_stride(out)
         k = x.shape[-1]
-        if ldx is None or ldo is None or not term_kernel.use_kernel(x.numel() // k if k else 0, k, pack[2].shape[0],
-                                                                     out.shape[-1]):
+        if (kernel is None or ldx is None or ldo is None
+                or not term_kernel.use_kernel(x.numel() // k if k else 0, k, kernel[0].shape[0], out.shape[-1])):
             return False
-        lora_cpu.lora_term_launch(out, x, pack[2], pack[3], scale, ldx, ldo)
+        lora_cpu.lora_term_launch(out, x, kernel[0], kernel[1], scale, ldx, ldo)
         return True
 
     def low_rank(self, layer: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -221,12 +245,14 @@ class LoraEntry:
         pack = self._pack_for(x)
         if pack is None:
             return None
-        h = F.linear(x, pack[0])
+        live = self._kernel_pack_for(x)  # without hotswap's padding where there is one
+        down, up = pack if live is None else live[2:]
+        h = F.linear(x, down)
         scale = self.state.call_scale()
-        return (h if scale == 1.0 else h.mul_(scale)), pack[1]
+        return (h if scale == 1.0 else h.mul_(scale)), up
 
     def _with_term(self, out: torch.Tensor, x: torch.Tensor, pack) -> torch.Tensor:
-        down, up = pack[:2]
+        down, up = pack
         scale = self.state.call_scale()
         if self._kernel_term(out, x, pack, scale):
             return out

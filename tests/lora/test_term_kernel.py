@@ -99,7 +99,7 @@ def test_where_the_kernel_cannot_run_the_matmuls_do_and_say_why(monkeypatch):
     x = torch.randn(5, 96).bfloat16()
     with torch.no_grad():
         got = layer(x)
-    assert len(entry.packs[(torch.bfloat16, torch.device("cpu"))]) == 2  # no kernel weights packed
+    assert entry.kernel_packs[(torch.bfloat16, torch.device("cpu"))] is None  # no kernel weights packed
     h = F.linear(x, down.bfloat16())
     plain = F.linear(x, layer.weight, layer.bias).addmm_(h, (up * 0.5).bfloat16().t())
     assert torch.equal(got, plain)
@@ -144,3 +144,28 @@ def test_a_1x1_convolution_on_channels_last_tensors_takes_the_kernel(monkeypatch
         assert len(calls) == 1  # channels-first: the matmuls
     for got in (cl, plain):
         assert (got.double() - ref).abs().max() <= ref.abs().max() * 2.0 ** -6
+
+
+@needs_kernel
+def test_hotswap_padding_costs_the_kernel_nothing(monkeypatch):
+    """A rank-8 adapter in a rank-64 hotswap slot: the kernel and the fused GEGLU's factors see rank 8, and
+    the layer computes what the unpadded adapter gives, bit for bit."""
+    from runtime.lora.entry import padded
+
+    layer, entry, down, up = adapted(k=64, n=48)
+    x = torch.randn(3, 11, 64, generator=torch.Generator().manual_seed(6)).bfloat16()
+    with torch.no_grad():
+        plain = layer(x)
+    slot, slot_entry, _, _ = adapted(k=64, n=48)
+    slot_entry.state.target_rank = 64
+    slot_entry.adapters["a"] = AdapterWeights(padded(down, 64, 0), padded(up, 64, 1), down, up, rank=8, alpha=4,
+                                              scaling=0.5, padded=True)
+    slot.weight, slot.bias = layer.weight, layer.bias
+    calls = counted(monkeypatch)
+    with torch.no_grad():
+        got = slot(x)
+        h, factor_up = slot_entry.low_rank(slot, x)
+    assert calls == [(3, 11, 48)] and torch.equal(got, plain)
+    key = (torch.bfloat16, torch.device("cpu"))
+    assert slot_entry.kernel_packs[key][0].shape == (8, 64) and slot_entry.packs[key][0].shape == (64, 64)
+    assert h.shape == (3, 11, 8) and factor_up.shape == (48, 8)
