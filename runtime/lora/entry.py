@@ -142,19 +142,20 @@ class LoraEntry:
         self.kernel_packs.clear()
 
     # ---- the chain entry -------------------------------------------------------------------
-    def _pack_for(self, x: torch.Tensor):
+    @staticmethod
+    def _made_once(cache: dict, x: torch.Tensor, make):
+        """``cache``'s entry for ``x``'s (dtype, device), made by ``make(dtype, device)`` on first use."""
         key = (x.dtype, x.device)
-        pack = self.packs.get(key, _MISSING)
-        if pack is _MISSING:
-            pack = self.packs[key] = self._pack(*key)
-        return pack
+        found = cache.get(key, _MISSING)
+        if found is _MISSING:
+            found = cache[key] = make(*key)
+        return found
+
+    def _pack_for(self, x: torch.Tensor):
+        return self._made_once(self.packs, x, self._pack)
 
     def _kernel_pack_for(self, x: torch.Tensor):
-        key = (x.dtype, x.device)
-        kernel = self.kernel_packs.get(key, _MISSING)
-        if kernel is _MISSING:
-            kernel = self.kernel_packs[key] = self._kernel_pack(*key)
-        return kernel
+        return self._made_once(self.kernel_packs, x, self._kernel_pack)
 
     def _down(self, x: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         if self.conv:
