@@ -86,7 +86,7 @@ KERNEL_FAMILIES = {
     "attention_cpu": "attention bf16", "attention_f32_cpu": "attention fp32", "geglu_cpu": "GEGLU bf16",
     "group_norm_cpu": "GroupNorm+SiLU bf16", "group_norm_f32_cpu": "GroupNorm+SiLU fp32",
     "linear_geglu_cpu": "linear+GEGLU bf16",
-    "linear_geglu_f32_cpu": "linear+GEGLU fp32", "lora_cpu": "LoRA term bf16", "winograd_cpu": "Winograd bf16", "winograd_f32_cpu": "Winograd fp32",
+    "linear_geglu_f32_cpu": "linear+GEGLU fp32", "lora_cpu": "LoRA term bf16", "lora_f32_cpu": "LoRA term fp32", "winograd_cpu": "Winograd bf16", "winograd_f32_cpu": "Winograd fp32",
     "winograd_f32_avx2_cpu": "Winograd fp32 AVX2",
 }
 

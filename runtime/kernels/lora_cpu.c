@@ -10,25 +10,12 @@
  * with a skinny GEMM each time (r columns, then r inner products).
  */
 #include "cpu_math.h"
+#include "lora_drive.h"
 #include <immintrin.h>
-#include <omp.h>
 #include <stdint.h>
-#include <stdlib.h>
 #include <string.h>
 
-#define RB 4       /* rows per block: the up product loads each weight vector once per block */
-#define MAX_R 512  /* the largest rank (the Python side checks) */
-
-/* Eight 16-lane sums as one 8-lane vector: lane q holds the sum of v[q]'s lanes. */
-static inline __m256 sum8(const __m512 v[8]) {
-    __m256 h[8];
-    for (int q = 0; q < 8; q++)
-        h[q] = _mm256_add_ps(_mm512_castps512_ps256(v[q]), _mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(v[q]), 1)));
-    const __m256 a = _mm256_hadd_ps(h[0], h[1]), b = _mm256_hadd_ps(h[2], h[3]);
-    const __m256 c = _mm256_hadd_ps(h[4], h[5]), d = _mm256_hadd_ps(h[6], h[7]);
-    const __m256 ab = _mm256_hadd_ps(a, b), cd = _mm256_hadd_ps(c, d);
-    return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
-}
+#define RB LORA_RB
 
 static inline __mmask32 tail32(int left) {
     return left >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << left) - 1u);
@@ -52,17 +39,20 @@ static void down_rows(const uint16_t *x0, const uint16_t *x1, const uint16_t *do
                 a1[q] = _mm512_dpbf16_ps(a1[q], v1, w);
             }
         }
-        _mm_storeu_si128((__m128i *)(h0 + j0), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(sum8(a0), s)));
-        _mm_storeu_si128((__m128i *)(h1 + j0), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(sum8(a1), s)));
+        _mm_storeu_si128((__m128i *)(h0 + j0), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(lora_sum8(a0), s)));
+        _mm_storeu_si128((__m128i *)(h1 + j0), (__m128i)_mm256_cvtneps_pbh(_mm256_mul_ps(lora_sum8(a1), s)));
     }
 }
 
 /* ``rows`` (1..RB) rows starting at x0 / out0; a block of fewer rows computes its last row in the spare
  * places and stores only its own. The up product runs over the rank 8 at a time (four pairs, their
  * broadcasts held in registers); past the first 8, the sums wait in ``scratch`` (RB rows of n fp32). */
-static void block(const uint16_t *x0, int64_t ldx, const uint16_t *down, const uint32_t *up, uint16_t *out0,
-                  int64_t ldo, int rows, int k, int r, int n, float scale, float *scratch) {
-    uint16_t h[RB][MAX_R];
+static void block(const void *x_at, int64_t ldx, const void *down_at, const void *up_at, void *out_at, int64_t ldo,
+                  int rows, int k, int r, int n, float scale, float *scratch) {
+    const uint16_t *x0 = x_at, *down = down_at;
+    const uint32_t *up = up_at;
+    uint16_t *out0 = out_at;
+    uint16_t h[RB][LORA_MAX_R];
     const uint16_t *xr[RB];
     uint16_t *orow[RB];
     for (int i = 0; i < RB; i++) {
@@ -104,26 +94,10 @@ static void block(const uint16_t *x0, int64_t ldx, const uint16_t *down, const u
 
 /* x (m, k) with row stride ldx; down (r, k) row-major; up_pairs (r / 2, n, 2): the up weight U (n, r) as
  * pairs of its columns, [p][c] = (U[c, 2p], U[c, 2p + 1]); out (m, n) with row stride ldo, added into.
- * r a multiple of 8 (zero-padded by the caller), at most MAX_R. Rows split across threads in blocks of RB:
- * each output is computed by the same instructions whatever the thread count. Returns 0, or -1 (out
- * untouched) when the scratch rows for a rank over 8 could not be allocated. */
+ * r a multiple of 8 (zero-padded by the caller), at most LORA_MAX_R. Work split: lora_drive.h. Returns 0, or
+ * -1 (out untouched) when the scratch rows for a rank over 8 could not be allocated. */
 int dr_lora_term_bf16(const uint16_t *x, int64_t ldx, const uint16_t *down, const uint16_t *up_pairs, uint16_t *out,
                       int64_t ldo, int64_t m, int k, int r, int n, float scale, int threads) {
-    const int64_t blocks = (m + RB - 1) / RB;
-    const int parts = threads < blocks ? threads : (int)blocks;
-    const int used = parts > 0 ? parts : 1;
-    float *scratch = NULL;
-    if (r > 8 && !(scratch = malloc(sizeof(float) * RB * (size_t)n * used))) return -1;
-#pragma omp parallel num_threads(used)
-    {
-        float *mine = scratch ? scratch + (size_t)omp_get_thread_num() * RB * n : NULL;
-#pragma omp for schedule(static)
-        for (int64_t b = 0; b < blocks; b++) {
-            const int64_t r0 = b * RB;
-            const int rows = m - r0 < RB ? (int)(m - r0) : RB;
-            block(x + r0 * ldx, ldx, down, (const uint32_t *)up_pairs, out + r0 * ldo, ldo, rows, k, r, n, scale, mine);
-        }
-    }
-    free(scratch);
-    return 0;
+    return lora_drive((const char *)x, ldx, down, up_pairs, (char *)out, ldo, m, k, r, n, scale, threads,
+                      sizeof(uint16_t), block);
 }

@@ -9,7 +9,7 @@ per (dtype, device); any change of adapters, weights or activity rebuilds the pa
 the shapes stay (hotswap with padded ranks: fixed-rank buffers, so compiled code sees the same
 tensors and nothing recompiles).
 
-At bf16 on CPU, Linears and 1x1 convolutions also keep the kernel's copy of the pair (runtime/kernels/lora_cpu.py;
+On CPU (bf16 and fp32), Linears and 1x1 convolutions also keep the kernel's copy of the pair (runtime/kernels/lora_cpu.py;
 each adapter's own rank, hotswap's padding left out), and the term runs in that one-pass kernel where runtime/lora/term_kernel.py measured it
 faster for the call's shape (rows of channels: a Linear's input, or a channels-last convolution's).
 
@@ -109,12 +109,12 @@ class LoraEntry:
 
     def _kernel_pack(self, dtype: torch.dtype, device: torch.device):
         """The one-pass kernel's copy of the active adapters' pair (``lora_kernel_weights``), then the pair itself
-        unpadded ((rank, k) and (n, rank), bf16), or None where the kernel does not take this layer. Only each adapter's own rank: hotswap's zero padding (a rank-8 file
+        unpadded ((rank, k) and (n, rank), in ``dtype``), or None where the kernel does not take this layer. Only each adapter's own rank: hotswap's zero padding (a rank-8 file
         in a rank-64 slot) is left out, so it costs the kernel nothing; the kernel never runs in a compiled
         graph, so these need not be the same tensors after a swap (the matmuls' packs are)."""
         names = self.active_names()
-        if (not names or dtype != torch.bfloat16 or device.type != "cpu" or not self._rows_kernel()
-                or lora_cpu.cpu_lora_term_ready() is not None):
+        if (not names or dtype not in lora_cpu.SOURCES or device.type != "cpu" or not self._rows_kernel()
+                or lora_cpu.cpu_lora_term_ready(dtype) is not None):
             return None
         with torch.no_grad():
             adapters = [self.adapters[n] for n in names]
@@ -122,7 +122,7 @@ class LoraEntry:
             down = down.to(device=device, dtype=dtype)
             up = torch.cat([(a.up[:, :a.rank].reshape(a.up.shape[0], a.rank).to(torch.float32) * a.scaling)
                             for a in adapters], dim=1).to(device=device, dtype=dtype)
-            return (*lora_cpu.lora_kernel_weights(down, up), down, up)
+            return (*lora_cpu.lora_kernel_weights(down, up, dtype), down, up)
 
     def rebuild(self, layer: nn.Module | None = None) -> None:
         """Make every cached pack again (in place where the shapes allow); with ``layer``, also the
@@ -224,14 +224,14 @@ class LoraEntry:
                     or not out.is_contiguous(memory_format=torch.channels_last)):
                 return False
             x, out = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
-        if (out.dtype != torch.bfloat16 or x.dtype != torch.bfloat16 or out.shape[:-1] != x.shape[:-1]
+        if (out.dtype != x.dtype or x.dtype not in lora_cpu.SOURCES or out.shape[:-1] != x.shape[:-1]
                 or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()):
             return False
         kernel = self._kernel_pack_for(x)
         ldx, ldo = lora_cpu.row_stride(x), lora_cpu.row_stride(out)
         k = x.shape[-1]
         if (kernel is None or ldx is None or ldo is None
-                or not term_kernel.use_kernel(x.numel() // k if k else 0, k, kernel[0].shape[0], out.shape[-1])):
+                or not term_kernel.use_kernel(x.numel() // k if k else 0, k, kernel[0].shape[0], out.shape[-1], x.dtype)):
             return False
         lora_cpu.lora_term_launch(out, x, kernel[0], kernel[1], scale, ldx, ldo)
         return True

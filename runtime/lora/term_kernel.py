@@ -1,11 +1,11 @@
-"""Which implementation adds an adapted Linear's LoRA term at bf16 on CPU: the two matmuls (the down product,
-then ``addmm_`` of the up product into the output) or our one-pass kernel (runtime/kernels/lora_cpu.py).
+"""Which implementation adds an adapted layer's LoRA term on CPU, in bf16 or fp32: the two matmuls (the down
+product, then ``addmm_`` of the up product into the output) or our one-pass kernel (runtime/kernels/lora_cpu.py).
 
 Measured, as every routing choice is (runtime/optim/dispatch.py): on the first call with a given shape
-(rows, input width, packed rank, output width) both run on inputs of that shape and the faster is kept for
+(rows, input width, packed rank, output width) and dtype both run on inputs of that shape and the faster is kept for
 the process, the matmuls unless the kernel wins by the dispatch margin; the machine's dispatch cache keeps
-the timing, so a later process reads it. Nothing is measured where the kernel cannot run (no AVX512-BF16:
-the reason is in ``choices()``) or while torch.compile traces (the matmuls are what it sees).
+the timing, so a later process reads it. Nothing is measured where the kernel cannot run (no AVX512-BF16 for
+bf16, no AVX-512 for fp32: the reason is in ``choices()``) or while torch.compile traces (the matmuls are what it sees).
 """
 from __future__ import annotations
 
@@ -17,14 +17,14 @@ from runtime.kernels import lora_cpu
 from runtime.optim import dispatch
 
 KERNEL, MATMULS = "lora kernel", "two matmuls"
-_choices: dict[tuple[int, int, int, int], dispatch.Measurement | str] = {}
+_choices: dict[tuple, dispatch.Measurement | str] = {}
 _lock = threading.Lock()
 
 
-def use_kernel(m: int, k: int, r: int, n: int) -> bool:
-    """Whether the kernel adds the term of a call with ``m`` rows, ``k`` inputs, packed rank ``r`` and ``n``
-    outputs (measured on first use)."""
-    key = (m, k, r, n)
+def use_kernel(m: int, k: int, r: int, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
+    """Whether the kernel adds the term of a ``dtype`` call with ``m`` rows, ``k`` inputs, packed rank ``r`` and
+    ``n`` outputs (measured on first use)."""
+    key = (m, k, r, n, str(dtype).removeprefix("torch."))
     found = _choices.get(key)
     if found is None:
         with _lock:
@@ -35,22 +35,23 @@ def use_kernel(m: int, k: int, r: int, n: int) -> bool:
 
 
 def _measure(key) -> dispatch.Measurement | str:
-    why = lora_cpu.cpu_lora_term_ready()
+    m, k, r, n, name = key
+    dtype = getattr(torch, name)
+    why = lora_cpu.cpu_lora_term_ready(dtype)
     if why is not None:
         return why
-    m, k, r, n = key
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    down = (torch.randn(r, k, generator=g) / k ** 0.5).bfloat16()
-    up = torch.zeros(n, r, dtype=torch.bfloat16)  # a zero term: ``out`` stays as it is however often it runs
-    out_a, out_b = torch.zeros(m, n, dtype=torch.bfloat16), torch.zeros(m, n, dtype=torch.bfloat16)
-    kd, ku = lora_cpu.lora_kernel_weights(down, up)
+    x = torch.randn(m, k, generator=g).to(dtype)
+    down = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    up = torch.zeros(n, r, dtype=dtype)  # a zero term: ``out`` stays as it is however often it runs
+    out_a, out_b = torch.zeros(m, n, dtype=dtype), torch.zeros(m, n, dtype=dtype)
+    kd, ku = lora_cpu.lora_kernel_weights(down, up, dtype)
     candidates = [dispatch.Candidate(MATMULS, lambda: out_a.addmm_(x @ down.t(), up.t()), baseline=True),
                   dispatch.Candidate(KERNEL, lambda: lora_cpu.lora_term_launch(out_b, x, kd, ku, 1.0))]
-    return dispatch.measure(dispatch.OpKey("lora term", key, "bfloat16"), candidates)
+    return dispatch.measure(dispatch.OpKey("lora term", key[:4], name), candidates)
 
 
-def choices() -> dict[tuple[int, int, int, int], str]:
+def choices() -> dict[tuple, str]:
     """What each shape measured so far runs, with the times: for reports and tests."""
     return {key: found if isinstance(found, str) else found.summary() for key, found in _choices.items()}
 

@@ -36,7 +36,7 @@ def fresh(monkeypatch, tmp_path):
 
 def test_every_source_has_one_parsable_declaration():
     sources = sorted(p.stem for p in FOLDER.glob("*.c"))
-    assert sorted(KERNELS) == sources and len(sources) == 11
+    assert sorted(KERNELS) == sources and len(sources) == 12
     # no entry point declared twice, in one header or two, but by an AVX2 sibling, which declares exactly
     # its AVX-512 kernel's (one wrapper binds whichever the CPU runs)
     siblings = {stem: stem.replace("_avx2_cpu", "_cpu") for stem in KERNELS if stem.endswith("_avx2_cpu")}
@@ -46,7 +46,7 @@ def test_every_source_has_one_parsable_declaration():
     names = [f.name for k in KERNELS.values() if k.stem not in siblings for f in k.functions]
     assert len(names) == len(set(names))
     assert {k.stem for k in KERNELS.values() if not k.bf16} == {"attention_f32_cpu", "group_norm_f32_cpu",
-                                                                  "linear_geglu_f32_cpu", "winograd_f32_cpu",
+                                                                  "linear_geglu_f32_cpu", "lora_f32_cpu", "winograd_f32_cpu",
                                                                   "winograd_f32_avx2_cpu"}
     (attn,) = KERNELS["attention_cpu"].functions
     assert attn.name == "dr_attention_bf16" and attn.restype == "c_int"

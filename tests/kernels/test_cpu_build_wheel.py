@@ -37,6 +37,7 @@ checks = {"attention_cpu": lambda: attention_cpu.cpu_attention_ready(torch.bfloa
           "linear_geglu_cpu": lambda: linear_geglu_cpu.cpu_linear_geglu_ready(torch.bfloat16),
           "linear_geglu_f32_cpu": lambda: linear_geglu_cpu.cpu_linear_geglu_ready(torch.float32),
           "lora_cpu": lora_cpu.cpu_lora_term_ready,
+          "lora_f32_cpu": lambda: lora_cpu.cpu_lora_term_ready(torch.float32),
           "winograd_cpu": winograd_cpu.cpu_winograd_ready, "winograd_f32_cpu": winograd_f32_cpu.cpu_winograd_f32_ready}
 ready = {stem: checks[stem]() for stem in (sys.argv[1:] or checks)}
 print(json.dumps({"ready": ready, "origins": cpu_build.origins(), "file": cpu_build.__file__,

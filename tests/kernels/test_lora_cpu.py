@@ -15,14 +15,16 @@ from runtime.kernels.lora_cpu import (MAX_RANK, cpu_lora_term_, cpu_lora_term_re
                                       lora_kernel_weights, row_stride)
 
 needs_kernel = pytest.mark.skipif(cpu_lora_term_ready() is not None, reason=f"CPU kernel: {cpu_lora_term_ready()}")
+needs_f32_kernel = pytest.mark.skipif(cpu_lora_term_ready(torch.float32) is not None,
+                                      reason=f"CPU kernel: {cpu_lora_term_ready(torch.float32)}")
 
 
-def inputs(m, k, r, n, seed=0):
+def inputs(m, k, r, n, seed=0, dtype=torch.bfloat16):
     g = torch.Generator().manual_seed(seed)
-    x = torch.randn(m, k, generator=g).bfloat16()
-    down = (torch.randn(r, k, generator=g) / k ** 0.5).bfloat16()
-    up = (torch.randn(n, r, generator=g) / r ** 0.5).bfloat16()
-    out = torch.randn(m, n, generator=g).bfloat16()
+    x = torch.randn(m, k, generator=g).to(dtype)
+    down = (torch.randn(r, k, generator=g) / k ** 0.5).to(dtype)
+    up = (torch.randn(n, r, generator=g) / r ** 0.5).to(dtype)
+    out = torch.randn(m, n, generator=g).to(dtype)
     return x, down, up, out
 
 
@@ -51,6 +53,23 @@ def test_matches_fp64(m, k, r, n, scale):
     assert (err <= budget(x, down, up, ref, h, scale)).all()
     two = out.clone().addmm_(x @ down.t(), up.t(), alpha=scale)
     assert err.max() <= 2 * (two.double() - ref).abs().max() + 1e-30
+
+
+@needs_f32_kernel
+@pytest.mark.parametrize("m, k, r, n", [(2048, 128, 8, 128), (154, 512, 8, 320), (7, 40, 5, 33), (3, 33, 16, 48),
+                                        (37, 96, 24, 200), (9, 128, 128, 96)])
+@pytest.mark.parametrize("scale", [1.0, -0.6])
+def test_fp32_matches_fp64_within_the_sums_order(m, k, r, n, scale):
+    """fp32: nothing rounded between the products, so only the order of the sums: 2^-20 of the absolute terms,
+    and within twice the two fp32 matmuls' own error plus two roundings of the largest output."""
+    x, down, up, out = inputs(m, k, r, n, dtype=torch.float32)
+    ref, h = reference(x, down, up, out, scale)
+    got = cpu_lora_term_(out.clone(), x, *lora_kernel_weights(down, up, torch.float32), scale)
+    err = (got.double() - ref).abs()
+    floor = abs(scale) * (x.double().abs() @ down.double().abs().t()) @ up.double().abs().t()
+    assert (err <= (ref.abs() + out.double().abs() + floor) * 2.0 ** -20).all()
+    two = out.clone().addmm_(x @ down.t(), up.t(), alpha=scale)
+    assert err.max() <= 2 * (two.double() - ref).abs().max() + ref.abs().max() * 2.0 ** -22
 
 
 @needs_kernel
@@ -110,10 +129,14 @@ def test_weights_layout_and_bad_input():
     with pytest.raises(ValueError, match=f"rank {MAX_RANK + 1} is over"):
         lora_kernel_weights(torch.zeros(MAX_RANK + 1, 4), torch.zeros(4, MAX_RANK + 1))
     x, out = torch.zeros(4, 6, dtype=torch.bfloat16), torch.zeros(4, 3, dtype=torch.bfloat16)
-    assert "want bf16 CPU tensors" in cpu_lora_term_supports(out.float(), x, d, u)
+    assert "want bf16 or fp32 CPU tensors of one dtype" in cpu_lora_term_supports(out.float(), x, d, u)
     assert "shapes do not agree" in cpu_lora_term_supports(out[:, :2], x, d, u)
     assert "evenly spaced rows" in cpu_lora_term_supports(out, torch.zeros(6, 4, dtype=torch.bfloat16).t(), d, u)
-    assert "contiguous bf16 kernel weights" in cpu_lora_term_supports(out, x, d.float(), u)
+    assert "contiguous torch.bfloat16 kernel weights" in cpu_lora_term_supports(out, x, d.float(), u)
+    d32, u32 = lora_kernel_weights(down, up, torch.float32)
+    assert d32.shape == (8, 6) and u32.shape == (8, 3) and torch.equal(u32[:2], up.t()) and not u32[2:].any()
+    with pytest.raises(ValueError, match="dtype must be bf16 or fp32"):
+        lora_kernel_weights(down, up, torch.float16)
     with pytest.raises(ValueError, match="cpu_lora_term_: shapes do not agree"):
         cpu_lora_term_(out[:, :2], x, d, u)
     assert row_stride(torch.zeros(5, 7)[:, ::2]) is None and row_stride(torch.zeros(2, 3, 4)) == 4

@@ -56,11 +56,14 @@ def counted(monkeypatch):
     return calls
 
 
-@needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("faster", [term_kernel.KERNEL, term_kernel.MATMULS])
-def test_the_measured_faster_one_runs_and_both_add_what_fp64_adds(monkeypatch, faster):
+def test_the_measured_faster_one_runs_and_both_add_what_fp64_adds(monkeypatch, faster, dtype):
+    if lora_cpu.cpu_lora_term_ready(dtype) is not None:
+        pytest.skip(f"CPU kernel: {lora_cpu.cpu_lora_term_ready(dtype)}")
     layer, entry, down, up = adapted(scale=0.8)
-    x = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(1)).bfloat16()
+    layer.to(dtype)
+    x = torch.randn(2, 37, 96, generator=torch.Generator().manual_seed(1)).to(dtype)
     times = {term_kernel.KERNEL: 1.0, term_kernel.MATMULS: 2.0}
     if faster == term_kernel.MATMULS:
         times = {term_kernel.KERNEL: 2.0, term_kernel.MATMULS: 1.0}
@@ -70,11 +73,16 @@ def test_the_measured_faster_one_runs_and_both_add_what_fp64_adds(monkeypatch, f
         base = F.linear(x, layer.weight, layer.bias)
     assert len(calls) == (1 if faster == term_kernel.KERNEL else 0)
     [(shape, summary)] = term_kernel.choices().items()
-    assert shape == (74, 96, 8, 80) and f"-> {faster} (measured" in summary
-    term = 0.8 * 0.5 * (x.double() @ down.bfloat16().double().t()) @ (up.bfloat16().double().t())
-    ref = base.double() + term
-    bound = ref.abs() * 2.0 ** -8 + 0.4 * (x.double() @ down.bfloat16().double().t()).abs() @ up.bfloat16().double().abs().t() * 2.0 ** -7
-    assert ((got.double() - ref).abs() <= bound + 1e-6).all()
+    assert shape == (74, 96, 8, 80, str(dtype).removeprefix("torch.")) and f"-> {faster} (measured" in summary
+    d, u = down.to(dtype).double(), up.to(dtype).double()
+    h = x.double() @ d.t()
+    ref = base.double() + 0.8 * 0.5 * h @ u.t()
+    sums = 0.4 * (x.double().abs() @ d.abs().t()) @ u.abs().t()
+    if dtype == torch.bfloat16:
+        bound = ref.abs() * 2.0 ** -8 + 0.4 * h.abs() @ u.abs().t() * 2.0 ** -7 + 1e-6
+    else:  # fp32: the sums' order only (no rounding between the products)
+        bound = (ref.abs() + base.double().abs() + sums) * 2.0 ** -20 + 1e-7
+    assert ((got.double() - ref).abs() <= bound).all()
 
 
 @needs_kernel
@@ -94,7 +102,7 @@ def test_a_column_slice_of_a_fused_output_gets_the_term_and_nothing_else(monkeyp
 
 
 def test_where_the_kernel_cannot_run_the_matmuls_do_and_say_why(monkeypatch):
-    monkeypatch.setattr(lora_cpu, "cpu_lora_term_ready", lambda: "this CPU has no AVX512-BF16")
+    monkeypatch.setattr(lora_cpu, "cpu_lora_term_ready", lambda dtype=torch.bfloat16: "this CPU has no AVX512-BF16")
     layer, entry, down, up = adapted()
     x = torch.randn(5, 96).bfloat16()
     with torch.no_grad():
@@ -104,18 +112,13 @@ def test_where_the_kernel_cannot_run_the_matmuls_do_and_say_why(monkeypatch):
     plain = F.linear(x, layer.weight, layer.bias).addmm_(h, (up * 0.5).bfloat16().t())
     assert torch.equal(got, plain)
     assert term_kernel.use_kernel(5, 96, 8, 80) is False
-    assert term_kernel.choices() == {(5, 96, 8, 80): "this CPU has no AVX512-BF16"}
+    assert term_kernel.choices() == {(5, 96, 8, 80, "bfloat16"): "this CPU has no AVX512-BF16"}
 
 
 @needs_kernel
-def test_fp32_and_grad_keep_the_matmuls(monkeypatch):
+def test_autograd_keeps_the_matmuls(monkeypatch):
     calls = counted(monkeypatch)
     layer, entry, down, up = adapted()
-    layer.float()
-    x = torch.randn(4, 96)
-    with torch.no_grad():
-        layer(x)
-    layer.to(torch.bfloat16)
     xb = torch.randn(4, 96, dtype=torch.bfloat16, requires_grad=True)
     layer(xb).sum().backward()  # the kernel is forward-only: autograd's path runs
     assert calls == [] and xb.grad is not None
