@@ -17,21 +17,24 @@ from runtime.kernels import lora_cpu
 from runtime.optim import dispatch
 
 KERNEL, MATMULS = "lora kernel", "two matmuls"
-_choices: dict[tuple, dispatch.Measurement | str] = {}
+_choices: dict[tuple, dispatch.Measurement | str] = {}  # (m, k, r, n, dtype name) -> what was measured, or why not
+_decided: dict[tuple, bool] = {}  # (m, k, r, n, dtype) -> whether the kernel runs
 _lock = threading.Lock()
 
 
 def use_kernel(m: int, k: int, r: int, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernel adds the term of a ``dtype`` call with ``m`` rows, ``k`` inputs, packed rank ``r`` and
     ``n`` outputs (measured on first use)."""
+    decided = _decided.get((m, k, r, n, dtype))  # the per-call path: one lookup
+    if decided is not None:
+        return decided
     key = (m, k, r, n, str(dtype).removeprefix("torch."))
-    found = _choices.get(key)
-    if found is None:
-        with _lock:
-            found = _choices.get(key)
-            if found is None:
-                found = _choices[key] = _measure(key)
-    return isinstance(found, dispatch.Measurement) and found.choice == KERNEL
+    with _lock:
+        found = _choices.get(key)
+        if found is None:
+            found = _choices[key] = _measure(key)
+        decided = _decided[(m, k, r, n, dtype)] = isinstance(found, dispatch.Measurement) and found.choice == KERNEL
+    return decided
 
 
 def _measure(key) -> dispatch.Measurement | str:
@@ -60,3 +63,4 @@ def forget() -> None:
     """Measure again on next use (tests; a changed thread count)."""
     with _lock:
         _choices.clear()
+        _decided.clear()
