@@ -40,7 +40,8 @@ def lora_kernel_weights(down: torch.Tensor, up: torch.Tensor,
     if dtype not in SOURCES:
         raise ValueError(f"lora_kernel_weights: dtype must be bf16 or fp32, got {dtype}")
     if down.ndim != 2 or up.ndim != 2 or up.shape[1] != down.shape[0]:
-        raise ValueError(f"lora_kernel_weights: want down (r, k) and up (n, r), got {tuple(down.shape)} and {tuple(up.shape)}")
+        raise ValueError(f"lora_kernel_weights: want down (r, k) and up (n, r), got {tuple(down.shape)} and "
+                         f"{tuple(up.shape)}")
     r, k = down.shape
     n = up.shape[0]
     r8 = -(-r // 8) * 8
@@ -83,7 +84,8 @@ def row_stride(t: torch.Tensor) -> int | None:
 def cpu_lora_term_supports(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor) -> str | None:
     """None when ``cpu_lora_term_(out, x, down, up, scale)`` computes this call, else why not."""
     if x.dtype not in SOURCES or out.dtype != x.dtype or x.device.type != "cpu" or out.device.type != "cpu":
-        return f"want bf16 or fp32 CPU tensors of one dtype, got x {x.dtype} on {x.device}, out {out.dtype} on {out.device}"
+        return (f"want bf16 or fp32 CPU tensors of one dtype, got x {x.dtype} on {x.device}, "
+                f"out {out.dtype} on {out.device}")
     r8, k = down.shape
     if x.shape[-1] != k or out.shape[:-1] != x.shape[:-1] or tuple(up.shape) != _up_shape(r8, out.shape[-1], x.dtype):
         return (f"shapes do not agree: x {tuple(x.shape)}, out {tuple(out.shape)}, down {tuple(down.shape)}, "
@@ -107,11 +109,12 @@ def lora_term_launch(out: torch.Tensor, x: torch.Tensor, down: torch.Tensor, up:
     m = x.numel() // k if k else 0
     if m and n:
         with cpu_build.profiled("diffusion_runtime::cpu_lora_term"):
-            failed = _states[x.dtype][_ENTRY[x.dtype]](x.data_ptr(), ldx or row_stride(x), down.data_ptr(), up.data_ptr(),
-                                                       out.data_ptr(), ldo or row_stride(out), m, k, down.shape[0], n,
-                                                       float(scale), torch.get_num_threads())
+            failed = _states[x.dtype][_ENTRY[x.dtype]](x.data_ptr(), ldx or row_stride(x), down.data_ptr(),
+                                                       up.data_ptr(), out.data_ptr(), ldo or row_stride(out), m, k,
+                                                       down.shape[0], n, float(scale), torch.get_num_threads())
         if failed:
-            raise MemoryError(f"cpu_lora_term_: no memory for the kernel's scratch rows (rank {down.shape[0]}, {n} columns)")
+            raise MemoryError(f"cpu_lora_term_: no memory for the kernel's scratch rows (rank {down.shape[0]}, "
+                              f"{n} columns)")
     return out
 
 

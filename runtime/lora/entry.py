@@ -9,17 +9,18 @@ per (dtype, device); any change of adapters, weights or activity rebuilds the pa
 the shapes stay (hotswap with padded ranks: fixed-rank buffers, so compiled code sees the same
 tensors and nothing recompiles).
 
-On CPU (bf16 and fp32), Linears and 1x1 convolutions also keep the kernel's copy of the pair (runtime/kernels/lora_cpu.py;
-each adapter's own rank, hotswap's padding left out), and the term runs in that one-pass kernel where runtime/lora/term_kernel.py measured it
-faster for the call's shape (rows of channels: a Linear's input, or a channels-last convolution's).
+On CPU (bf16 and fp32), Linears and 1x1 convolutions also keep the kernel's copy of the pair
+(runtime/kernels/lora_cpu.py; each adapter's own rank, hotswap's padding left out), and the term runs in
+that one-pass kernel where runtime/lora/term_kernel.py measured it faster for the call's shape (rows of
+channels: a Linear's input, or a channels-last convolution's).
 
 ``base(x)`` is the rest of the chain (packed / Winograd kernels over the untouched base weights):
 adapters run on the side and never repack the base. The entry has no ``same_operator``, but offers its
 term alone (``add_term``): fused q/k/v keep their one matmul and add each projection's term after it
 (``Linear.side_terms()``); the fused GEGLU kernel takes it as two factors (``low_rank``) inside its sums;
 the upsample fold, which would need the term inside its kernel, falls back to the separate layers while
-it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not applied
-(peft's rule: a merged layer runs its base layer only) and the entry is unplugged.
+it is plugged (``computes_operator()``). While a layer has a fused adapter, its unfused adapters are not
+applied (peft's rule: a merged layer runs its base layer only) and the entry is unplugged.
 """
 from __future__ import annotations
 
@@ -76,7 +77,7 @@ class LoraEntry:
         self.fused: list[tuple[str, float]] = []  # (adapter, scaling it was fused with), in fuse order
         self.originals: dict = {}  # fuse.py: storage key -> (copy, its saved original)
         self.packs: dict = {}  # (dtype, device) -> (down, up) | None
-        self.kernel_packs: dict = {}  # (dtype, device) -> (down, up pairs) for lora_cpu.c | None
+        self.kernel_packs: dict = {}  # (dtype, device) -> (kernel down, kernel up, down, up) | None: _kernel_pack
 
     # ---- what is applied -------------------------------------------------------------------
     def active_names(self) -> list[str]:
@@ -109,9 +110,10 @@ class LoraEntry:
 
     def _kernel_pack(self, dtype: torch.dtype, device: torch.device):
         """The one-pass kernel's copy of the active adapters' pair (``lora_kernel_weights``), then the pair itself
-        unpadded ((rank, k) and (n, rank), in ``dtype``), or None where the kernel does not take this layer. Only each adapter's own rank: hotswap's zero padding (a rank-8 file
-        in a rank-64 slot) is left out, so it costs the kernel nothing; the kernel never runs in a compiled
-        graph, so these need not be the same tensors after a swap (the matmuls' packs are)."""
+        unpadded ((rank, k) and (n, rank), in ``dtype``), or None where the kernel does not take this layer.
+        Only each adapter's own rank: hotswap's zero padding (a rank-8 file in a rank-64 slot) is left out, so
+        it costs the kernel nothing; the kernel never runs in a compiled graph, so these need not be the same
+        tensors after a swap (the matmuls' packs are)."""
         names = self.active_names()
         if (not names or dtype not in lora_cpu.SOURCES or device.type != "cpu" or not self._rows_kernel()
                 or lora_cpu.cpu_lora_term_ready(dtype) is not None):
@@ -225,13 +227,15 @@ class LoraEntry:
                 return False
             x, out = x.permute(0, 2, 3, 1), out.permute(0, 2, 3, 1)
         if (out.dtype != x.dtype or x.dtype not in lora_cpu.SOURCES or out.shape[:-1] != x.shape[:-1]
-                or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad)) or torch.compiler.is_compiling()):
+                or (torch.is_grad_enabled() and (out.requires_grad or x.requires_grad))
+                or torch.compiler.is_compiling()):
             return False
         kernel = self._kernel_pack_for(x)
         ldx, ldo = lora_cpu.row_stride(x), lora_cpu.row_stride(out)
         k = x.shape[-1]
         if (kernel is None or ldx is None or ldo is None
-                or not term_kernel.use_kernel(x.numel() // k if k else 0, k, kernel[0].shape[0], out.shape[-1], x.dtype)):
+                or not term_kernel.use_kernel(x.numel() // k if k else 0, k, kernel[0].shape[0], out.shape[-1],
+                                              x.dtype)):
             return False
         lora_cpu.lora_term_launch(out, x, kernel[0], kernel[1], scale, ldx, ldo)
         return True
