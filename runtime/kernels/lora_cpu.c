@@ -55,10 +55,7 @@ static void block(const void *x_at, int64_t ldx, const void *down_at, const void
     uint16_t h[RB][LORA_MAX_R];
     const uint16_t *xr[RB];
     uint16_t *orow[RB];
-    for (int i = 0; i < RB; i++) {
-        xr[i] = x0 + (int64_t)(i < rows ? i : rows - 1) * ldx;
-        orow[i] = out0 + (int64_t)(i < rows ? i : rows - 1) * ldo;
-    }
+    lora_rows(x0, ldx, out0, ldo, rows, sizeof(uint16_t), (const void **)xr, (void **)orow);
     for (int i = 0; i < RB; i += 2) down_rows(xr[i], xr[i + 1], down, k, r, scale, h[i], h[i + 1]);
     for (int g = 0; g < r; g += 8) {
         const int first = g == 0, last = g + 8 >= r;

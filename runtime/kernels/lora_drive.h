@@ -25,6 +25,17 @@ static inline __m256 lora_sum8(const __m512 v[8]) {
     return _mm256_add_ps(_mm256_permute2f128_ps(ab, cd, 0x20), _mm256_permute2f128_ps(ab, cd, 0x31));
 }
 
+/* The row pointers of a block of ``rows`` (1..LORA_RB) rows, elements of ``size`` bytes: a block of fewer rows
+ * points its spare places at its last row (computed there, stored only once). */
+static inline void lora_rows(const void *x0, int64_t ldx, void *out0, int64_t ldo, int rows, int size, const void *xr[],
+                             void *orow[]) {
+    for (int i = 0; i < LORA_RB; i++) {
+        const int64_t at = i < rows ? i : rows - 1;
+        xr[i] = (const char *)x0 + at * ldx * size;
+        orow[i] = (char *)out0 + at * ldo * size;
+    }
+}
+
 /* ``rows`` (1..LORA_RB) rows from x0 (row stride ldx) added into out0 (row stride ldo); scratch: LORA_RB rows
  * of n floats, for ranks over 8. */
 typedef void (*lora_block_fn)(const void *x0, int64_t ldx, const void *down, const void *up, void *out0, int64_t ldo,

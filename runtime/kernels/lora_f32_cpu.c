@@ -5,15 +5,12 @@
  * k, in 16 lanes, then across them), kept in fp32, then the up product summed onto out's row. The (rows, r)
  * product never leaves the registers and the stack, and each row of x and of out is read once.
  */
+#include "cpu_math.h"
 #include "lora_drive.h"
 #include <immintrin.h>
 #include <stdint.h>
 
 #define RB LORA_RB
-
-static inline __mmask16 tail16(int64_t left) {
-    return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
 
 /* h[q] = scale * D[q] . x for q < r, of two rows x0, x1 (x1 may equal x0). */
 static void down_rows(const float *x0, const float *x1, const float *down, int k, int r, float scale, float *h0,
@@ -23,7 +20,7 @@ static void down_rows(const float *x0, const float *x1, const float *down, int k
         __m512 a0[8], a1[8];
         for (int q = 0; q < 8; q++) a0[q] = a1[q] = _mm512_setzero_ps();
         for (int c = 0; c < k; c += 16) {
-            const __mmask16 mk = tail16(k - c);
+            const __mmask16 mk = tail_mask(k - c);
             const __m512 v0 = _mm512_maskz_loadu_ps(mk, x0 + c), v1 = _mm512_maskz_loadu_ps(mk, x1 + c);
 #pragma GCC unroll 8
             for (int q = 0; q < 8; q++) {
@@ -47,10 +44,7 @@ static void block(const void *x_at, int64_t ldx, const void *down_at, const void
     float h[RB][LORA_MAX_R];
     const float *xr[RB];
     float *orow[RB];
-    for (int i = 0; i < RB; i++) {
-        xr[i] = x0 + (int64_t)(i < rows ? i : rows - 1) * ldx;
-        orow[i] = out0 + (int64_t)(i < rows ? i : rows - 1) * ldo;
-    }
+    lora_rows(x0, ldx, out0, ldo, rows, sizeof(float), (const void **)xr, (void **)orow);
     for (int i = 0; i < RB; i += 2) down_rows(xr[i], xr[i + 1], down, k, r, scale, h[i], h[i + 1]);
     for (int g = 0; g < r; g += 8) {
         const int first = g == 0, last = g + 8 >= r;
@@ -59,7 +53,7 @@ static void block(const void *x_at, int64_t ldx, const void *down_at, const void
             for (int q = 0; q < 8; q++) hb[i][q] = _mm512_set1_ps(h[i][g + q]);
         const float *w0 = up_t + (int64_t)g * n;
         for (int c = 0; c < n; c += 16) {
-            const __mmask16 mn = tail16(n - c);
+            const __mmask16 mn = tail_mask(n - c);
             __m512 acc[RB];
 #pragma GCC unroll 4
             for (int i = 0; i < RB; i++)

@@ -17,29 +17,27 @@ from runtime.kernels import lora_cpu
 from runtime.optim import dispatch
 
 KERNEL, MATMULS = "lora kernel", "two matmuls"
-_choices: dict[tuple, dispatch.Measurement | str] = {}  # (m, k, r, n, dtype name) -> what was measured, or why not
-_decided: dict[tuple, bool] = {}  # (m, k, r, n, dtype) -> whether the kernel runs
+_choices: dict[tuple, tuple[bool, dispatch.Measurement | str]] = {}  # (m, k, r, n, dtype) -> (kernel runs, why)
 _lock = threading.Lock()
 
 
 def use_kernel(m: int, k: int, r: int, n: int, dtype: torch.dtype = torch.bfloat16) -> bool:
     """Whether the kernel adds the term of a ``dtype`` call with ``m`` rows, ``k`` inputs, packed rank ``r`` and
-    ``n`` outputs (measured on first use)."""
-    decided = _decided.get((m, k, r, n, dtype))  # the per-call path: one lookup
-    if decided is not None:
-        return decided
-    key = (m, k, r, n, str(dtype).removeprefix("torch."))
-    with _lock:
-        found = _choices.get(key)
-        if found is None:
-            found = _choices[key] = _measure(key)
-        decided = _decided[(m, k, r, n, dtype)] = isinstance(found, dispatch.Measurement) and found.choice == KERNEL
-    return decided
+    ``n`` outputs (measured on first use; after that, one lookup per call)."""
+    key = (m, k, r, n, dtype)
+    found = _choices.get(key)
+    if found is None:
+        with _lock:
+            found = _choices.get(key)
+            if found is None:
+                how = _measure(key)
+                found = _choices[key] = (isinstance(how, dispatch.Measurement) and how.choice == KERNEL, how)
+    return found[0]
 
 
 def _measure(key) -> dispatch.Measurement | str:
-    m, k, r, n, name = key
-    dtype = getattr(torch, name)
+    m, k, r, n, dtype = key
+    name = str(dtype).removeprefix("torch.")
     why = lora_cpu.cpu_lora_term_ready(dtype)
     if why is not None:
         return why
@@ -55,12 +53,12 @@ def _measure(key) -> dispatch.Measurement | str:
 
 
 def choices() -> dict[tuple, str]:
-    """What each shape measured so far runs, with the times: for reports and tests."""
-    return {key: found if isinstance(found, str) else found.summary() for key, found in _choices.items()}
+    """What each shape measured so far runs, with the times, by (m, k, r, n, dtype name): for reports and tests."""
+    return {(*key[:4], str(key[4]).removeprefix("torch.")): how if isinstance(how, str) else how.summary()
+            for key, (_, how) in _choices.items()}
 
 
 def forget() -> None:
     """Measure again on next use (tests; a changed thread count)."""
     with _lock:
         _choices.clear()
-        _decided.clear()

@@ -91,6 +91,23 @@ class _ComputeSlot:
             terms.append(add_term)
         return terms
 
+    def low_rank_terms(self, x: torch.Tensor) -> list | None:
+        """The terms the chain adds to the operator's output on ``x``, each as two factors ``(h, up)``, the term
+        being ``h @ up.T`` (entries offering ``low_rank(layer, x)``, which gives None when it adds nothing now),
+        for a kernel that adds them inside its own sums; None when some entry changes the operator otherwise
+        or offers no factors."""
+        factors = []
+        for _, impl in self.__dict__.get("_compute", ()):
+            if getattr(impl, "same_operator", False):
+                continue
+            low_rank = getattr(impl, "low_rank", None)
+            if low_rank is None:
+                return None
+            got = low_rank(self, x)
+            if got is not None:
+                factors.append(got)
+        return factors
+
     def add_side_terms(self, out: torch.Tensor, x: torch.Tensor, terms: list) -> torch.Tensor:
         """``out`` (this layer's operator on ``x``, computed by a caller, its own tensor or a slice of one)
         plus ``terms`` (``side_terms()``)."""

@@ -19,7 +19,7 @@ projection the kernel takes without measuring (the name is from the AMX guard it
 activation kernel, bound by memory, runs wherever it is available.
 Plugs into ``GEGLU.fused`` and ``GEGLU.activation`` (docs/ARCHITECTURE.md §3). The fusion computes the
 projection from its weight; while the projection's compute chain adds terms that come as low-rank factors
-(LoRA adapters: ``LoraEntry.low_rank``, ``h @ up.T``), the kernel adds them inside its sums (``[x, h]``
+(LoRA adapters: ``Linear.low_rank_terms``, ``h @ up.T``), the kernel adds them inside its sums (``[x, h]``
 against ``[w, up]``, the up weights packed as the projection's, again when they change). It declines calls
 while the chain changes the operator otherwise; the projection then runs its chain.
 """
@@ -78,27 +78,19 @@ def fused_linear_geglu(module: GEGLU, dtypes: tuple[torch.dtype, ...]):
 
 
 def _low_rank_terms(linear, x: torch.Tensor, ups: dict):
-    """The terms ``linear``'s chain adds, as the kernel's ``(h, packed up)``; ``()`` when none is active now,
-    None when some term is not low-rank (the call is declined). ``ups`` caches the packed up weights by the
-    tensor and its version: an adapter swap (weights copied in place) packs again, a call does not."""
+    """The terms ``linear``'s chain adds (``Linear.low_rank_terms``), as the kernel's ``(h, packed up)``; ``()``
+    when none is active now, None when some term is not low-rank (the call is declined). ``ups`` caches the
+    packed up weights by the tensor and its version: an adapter swap (weights copied in place) packs again, a
+    call does not."""
     from runtime.kernels.linear_geglu_cpu import low_rank_input, low_rank_weight
 
-    terms = linear.side_terms()
-    if terms is None:
-        return None
-    hs, weights = [], []
-    for term in terms:
-        factors = getattr(getattr(term, "__self__", None), "low_rank", None)
-        if factors is None:
-            return None
-        got = factors(linear, x)
-        if got is not None:
-            hs.append(got[0])
-            weights.append(got[1])
-    if not hs:
-        return ()
+    factors = linear.low_rank_terms(x)
+    if not factors:
+        return None if factors is None else ()
+    hs, weights = zip(*factors)
     up = weights[0] if len(weights) == 1 else torch.cat(weights, dim=1)
-    key = tuple((id(t), None if t.is_inference() else t._version) for t in weights)  # inference tensors: replaced, not written
+    # inference tensors are replaced, never written in place: their id is enough
+    key = tuple((id(t), None if t.is_inference() else t._version) for t in weights)
     if ups.get("key") != key:
         ups.clear()
         ups.update(key=key, packed=low_rank_weight(up.detach(), x.dtype), sources=weights)  # sources: ids stay theirs
